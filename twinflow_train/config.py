@@ -1,0 +1,660 @@
+"""Typed trainer configuration: one dataclass per section, strict YAML loading.
+
+Every section is a ``@dataclass(kw_only=True, slots=True)``; ``__post_init__``
+raises ``ValueError`` whose message starts with the field name, and the loader
+prefixes the section path, so errors read ``method.estimate_order must be >= 1``.
+Unknown keys are rejected at every level with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    seed: int = 0
+    """Seed of every generator in the run (data order, noise, times)."""
+    steps: int = 1500
+    """Optimizer steps to train."""
+    log_every: int = 10
+    """Write a metrics record every this many steps."""
+    val_every: int = 250
+    """Deterministic validation every this many steps (0: only at the end)."""
+    ckpt_every: int = 250
+    """Checkpoint every this many steps (0: only at the end)."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """On a non-finite loss agreed across ranks: skip the update and count it, or stop the run as diverged."""
+    max_nonfinite: int = 20
+    """Under ``skip``: this many non-finite steps in a row mark the run diverged."""
+    threads: int = 0
+    """torch intra-op threads (0: leave torch's default)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; ``auto`` takes CUDA when present."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        _require(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every})")
+        _require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
+        _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
+        _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
+        _require(self.threads >= 0, f"threads must be >= 0 (got {self.threads})")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    dataset: Literal["digits", "latent_shards"] = "digits"
+    """``digits``: scikit-learn's digits (embedded); ``latent_shards``: pre-encoded shards."""
+    shards: str | None = None
+    """Directory of pre-encoded latent shards (``latent_shards`` only)."""
+    val_fraction: float = 0.1
+    """Held-out fraction, split deterministically."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    batch_size: int = 128
+    """Global rows per optimizer step (all ranks and accumulation micro-batches)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step on each rank."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1) (got {self.val_fraction})")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        _require(self.grad_accum >= 1, f"grad_accum must be >= 1 (got {self.grad_accum})")
+        _require(self.batch_size % self.grad_accum == 0,
+                 f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        _require(self.dataset != "latent_shards" or self.shards is not None,
+                 "shards must be set when dataset is 'latent_shards'")
+
+
+@dataclass(kw_only=True, slots=True)
+class CodecConfig:
+    kind: Literal["autoencoder", "identity", "qwen_vae"] = "autoencoder"
+    """Latent codec: the project's tiny digits autoencoder, identity (pixel space), or the Qwen-Image VAE."""
+    latent_channels: int = 4
+    """Autoencoder latent channels (latent is [C, 4, 4] for 8x8 digits)."""
+    hidden: int = 64
+    """Autoencoder conv width."""
+    steps: int = 3000
+    """Autoencoder training steps."""
+    lr: float = 2e-3
+    """Autoencoder learning rate."""
+    seed: int = 11
+    """Autoencoder init/training seed."""
+    path: str | None = None
+    """Pretrained codec location (``qwen_vae``)."""
+
+    def __post_init__(self) -> None:
+        _require(self.latent_channels >= 1, f"latent_channels must be >= 1 (got {self.latent_channels})")
+        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+
+
+@dataclass(kw_only=True, slots=True)
+class AuxConfig:
+    cache_dir: str | None = None
+    """Where trained auxiliaries live; default ``$TWINFLOW_LAB_CACHE`` or ``~/.cache/twinflow-lab``."""
+    reward_steps: int = 2000
+    """Training steps of the digits reward classifier."""
+    reward_seed: int = 21
+    """Seed of the digits reward classifier."""
+    eval_steps: int = 2000
+    """Training steps of the evaluation feature network."""
+    eval_seed: int = 31
+    """Seed of the evaluation feature network (distinct from the reward model's)."""
+
+    def __post_init__(self) -> None:
+        _require(self.reward_steps >= 1, f"reward_steps must be >= 1 (got {self.reward_steps})")
+        _require(self.eval_steps >= 1, f"eval_steps must be >= 1 (got {self.eval_steps})")
+        _require(self.reward_seed != self.eval_seed,
+                 "eval_seed must differ from reward_seed (the metric must not share the reward's init)")
+
+
+@dataclass(kw_only=True, slots=True)
+class QwenModelConfig:
+    pretrained: str | None = None
+    """Local diffusers directory (or its ``transformer`` subfolder) of Qwen-Image-2512; None: random init from ``tiny``."""
+    tiny: bool = False
+    """Build a tiny random-weight config of the same class (tests)."""
+    num_layers: int | None = None
+    """Override the number of transformer blocks (reduced-depth benchmarks)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers is None or self.num_layers >= 1, f"num_layers must be >= 1 (got {self.num_layers})")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    family: Literal["mlp", "qwen_image"] = "mlp"
+    """Network family: the embedded residual MLP, or diffusers' QwenImageTransformer2DModel."""
+    hidden: int = 512
+    """MLP width."""
+    depth: int = 4
+    """MLP residual blocks."""
+    time_dim: int = 128
+    """Sinusoidal time-embedding size."""
+    tt_init: Literal["copy", "normal"] = "copy"
+    """Init of the gated target-time embedding E2: a copy of E1, or small-normal output layer."""
+    sign_embedding: bool = False
+    """Add a learned, zero-initialised embedding when t < 0."""
+    qwen: QwenModelConfig = field(default_factory=QwenModelConfig)
+    """Qwen-Image adapter settings (family ``qwen_image``)."""
+
+    def __post_init__(self) -> None:
+        _require(self.hidden >= 8, f"hidden must be >= 8 (got {self.hidden})")
+        _require(self.depth >= 1, f"depth must be >= 1 (got {self.depth})")
+        _require(self.time_dim >= 4 and self.time_dim % 2 == 0, f"time_dim must be even and >= 4 (got {self.time_dim})")
+
+
+@dataclass(kw_only=True, slots=True)
+class TeacherConfig:
+    checkpoint: str = "auto"
+    """Base model weights: ``auto`` = the cache entry for this config (made by ``twinflow-train teacher``), or a path."""
+    steps: int = 6000
+    """Teacher flow-matching training steps."""
+    lr: float = 1e-3
+    """Teacher learning rate."""
+    batch_size: int = 256
+    """Teacher batch size."""
+    cond_dropout: float = 0.1
+    """Probability of the null prompt during teacher training (enables CFG)."""
+    seed: int = 0
+    """Teacher training seed."""
+    sample_steps: int = 28
+    """Euler steps when sampling the teacher for comparison."""
+    cfg_scale: float | None = None
+    """Teacher sampling guidance; None = 1 + method.enhanced_ratio (the guidance the student is distilled with)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        _require(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1) (got {self.cond_dropout})")
+        _require(self.sample_steps >= 1, f"sample_steps must be >= 1 (got {self.sample_steps})")
+        _require(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0 (got {self.cfg_scale})")
+
+
+@dataclass(kw_only=True, slots=True)
+class MethodConfig:
+    layout: Literal["partitioned", "tutorial"] = "partitioned"
+    """``partitioned``: four row groups per batch (SPEC 2); ``tutorial``: every term on every row."""
+    group_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    """Relative sizes of the e2e, mul, any and adv groups."""
+    mul_gap: float = 0.05
+    """Largest relative gap t - tt of the mul group."""
+    estimate_order: int = 2
+    """RCGM estimate order N (Euler sub-steps of the target rollout)."""
+    delta_t: float = 0.01
+    """RCGM small step D."""
+    target_clamp: float = 1.0
+    """Clamp of the RCGM residual and of the rectify velocity difference."""
+    enhanced_ratio: float = 0.5
+    """CFG enhancement r_enh of the target."""
+    enhanced_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """Open interval (lo, hi) of t where the CFG-enhanced target applies."""
+    rect_weight: float = 1.0
+    """lambda_rect of the rectification loss."""
+    loss: Literal["l2", "barron"] = "barron"
+    """Per-sample loss rho."""
+    barron_c: float = 1e-3
+    """Barron scale c (alpha = 1)."""
+    target: Literal["ema", "student", "frozen"] = "ema"
+    """Target network T: EMA of the student, the student under no_grad, or a frozen copy of the base model."""
+    ema_decay: float = 0.99
+    """Target EMA decay (approached by the warm-up recursion)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.group_ratios) == 4, f"group_ratios must have 4 entries (e2e, mul, any, adv), got {len(self.group_ratios)}")
+        _require(all(r >= 0 for r in self.group_ratios) and sum(self.group_ratios) > 0,
+                 f"group_ratios must be >= 0 with a positive sum (got {self.group_ratios})")
+        _require(0.0 < self.mul_gap < 1.0, f"mul_gap must be in (0, 1) (got {self.mul_gap})")
+        _require(self.estimate_order >= 1, f"estimate_order must be >= 1 (got {self.estimate_order})")
+        _require(0.0 < self.delta_t < 1.0, f"delta_t must be in (0, 1) (got {self.delta_t})")
+        _require(self.target_clamp > 0, f"target_clamp must be > 0 (got {self.target_clamp})")
+        _require(self.enhanced_ratio >= 0, f"enhanced_ratio must be >= 0 (got {self.enhanced_ratio})")
+        _require(len(self.enhanced_range) == 2 and 0.0 <= self.enhanced_range[0] <= self.enhanced_range[1] <= 1.0,
+                 f"enhanced_range must be [lo, hi] with 0 <= lo <= hi <= 1 (got {self.enhanced_range})")
+        _require(self.rect_weight >= 0, f"rect_weight must be >= 0 (got {self.rect_weight})")
+        _require(self.barron_c > 0, f"barron_c must be > 0 (got {self.barron_c})")
+        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplerConfig:
+    """Few-step UCGM sampler of the student (SPEC 3)."""
+
+    tt_mode: Literal["few", "mul", "any"] = "any"
+    """Target time given to the network each step: 0, sigma_i, or sigma_{i+1}."""
+    gaps: list[float] = field(default_factory=lambda: [0.001, 0.6])
+    """[g0, g1] of the grid linspace(g0, 1 - g1, S)."""
+    kumaraswamy: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """(a, b, c) of the time warp 1 - (1 - u^a)^b)^c; all ones = no warp."""
+    stochastic_ratio: float = 1.0
+    """r: share of fresh noise in the re-noised estimate."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.gaps) == 2 and all(0.0 <= g < 1.0 for g in self.gaps) and sum(self.gaps) < 1.0,
+                 f"gaps must be [g0, g1] in [0, 1) with g0 + g1 < 1 (got {self.gaps})")
+        _require(len(self.kumaraswamy) == 3 and all(v > 0 for v in self.kumaraswamy),
+                 f"kumaraswamy must be three positive numbers (got {self.kumaraswamy})")
+        _require(0.0 <= self.stochastic_ratio <= 1.0, f"stochastic_ratio must be in [0, 1] (got {self.stochastic_ratio})")
+
+
+@dataclass(kw_only=True, slots=True)
+class TimeDistConfig:
+    kind: Literal["uniform", "beta", "logit_normal"] = "uniform"
+    """Static distribution of a training time."""
+    a: float = 1.0
+    """Beta alpha."""
+    b: float = 1.0
+    """Beta beta."""
+    mean: float = 0.0
+    """Logit-normal location."""
+    std: float = 1.0
+    """Logit-normal scale."""
+
+    def __post_init__(self) -> None:
+        _require(self.a > 0 and self.b > 0, f"a and b must be > 0 (got a={self.a}, b={self.b})")
+        _require(self.std > 0, f"std must be > 0 (got {self.std})")
+
+
+@dataclass(kw_only=True, slots=True)
+class RenoiseConfig:
+    """Time samplers and Dynamic Renoise Sampling (SPEC 4)."""
+
+    main: TimeDistConfig = field(default_factory=TimeDistConfig)
+    """Distribution of the main t of the non-adv rows."""
+    adv: TimeDistConfig = field(default_factory=TimeDistConfig)
+    """Distribution of s of the adv (fake-branch) rows."""
+    rect: TimeDistConfig = field(default_factory=TimeDistConfig)
+    """Distribution of the rectification renoise time s."""
+    schedule: Literal["off", "blog_linear", "dmdr_cosine"] = "off"
+    """Dynamic schedule: Beta(bias, 1) with bias linear start->end, or DMDR's Beta(1+3c, 1+0.5c) cosine."""
+    start: float = 4.0
+    """blog_linear: bias at step 0."""
+    end: float = 1.0
+    """blog_linear: bias from ``steps`` on."""
+    steps: int = 3000
+    """Length of the dynamic schedule (K)."""
+    applies_to: list[Literal["main", "adv", "rect"]] = field(default_factory=lambda: ["rect"])
+    """Which times the dynamic schedule replaces."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        _require(self.start > 0 and self.end > 0, f"start and end must be > 0 (got start={self.start}, end={self.end})")
+        _require(len(set(self.applies_to)) == len(self.applies_to), f"applies_to has duplicates ({self.applies_to})")
+
+
+@dataclass(kw_only=True, slots=True)
+class RlConfig:
+    """Latent-space reward guidance (SPEC 5)."""
+
+    enabled: bool = False
+    """Add w_rl(k) * L_rl to the TwinFlow loss."""
+    reward: Literal["none", "digits", "hpsv2"] = "none"
+    """Reward model: the project's digits classifier, or HPSv2 (extra ``hpsv2``)."""
+    hpsv2_checkpoint: str | None = None
+    """Local path of the HPS v2/v2.1 checkpoint (reward ``hpsv2``)."""
+    hpsv2_arch: str = "ViT-H-14"
+    """open_clip architecture of the HPSv2 scorer."""
+    estimator: Literal["exact", "reencode"] = "exact"
+    """Latent gradient: autograd through the decoder, or the report's re-encode projection."""
+    reencode_step: float = 1.0
+    """Pixel step of the re-encode estimator (separate from the loss weight)."""
+    normalize: Literal["none", "rms"] = "rms"
+    """Per-sample normalisation of the latent reward gradient."""
+    weight: float = 0.05
+    """Peak RL weight w."""
+    schedule: Literal["hard", "linear", "sigmoid"] = "hard"
+    """w_rl(k): hard switch at ``warmup``, linear ramp over [warmup, warmup + ramp], or sigmoid at ``center`` with ``width``."""
+    warmup: int = 2000
+    """Hard-switch / linear-ramp start step."""
+    ramp: int = 1000
+    """Linear ramp length."""
+    center: float = 2500.0
+    """Sigmoid centre k0."""
+    width: float = 250.0
+    """Sigmoid width tau."""
+    clip: Literal["none", "param", "output"] = "none"
+    """RL-term clipping: none, parameter space (own max norm), or output space (relative to the rectify signal)."""
+    clip_norm: float = 1.0
+    """Parameter-space max norm of the RL gradient."""
+    clip_tau: float = 1.0
+    """Output-space bound: delta_rl RMS <= tau * RMS(dV)."""
+
+    def __post_init__(self) -> None:
+        _require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
+        _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
+        _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
+        _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
+        _require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
+        _require(self.width > 0, f"width must be > 0 (got {self.width})")
+        _require(self.clip_norm > 0, f"clip_norm must be > 0 (got {self.clip_norm})")
+        _require(self.clip_tau > 0, f"clip_tau must be > 0 (got {self.clip_tau})")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Global clip of the total gradient (pre-clip norm is logged)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1) (got {self.betas})")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
+
+
+@dataclass(kw_only=True, slots=True)
+class SpikeConfig:
+    enabled: bool = False
+    """Decay the learning rate when the pre-clip grad norm spikes."""
+    window: int = 50
+    """Rolling window of pre-clip norms."""
+    k: float = 6.0
+    """Spike when norm > median + k * MAD of the window."""
+    floor: float = 0.0
+    """...and norm > this absolute floor."""
+    gamma: float = 0.5
+    """lr <- max(gamma * lr, min_lr) on a spike."""
+    cooldown: int = 20
+    """Steps after a decay during which no further decay happens."""
+    skip_update: bool = False
+    """Also skip the optimizer update of the spiking step."""
+
+    def __post_init__(self) -> None:
+        _require(self.window >= 5, f"window must be >= 5 (got {self.window})")
+        _require(self.k > 0, f"k must be > 0 (got {self.k})")
+        _require(self.floor >= 0, f"floor must be >= 0 (got {self.floor})")
+        _require(0 < self.gamma < 1, f"gamma must be in (0, 1) (got {self.gamma})")
+        _require(self.cooldown >= 0, f"cooldown must be >= 0 (got {self.cooldown})")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    """Learning-rate policy (SPEC 6)."""
+
+    policy: Literal["constant", "cosine", "plateau"] = "constant"
+    """Base policy; ``plateau`` steps on the deterministic validation loss."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate."""
+    min_lr: float = 1e-7
+    """Floor of every decay."""
+    plateau_factor: float = 0.1
+    """ReduceLROnPlateau factor."""
+    plateau_patience: int = 3
+    """ReduceLROnPlateau patience, in validations."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """Decay-on-spike, on top of the base policy."""
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        _require(self.min_lr >= 0, f"min_lr must be >= 0 (got {self.min_lr})")
+        _require(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
+        _require(self.plateau_patience >= 0, f"plateau_patience must be >= 0 (got {self.plateau_patience})")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; ``auto``: nccl on CUDA, gloo on CPU."""
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 parameter dtype for compute (reductions stay fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (the last block always keeps them)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    n_samples: int = 1000
+    """Generated samples per NFE for the sample metrics (fixed noise and prompts)."""
+    nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Student step counts evaluated."""
+    seed: int = 1234
+    """Seed of the fixed validation noise, times and prompts."""
+    teacher: bool = True
+    """Also record the teacher's metrics at its full step count (once per run)."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples >= 10, f"n_samples must be >= 10 (got {self.n_samples})")
+        _require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"nfe must be a non-empty list of ints >= 1 (got {self.nfe})")
+
+
+@dataclass(kw_only=True, slots=True)
+class TelemetryConfig:
+    wandb: Literal["off", "offline", "online", "disabled"] = "off"
+    """Mirror records to Weights & Biases; ``WANDB_MODE`` overrides offline/online."""
+    project: str = "twinflow-lab"
+    """W&B project."""
+    group: str | None = None
+    """W&B group (the harness sets the grid name)."""
+    name: str | None = None
+    """W&B run name (the harness sets arm-seed)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    format: Literal["full", "dcp"] = "full"
+    """``full``: one file gathered on rank 0; ``dcp``: sharded torch.distributed.checkpoint directory."""
+    keep_last_good: bool = True
+    """Keep a copy of the last checkpoint taken before any non-finite step."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    renoise: RenoiseConfig = field(default_factory=RenoiseConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        groups = sum(1 for r in self.method.group_ratios if r > 0)
+        micro = self.data.batch_size // self.data.grad_accum
+        _require(self.method.layout == "tutorial" or micro >= groups,
+                 f"data.batch_size per micro-batch ({micro} = batch_size / grad_accum) is smaller than the "
+                 f"number of non-empty method.group_ratios groups ({groups})")
+        _require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
+                 "model.family 'qwen_image' needs codec.kind 'qwen_vae' or data.dataset 'latent_shards'")
+
+    @property
+    def teacher_cfg_scale(self) -> float:
+        """Guidance the teacher is sampled at: the student's distilled guidance unless set."""
+        return self.teacher.cfg_scale if self.teacher.cfg_scale is not None else 1.0 + self.method.enhanced_ratio
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: unknown value {value!r}; valid values: {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = args[:1] or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}'; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["method.rl.weight=0.05", ...]`` -> nested dict; values parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        set_dotted(tree, parts, value)
+    return tree
+
+
+def set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: YAML syntax error: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
+    """Load ``path`` (or the defaults), apply dotted overrides, validate everything."""
+    raw = read_yaml(path) if path is not None else {}
+    if overrides:
+        over = parse_overrides(list(overrides)) if not isinstance(overrides, Mapping) else overrides
+        raw = deep_merge(raw, over)
+    try:
+        return from_dict(Config, raw)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable hash of a config (or any dataclass / JSON-able value)."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
