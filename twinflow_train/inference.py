@@ -1,0 +1,75 @@
+"""Sampling and evaluation of a finished (or running) run's weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .evaluate import Evaluator
+from .imaging import save_samples
+from .parallel import init_distributed, shutdown
+from .setup import build_setup
+from .telemetry import atomic_write_text
+
+
+def _student(cfg: Config, run_dir: Path, which: str):
+    from .models import build_model, parallelize
+    from .teacher import teacher_path
+
+    d = init_distributed(cfg.run, cfg.parallel)
+    setup = build_setup(cfg, device=d.device)
+    base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
+    tpath = teacher_path(cfg)
+    if not tpath.is_file():
+        raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath}")
+    base.load_state_dict(torch.load(tpath, map_location="cpu", weights_only=True))
+    model = parallelize(base.to(d.device), d.mesh, cfg)
+    if which == "best":
+        path = run_dir / "checkpoints" / "best" / "weights.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (no validation has run yet)")
+        ckpt.load_weights(path, model)
+    elif which == "final":
+        latest = run_dir / "checkpoints" / "latest"
+        if ckpt.checkpoint_step(latest) is None:
+            raise FileNotFoundError(f"{latest} holds no checkpoint")
+        ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
+    else:
+        raise ValueError(f"unknown --which {which!r}; valid: 'final', 'best'")
+    return d, setup, model.eval(), base
+
+
+def sample_run(cfg: Config, run_dir: Path, *, which: str, nfe: list[int] | None, out_dir: Path | None) -> list[Path]:
+    run_dir = Path(run_dir)
+    try:
+        d, setup, model, _ = _student(cfg, run_dir, which)
+        ev = Evaluator(cfg, setup, device=d.device)
+        out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+        labels = next(iter(setup.sample_cond.values())).cpu()
+        written = []
+        for n in nfe or cfg.eval.nfe:
+            images = ev.sample_files_student(model, n)
+            if d.is_main:
+                stem = out_dir / f"{which}-nfe{n}"
+                save_samples(stem, images.cpu(), labels)
+                written.append(stem.with_suffix(".npz"))
+        return written
+    finally:
+        shutdown()
+
+
+def eval_run(cfg: Config, run_dir: Path, *, which: str) -> dict[str, float]:
+    run_dir = Path(run_dir)
+    try:
+        d, setup, model, _ = _student(cfg, run_dir, which)
+        ev = Evaluator(cfg, setup, device=d.device)
+        result = {"val/loss": ev.val_loss(model), **ev.student_metrics(model)}
+        if d.is_main:
+            atomic_write_text(run_dir / f"eval-{which}.json", json.dumps(result, indent=1) + "\n")
+        return result
+    finally:
+        shutdown()

@@ -1,0 +1,66 @@
+"""What a run needs besides the network: codec, latent data, prompts, metrics.
+
+The embedded default encodes the whole digits split once with the cached codec;
+the scale path plugs its own data (pre-encoded shards) in the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .data import TensorData, TrainData
+from .models.base import Cond
+
+
+@dataclass
+class Setup:
+    codec: torch.nn.Module
+    data: TrainData
+    num_classes: int | None
+    eval_cond: Callable[[int], Cond]
+    """n prompts for the sample metrics (balanced over classes)."""
+    sample_cond: Cond
+    """The fixed prompts of the sample files (4 per class for digits)."""
+    scorer: object | None
+    """SampleScorer for FD / reward / accuracy; None where no evaluation network exists."""
+
+
+def build_setup(cfg: Config, *, device: torch.device) -> Setup:
+    if cfg.data.dataset == "digits":
+        return _digits_setup(cfg, device=device)
+    if cfg.data.dataset == "latent_shards":
+        from .shards import build_shard_setup
+        return build_shard_setup(cfg, device=device)
+    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}")
+
+
+@torch.no_grad()
+def encode_all(codec: torch.nn.Module, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat([codec.encode(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
+    from .auxiliary import DigitsReward, get_codec, get_eval_net, get_reward_classifier
+    from .digits import NUM_CLASSES, eval_prompts, load_digits_split
+    from .metrics import SampleScorer
+
+    split = load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+    codec = get_codec(cfg).to(device).eval()
+    train_lat = encode_all(codec, split.train_images.to(device))
+    val_lat = encode_all(codec, split.val_images.to(device))
+    data = TensorData(train_latents=train_lat, train_cond={"labels": split.train_labels.to(device)},
+                      val_latents=val_lat, val_cond={"labels": split.val_labels.to(device)},
+                      batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
+    scorer = SampleScorer(eval_net=get_eval_net(cfg).to(device).eval(), reward=reward,
+                          reference_images=split.val_images.to(device))
+
+    def eval_cond(n: int) -> Cond:
+        return {"labels": (torch.arange(n, device=device) % NUM_CLASSES)}
+
+    return Setup(codec=codec, data=data, num_classes=NUM_CLASSES, eval_cond=eval_cond,
+                 sample_cond={"labels": eval_prompts(per_class=4).to(device)}, scorer=scorer)

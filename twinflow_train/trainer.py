@@ -1,0 +1,390 @@
+"""The training loop: ``fit()`` orchestrates, ``train_step()`` does one optimizer step.
+
+Every rank draws the same global batch for a step and takes its micro-batches
+(``data.micro_batch``); all noise and times come from generators seeded by
+(seed, step, micro-batch), so runs are reproducible, resumable bit-for-bit, and
+a 2-process run follows a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
+from .data import step_generator
+from .ema import ema_decay, ema_update_
+from .evaluate import Evaluator
+from .lr_policy import LrPolicy
+from .method import TwinFlow
+from .models import build_model, parallelize
+from .models.base import FlowModel
+from .parallel import Dist, all_agree_bad, barrier, init_distributed, shutdown
+from .setup import Setup, build_setup
+from .telemetry import MetricsWriter, WandbMirror, atomic_write_text, truncate_metrics, write_status
+from .timesamplers import build_time_samplers
+
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
+
+
+class Diverged(Exception):
+    """The run cannot go on: non-finite values under the configured policy."""
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def preflight(cfg: Config, run_dir: Path) -> Path:
+    """Everything that can be checked before a single file is written. Returns the teacher path."""
+    from .teacher import teacher_path
+
+    tpath = teacher_path(cfg)
+    if not tpath.is_file():
+        hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
+                else "the path does not exist")
+        raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath} ({hint})")
+    if cfg.rl.enabled:
+        from .rewards import check_reward_config
+        check_reward_config(cfg)
+    existing = Path(run_dir) / "config.yaml"
+    if existing.is_file():
+        try:
+            old = from_dict(Config, read_yaml(existing))
+        except ConfigError as e:
+            raise ConfigError(f"{existing}: existing run config does not load ({e}); refusing to overwrite") from None
+        if config_hash(old) != config_hash(cfg):
+            raise ConfigError(f"{run_dir} already holds a run with a different config "
+                              f"({config_hash(old)} != {config_hash(cfg)}); use a new run directory")
+    return tpath
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Counters:
+    nonfinite: int = 0
+    nonfinite_in_a_row: int = 0
+    spikes: int = 0
+    skipped: int = 0
+    best_val: float = math.inf
+    best_step: int = 0
+    wall_s: float = 0.0
+    nonfinite_since_ckpt: int = 0
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dist: Dist
+    setup: Setup
+    model: nn.Module
+    target: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    method: TwinFlow
+    time_samplers: dict[str, Any]
+    policy: LrPolicy
+    evaluator: Evaluator
+    guidance: Any = None
+    counters: Counters = field(default_factory=Counters)
+    window: dict[str, list[float]] = field(default_factory=dict)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
+
+
+def _shard(cfg: Config, d: Dist, module: FlowModel) -> nn.Module:
+    return parallelize(module.to(d.device), d.mesh, cfg)
+
+
+def build_run(cfg: Config, d: Dist, teacher_weights: Path) -> Run:
+    setup = build_setup(cfg, device=d.device)
+    base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
+    base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+    student = copy.deepcopy(base)
+    student.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    teacher = _shard(cfg, d, base).eval()
+    if cfg.method.target == "ema":
+        ema = copy.deepcopy(student)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+    model = _shard(cfg, d, student)
+    target = {"ema": lambda: _shard(cfg, d, ema).eval(), "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    guidance = None
+    if cfg.rl.enabled:
+        from .rewards import build_reward
+        from .rl import RewardGuidance
+        guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
+    samplers = build_time_samplers(cfg.renoise)
+    return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
+               method=TwinFlow(cfg.method, time_samplers=samplers), time_samplers=samplers,
+               policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
+               evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
+    """Forward/backward over this rank's micro-batches and the pre-clip norm; no optimizer update."""
+    cfg, d = run.cfg, run.dist
+    accum = cfg.data.grad_accum
+    count = accum * d.world
+    run.model.train()
+    sums: dict[str, torch.Tensor] = {}
+    for a in range(accum):
+        index = a * d.world + d.rank
+        x, cond = run.setup.data.micro_batch(step=step, index=index, count=count)
+        gen = step_generator(cfg.run.seed, step, index, device=d.device)
+        out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
+        terms = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
+        if hasattr(run.model, "set_requires_gradient_sync"):
+            run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
+        if run.guidance is not None:
+            rl_stats = run.guidance.backward(model=run.model, params=list(run.model.parameters()),
+                                             twinflow_loss=out.loss / accum, out=out, step=step, scale=1.0 / accum)
+            for k, v in rl_stats.items():
+                terms[k] = torch.as_tensor(v, dtype=torch.float32)
+            total = out.loss.detach() + terms.get("loss/rl_weighted", torch.zeros(()))
+        else:
+            (out.loss / accum).backward()
+            total = out.loss.detach()
+        terms["loss/total"] = total
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.float().cpu() / accum
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.max_grad_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    sums["grad_norm/total"] = norm.detach().float().cpu()
+    return sums
+
+
+def _apply_update(run: Run, step: int, stats: dict[str, Any]) -> dict[str, float]:
+    """Decide on the step's update: non-finite policy, spike policy, optimizer and EMA."""
+    cfg, c = run.cfg, run.counters
+    events = {"event/nonfinite": 0, "event/spike": 0, "event/decay": 0, "event/skipped": 0}
+    loss_total = stats["loss/total"]
+    norm = float(stats["grad_norm/total"])
+    bad = all_agree_bad(not (torch.isfinite(loss_total).all() and math.isfinite(norm)), run.dist.device)
+    if bad:
+        run.optimizer.zero_grad(set_to_none=True)
+        c.nonfinite += 1
+        c.nonfinite_in_a_row += 1
+        c.nonfinite_since_ckpt += 1
+        events["event/nonfinite"] = 1
+        events["event/skipped"] = 1
+        if cfg.run.nonfinite == "stop":
+            raise Diverged(f"non-finite loss or gradient at step {step}")
+        if c.nonfinite_in_a_row >= cfg.run.max_nonfinite:
+            raise Diverged(f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})")
+        return events
+    c.nonfinite_in_a_row = 0
+    events.update(run.policy.observe_grad_norm(step, norm))
+    c.spikes += events["event/spike"]
+    if events["event/skipped"]:
+        c.skipped += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        return events
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if cfg.method.target == "ema":
+        ema_update_(run.target, run.model, ema_decay(step, cfg.method.ema_decay))
+    return events
+
+
+# --------------------------------------------------------------------------- validation & files
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    run.model.eval()
+    rec = {"val/loss": run.evaluator.val_loss(run.model)}
+    rec.update(run.evaluator.student_metrics(run.model))
+    run.policy.observe_val(rec["val/loss"])
+    return rec
+
+
+def write_samples(run: Run, run_dir: Path, tag: str) -> None:
+    from .imaging import save_samples
+
+    labels = next(iter(run.setup.sample_cond.values())).cpu()
+    for nfe in run.cfg.eval.nfe:
+        images = run.evaluator.sample_files_student(run.model, nfe)
+        if run.dist.is_main:
+            save_samples(run_dir / "samples" / f"{tag}-nfe{nfe}", images.cpu(), labels)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged)."""
+    run_dir = Path(run_dir)
+    tpath = preflight(cfg, run_dir)  # raises before anything is written
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    d = init_distributed(cfg.run, cfg.parallel)
+    chash = config_hash(cfg)
+    step = 0
+    writer: MetricsWriter | None = None
+    try:
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            write_status(run_dir, "running", step=0, config_hash=chash)
+        barrier()
+        run = build_run(cfg, d, tpath)
+        step = _resume(run, run_dir)
+        if d.is_main:
+            mirror = None
+            if cfg.telemetry.wandb != "off":
+                mirror = WandbMirror(mode=cfg.telemetry.wandb, project=cfg.telemetry.project, group=cfg.telemetry.group,
+                                     name=cfg.telemetry.name, run_dir=run_dir, config=to_dict(cfg))
+            writer = MetricsWriter(run_dir / "metrics.jsonl", mirror=mirror)
+        state = _loop(run, run_dir, writer, start=step, progress=progress)
+        step = state
+        if d.is_main:
+            write_status(run_dir, "done", step=step, config_hash=chash)
+        return EXIT_DONE
+    except Diverged as e:
+        if d.is_main:
+            write_status(run_dir, "diverged", step=step, reason=str(e), config_hash=chash)
+        print(f"twinflow-train: run diverged: {e}", flush=True)
+        return EXIT_DIVERGED
+    except Exception as e:  # recorded for the harness, then re-raised for the traceback
+        if d.is_main and run_dir.is_dir():
+            write_status(run_dir, "failed", step=step, reason=f"{type(e).__name__}: {e}", config_hash=chash)
+        traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        if writer is not None:
+            writer.close()
+        shutdown()
+
+
+def _resume(run: Run, run_dir: Path) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    if ckpt.checkpoint_step(latest) is None:
+        if run.dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run that never checkpointed starts clean
+        return 0
+    state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer, extra_modules=run.extra_modules())
+    run.counters = Counters(**state["counters"])
+    run.policy.load_state_dict(state["policy"])
+    if run.guidance is not None and "guidance" in state:
+        run.guidance.load_state_dict(state["guidance"])
+    step = int(state["step"])
+    if run.dist.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", last_step=step)
+    return step
+
+
+def _save(run: Run, run_dir: Path, step: int) -> None:
+    c = run.counters
+    state = {"step": step, "counters": vars(c).copy(), "policy": run.policy.state_dict(),
+             "config_hash": config_hash(run.cfg)}
+    if run.guidance is not None:
+        state["guidance"] = run.guidance.state_dict()
+    latest = run_dir / "checkpoints" / "latest"
+    ckpt.save_checkpoint(latest, fmt=run.cfg.checkpoint.format, model=run.model, optimizer=run.optimizer,
+                         extra_modules=run.extra_modules(), state=state, step=step)
+    if run.cfg.checkpoint.keep_last_good and c.nonfinite_since_ckpt == 0:
+        ckpt.copy_checkpoint(latest, run_dir / "checkpoints" / "last_good")
+    c.nonfinite_since_ckpt = 0
+    barrier()
+
+
+def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, progress: bool) -> int:
+    cfg, d, c = run.cfg, run.dist, run.counters
+    total = cfg.run.steps
+    fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    t_start = time.perf_counter()
+    wall0 = c.wall_s
+    if start == 0 and cfg.eval.teacher:
+        rec = {"step": 0, "kind": "teacher", **run.evaluator.teacher_metrics(run.teacher)}
+        if writer:
+            writer.write(rec)
+    bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
+    t_log, steps_since_log, max_norm_since_log = time.perf_counter(), 0, 0.0
+    events_since_log: dict[str, int] = {}
+    step = start
+    for step in range(start + 1, total + 1):
+        if step == fault:
+            raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        lr = run.policy.lr(step)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        stats = train_step(run, step)
+        events = _apply_update(run, step, stats)
+        norm = float(stats["grad_norm/total"])
+        if math.isfinite(norm):
+            max_norm_since_log = max(max_norm_since_log, norm)
+        for k, v in events.items():
+            events_since_log[k] = events_since_log.get(k, 0) + int(v)
+        steps_since_log += 1
+        c.wall_s = wall0 + (time.perf_counter() - t_start)
+        bar.update(1)
+        if step % cfg.run.log_every == 0 or step == total:
+            now = time.perf_counter()
+            rec: dict[str, Any] = {"step": step, "kind": "train"}
+            rec.update({k: float(v) for k, v in stats.items()})
+            rec.update({"grad_norm/max": max_norm_since_log, "lr": run.policy.lr(step),
+                        "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
+                        "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s})
+            rec.update(events_since_log)
+            for name, sampler in run.time_samplers.items():
+                value = sampler.value(step)
+                if value is not None:
+                    rec["renoise/bias"] = value  # one dynamic schedule drives every time it applies to
+                    break
+            if writer:
+                writer.write(rec)
+            bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
+            t_log, steps_since_log, max_norm_since_log, events_since_log = now, 0, 0.0, {}
+        is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or step == total
+        if is_val:
+            rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s}
+            if rec["val/loss"] < c.best_val:
+                c.best_val, c.best_step = rec["val/loss"], step
+                ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.model)
+            rec["val/best_loss"] = c.best_val
+            if writer:
+                writer.write(rec)
+        if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == total:
+            if writer:
+                writer.sync()
+            _save(run, run_dir, step)
+    bar.close()
+    _finish(run, run_dir)
+    return step
+
+
+def _finish(run: Run, run_dir: Path) -> None:
+    """Sample files: final weights, best weights, and the teacher, on the same noise and prompts."""
+    from .imaging import save_samples
+
+    run.model.eval()
+    write_samples(run, run_dir, "final")
+    best = run_dir / "checkpoints" / "best" / "weights.pt"
+    if best.is_file():
+        ckpt.load_weights(best, run.model)
+        write_samples(run, run_dir, "best")
+    images = run.evaluator.sample_files_teacher(run.teacher)
+    if run.dist.is_main:
+        labels = next(iter(run.setup.sample_cond.values())).cpu()
+        save_samples(run_dir / "samples" / "teacher", images.cpu(), labels)
