@@ -25,10 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .parallel import barrier
+from .parallel import barrier, reshard_all
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,6 +36,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _resharded(*modules: nn.Module) -> None:
+    # a block run without grad after its last backward may still hold gathered (plain) weights;
+    # state-dict APIs need every parameter in its sharded (DTensor) form
+    for m in modules:
+        reshard_all(m)
 
 
 def _is_main() -> bool:
@@ -59,6 +65,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     extra_modules: dict[str, nn.Module], state: dict[str, Any], step: int) -> None:
     """Save on all ranks (collective). ``state`` is small picklable trainer state."""
+    _resharded(model, *extra_modules.values())
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if _is_main():
@@ -104,6 +111,7 @@ def checkpoint_step(path: Path) -> int | None:
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     extra_modules: dict[str, nn.Module]) -> dict[str, Any]:
     """Restore in place on all ranks; returns the trainer ``state`` dict."""
+    _resharded(model, *extra_modules.values())
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     if meta["format"] == "full":
@@ -132,6 +140,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
 def save_weights(path: Path, model: nn.Module) -> None:
     """Gather the full weights (collective) and write them atomically on rank 0."""
+    _resharded(model)
     sd = get_model_state_dict(model, options=FULL)
     if _is_main():
         path = Path(path)
@@ -146,6 +155,7 @@ def save_weights(path: Path, model: nn.Module) -> None:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
+    _resharded(model)
     sd = torch.load(Path(path), map_location="cpu", weights_only=True)
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 

@@ -81,12 +81,41 @@ def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: Devi
     return model
 
 
+def place_frozen(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig) -> nn.Module:
+    """Placement of no-grad copies (EMA target, base model): sharded like the student so local
+    shards correspond (EMA lerps them), but every block reshards after forward since no backward
+    will ever do it."""
+    mp = mixed_precision(par)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    return model
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Return every FSDP unit to its sharded state (no communication)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def all_agree_bad(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True on every rank if any rank saw a bad (non-finite) value. A sync point by design."""
     t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar telemetry over ranks (a collective: call it on every rank at the same step)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
 def barrier() -> None:

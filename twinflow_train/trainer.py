@@ -30,7 +30,7 @@ from .lr_policy import LrPolicy
 from .method import TwinFlow
 from .models import build_model, parallelize
 from .models.base import FlowModel
-from .parallel import Dist, all_agree_bad, barrier, init_distributed, shutdown
+from .parallel import Dist, all_agree_bad, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown
 from .setup import Setup, build_setup
 from .telemetry import MetricsWriter, WandbMirror, atomic_write_text, truncate_metrics, write_status
 from .timesamplers import build_time_samplers
@@ -105,8 +105,8 @@ class Run:
         return {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
 
 
-def _shard(cfg: Config, d: Dist, module: FlowModel) -> nn.Module:
-    return parallelize(module.to(d.device), d.mesh, cfg)
+def _shard(cfg: Config, d: Dist, module: FlowModel, *, frozen: bool = False) -> nn.Module:
+    return parallelize(module.to(d.device), d.mesh, cfg, frozen=frozen)
 
 
 def build_run(cfg: Config, d: Dist, teacher_weights: Path) -> Run:
@@ -117,13 +117,13 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path) -> Run:
     student.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
     for p in base.parameters():
         p.requires_grad_(False)
-    teacher = _shard(cfg, d, base).eval()
+    teacher = _shard(cfg, d, base, frozen=True).eval()
     if cfg.method.target == "ema":
         ema = copy.deepcopy(student)
         for p in ema.parameters():
             p.requires_grad_(False)
     model = _shard(cfg, d, student)
-    target = {"ema": lambda: _shard(cfg, d, ema).eval(), "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
+    target = {"ema": lambda: _shard(cfg, d, ema, frozen=True).eval(), "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     guidance = None
@@ -204,7 +204,8 @@ def _apply_update(run: Run, step: int, stats: dict[str, Any]) -> dict[str, float
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if cfg.method.target == "ema":
-        ema_update_(run.target, run.model, ema_decay(step, cfg.method.ema_decay))
+        reshard_all(run.model)  # the student's last block may still hold gathered weights from a no-grad forward
+        ema_update_(run.target, run.model, ema_decay(step - 1, cfg.method.ema_decay))
     return events
 
 
@@ -342,7 +343,9 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         if step % cfg.run.log_every == 0 or step == total:
             now = time.perf_counter()
             rec: dict[str, Any] = {"step": step, "kind": "train"}
-            rec.update({k: float(v) for k, v in stats.items()})
+            # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
+            rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not k.startswith("grad_norm/")}))
+            rec.update({k: float(v) for k, v in stats.items() if k.startswith("grad_norm/")})
             rec.update({"grad_norm/max": max_norm_since_log, "lr": run.policy.lr(step),
                         "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
                         "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s})

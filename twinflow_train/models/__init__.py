@@ -30,7 +30,14 @@ def parallelize_mlp(model: MLPFlowModel, mesh: DeviceMesh, cfg: ParallelConfig) 
     return shard_blocks_then_root(model, model.shard_blocks(), mesh, cfg)
 
 
-def parallelize(model: FlowModel, mesh: DeviceMesh, cfg: Config) -> nn.Module:
+def parallelize(model: FlowModel, mesh: DeviceMesh, cfg: Config, *, frozen: bool = False) -> nn.Module:
+    """Shard a trainable model (``frozen=False``) or a no-grad copy of one (EMA, base model)."""
+    if frozen:
+        from ..parallel import place_frozen
+        if cfg.model.family == "qwen_image":
+            from .qwen_image import place_frozen as place_frozen_qwen
+            return place_frozen_qwen(model, mesh, cfg.parallel)
+        return place_frozen(model, model.shard_blocks(), mesh, cfg.parallel)
     if cfg.model.family == "mlp":
         return parallelize_mlp(model, mesh, cfg.parallel)  # type: ignore[arg-type]
     if cfg.model.family == "qwen_image":

@@ -56,7 +56,8 @@ class MLPFlowModel(FlowModel):
             h = block(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=-1)
         h = self.out_norm(h) * (1 + scale) + shift
-        return self.out(h).view_as(x)
+        # a fresh tensor, not a view: FSDP2 hooks the root output for backward
+        return self.out(h).reshape(x.shape).clone()
 
     def null_cond(self, cond: Cond) -> Cond:
         return {"labels": torch.full_like(cond["labels"], self.num_classes)}

@@ -1,0 +1,542 @@
+"""Qwen-Image (diffusers' ``QwenImageTransformer2DModel``) behind the ``FlowModel`` interface.
+
+Two layers:
+
+* ``TwinFlowQwenImageTransformer2DModel``: a subclass of the diffusers class that adds
+  the gated target-time embedding of SPEC 1, ``temb = E1(t) + E2(tt) * (t - tt)``
+  (+ an optional zero-initialised sign embedding where t < 0). It keeps the parent's
+  forward signature (packed tokens, ``img_shapes``), so a stock ``QwenImagePipeline``
+  can call it, and it is what ``export`` saves with ``save_pretrained``. At tt = t the
+  gate is exactly zero and the output equals the parent class with the same weights.
+* ``QwenImageFlowModel``: the trainer's ``F(x, t, tt, cond)`` on ``[B, C, H, W]``
+  latents; it packs 2x2 patches, builds ``img_shapes`` and handles the prompt
+  condition ``{"prompt_embeds": [B, L, D], "prompt_mask": [B, L]}``; the null condition
+  is the pipeline's empty-prompt embedding.
+
+Velocity convention: Qwen-Image is trained as rectified flow with
+``x_t = sigma*noise + (1 - sigma)*x`` and its scheduler steps ``x += (sigma' - sigma)*out``,
+so the transformer output is ``noise - x``, our ``v = z - x``; the pipeline feeds
+``timestep = sigma`` (in [0, 1]; the sinusoid multiplies by 1000). No conversion is needed
+(tested against diffusers' ``FlowMatchEulerDiscreteScheduler``).
+
+Placement: ``parallelize_qwen_image`` (FSDP2 per block, then the root),
+``place_frozen`` (EMA target, VAE, reward), and a meta-device path for models too
+large for host memory: ``build_qwen_image(..., device="meta")`` ->
+``parallelize_qwen_image`` -> ``materialize_qwen_image`` (``to_empty`` + every rank
+reads only its own slice of each tensor from the safetensors files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from diffusers import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks the base class up in this module)
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenEmbedRope,
+    QwenImageTransformer2DModel,
+    compute_text_seq_len_from_mask,
+)
+
+from .base import Cond, FlowModel
+
+if TYPE_CHECKING:
+    from ..config import Config, ParallelConfig
+
+TtInit = Literal["copy", "normal"]
+
+#: A tiny random-weight configuration of the same class (tests, CPU smoke runs).
+TINY_CONFIG: dict[str, Any] = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+#: Config keys this forward does not implement (Qwen-Image and Qwen-Image-2512 leave them off).
+_UNSUPPORTED = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)*(W/2), 4C], the token layout of QwenImagePipeline._pack_latents."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even for 2x2 packing (got {h}x{w})")
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, *, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``pack_latents`` for a latent of ``height x width``."""
+    b, n, d = tokens.shape
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"cannot unpack {tuple(tokens.shape)} tokens into a {height}x{width} latent")
+    c = d // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+# --------------------------------------------------------------------------- the transformer
+
+
+class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
+    """QwenImageTransformer2DModel with a gated target-time embedding (and optional sign embedding).
+
+    ``forward`` accepts everything the parent's does plus ``target_timestep``; when it is
+    not given (a stock pipeline calling), ``default_target_time`` decides: ``same`` (tt = t,
+    exactly the parent model) or ``zero`` (tt = 0, the "few" sampling mode of SPEC 3).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 2,
+        in_channels: int = 64,
+        out_channels: int | None = 16,
+        num_layers: int = 60,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 3584,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        zero_cond_t: bool = False,
+        use_additional_t_cond: bool = False,
+        use_layer3d_rope: bool = False,
+        sign_embedding: bool = False,
+        default_target_time: Literal["same", "zero"] = "same",
+    ):
+        for key in _UNSUPPORTED:
+            if locals()[key]:
+                raise ValueError(f"transformer config {key}=True is not supported by the TwinFlow adapter")
+        if default_target_time not in ("same", "zero"):
+            raise ValueError(f"default_target_time must be 'same' or 'zero' (got {default_target_time!r})")
+        super().__init__(patch_size=patch_size, in_channels=in_channels, out_channels=out_channels,
+                         num_layers=num_layers, attention_head_dim=attention_head_dim,
+                         num_attention_heads=num_attention_heads, joint_attention_dim=joint_attention_dim,
+                         guidance_embeds=guidance_embeds, axes_dims_rope=axes_dims_rope, zero_cond_t=zero_cond_t,
+                         use_additional_t_cond=use_additional_t_cond, use_layer3d_rope=use_layer3d_rope)
+        # E2: same shape as the pretrained E1 MLP so that 'copy' init is an exact copy
+        self.target_time_embed = TimestepEmbedding(in_channels=256, time_embed_dim=self.inner_dim)
+        self.sign_embed = nn.Parameter(torch.zeros(self.inner_dim)) if sign_embedding else None
+        self.activation_checkpointing = False
+
+    # ---- time embedding (SPEC 1)
+
+    def time_embedding(self, t: torch.Tensor, tt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """temb = E1(t) + E2(tt) * (t - tt) [+ sign where t < 0]; signed t goes into E1's sinusoid."""
+        proj = self.time_text_embed.time_proj  # parameter-free sinusoid, fp32
+        t, tt = t.float(), tt.float()
+        emb = self.time_text_embed.timestep_embedder(proj(t).to(dtype))
+        gate = (t - tt)[:, None]  # fp32: the gap can be far below bf16 resolution of t
+        emb = emb + (self.target_time_embed(proj(tt).to(dtype)).float() * gate).to(emb.dtype)
+        if self.sign_embed is not None:
+            emb = emb + (t < 0).to(emb.dtype)[:, None] * self.sign_embed.to(emb.dtype)
+        return emb
+
+    @torch.no_grad()
+    def init_target_time_embedding(self, mode: TtInit, generator: torch.Generator | None = None,
+                                   std: float = 0.02) -> None:
+        """E2 <- copy of E1, or small-normal weights and zero biases; the sign embedding <- 0."""
+        src = self.time_text_embed.timestep_embedder
+        dst = self.target_time_embed
+        if mode == "copy":
+            for name, p in dst.named_parameters():
+                p.copy_(src.get_parameter(name))
+        elif mode == "normal":
+            for name, p in dst.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    full = torch.randn(p.shape, generator=generator) * std
+                    _copy_full_into(p, full)
+        else:
+            raise ValueError(f"unknown model.tt_init {mode!r}; valid: 'copy', 'normal'")
+        if self.sign_embed is not None:
+            self.sign_embed.zero_()
+
+    # ---- forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor = None,
+        img_shapes: list | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples=None,
+        additional_t_cond=None,
+        return_dict: bool = True,
+        target_timestep: torch.Tensor | None = None,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        if guidance is not None or controlnet_block_samples is not None or additional_t_cond is not None:
+            raise ValueError("guidance, controlnet_block_samples and additional_t_cond are not supported")
+        if attention_kwargs and set(attention_kwargs) - {"scale"}:
+            raise ValueError(f"unsupported attention_kwargs {sorted(attention_kwargs)}")
+        timestep = timestep.reshape(-1).expand(hidden_states.shape[0])
+        if target_timestep is None:
+            target_timestep = timestep if self.config.default_target_time == "same" else torch.zeros_like(timestep)
+        target_timestep = target_timestep.reshape(-1).expand(hidden_states.shape[0])
+        dtype = self.img_in.weight.dtype  # the compute dtype (bf16 under FSDP mixed precision)
+        hidden = self.img_in(hidden_states.to(dtype))
+        temb = self.time_embedding(timestep, target_timestep, dtype)
+        text = self.txt_in(self.txt_norm(encoder_hidden_states.to(dtype)))
+        text_len, _, mask = compute_text_seq_len_from_mask(text, encoder_hidden_states_mask)
+        rope = self.pos_embed(img_shapes, max_txt_seq_len=text_len, device=hidden.device)
+        for block in self.transformer_blocks:
+            kwargs = dict(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+                          temb=temb, image_rotary_emb=rope)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: recomputation re-enters the block's FSDP hooks (all-gather again in backward)
+                text, hidden = torch.utils.checkpoint.checkpoint(block, use_reentrant=False, **kwargs)
+            else:
+                text, hidden = block(**kwargs)
+        out = self.proj_out(self.norm_out(hidden, temb))
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+
+def _last_block_text_outputs(transformer: QwenImageTransformer2DModel) -> list[tuple[str, nn.Parameter]]:
+    last = transformer.transformer_blocks[-1]
+    return [(f"{prefix}.{n}", p) for prefix, mod in (("attn.to_add_out", last.attn.to_add_out),
+                                                      ("txt_mlp", last.txt_mlp)) for n, p in mod.named_parameters()]
+
+
+def declared_block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The classes named by the model's own ``_no_split_modules`` declaration."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its blocks")
+    found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no submodule of the declared block types {sorted(names)}")
+    return tuple(sorted(found, key=lambda c: c.__name__))
+
+
+# --------------------------------------------------------------------------- the FlowModel adapter
+
+
+class QwenImageFlowModel(FlowModel):
+    """F(x, t, tt, cond) on [B, C, H, W] latents for TwinFlow, over a TwinFlowQwenImageTransformer2DModel."""
+
+    def __init__(self, transformer: TwinFlowQwenImageTransformer2DModel, *,
+                 null_prompt_embeds: torch.Tensor | None):
+        super().__init__()
+        if not isinstance(transformer, TwinFlowQwenImageTransformer2DModel):
+            raise TypeError(f"expected a TwinFlowQwenImageTransformer2DModel, got {type(transformer).__name__}")
+        self.transformer = transformer
+        self.block_types = declared_block_types(transformer)
+        # The model returns only the image stream, so the last block's text-stream output projection and
+        # text MLP never influence F. Frozen, they get no optimizer state (whose absence would otherwise
+        # differ between a saved and a freshly initialised optimizer) and no weight decay.
+        self.unused_parameters = [f"transformer.transformer_blocks.{len(transformer.transformer_blocks) - 1}.{n}"
+                                  for n, _ in _last_block_text_outputs(transformer)]
+        for _, p in _last_block_text_outputs(transformer):
+            p.requires_grad_(False)
+        self.latent_channels = transformer.config.in_channels // 4
+        text_dim = transformer.config.joint_attention_dim
+        if null_prompt_embeds is not None:
+            if null_prompt_embeds.dim() != 2 or null_prompt_embeds.shape[1] != text_dim:
+                raise ValueError(f"null_prompt_embeds must be [L, {text_dim}] (got {tuple(null_prompt_embeds.shape)})")
+            null_prompt_embeds = null_prompt_embeds.detach().float().cpu()
+        # data, not weights: a plain attribute keeps it out of state dicts, FSDP and the meta device
+        self._null_prompt = null_prompt_embeds
+        self._null_cache: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.latent_channels:
+            raise ValueError(f"x must be [B, {self.latent_channels}, H, W] (got {tuple(x.shape)})")
+        b, _, h, w = x.shape
+        embeds, mask = cond["prompt_embeds"], cond.get("prompt_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # unmasked attention keeps the fast SDPA kernels (this is a host sync, once per call)
+        out = self.transformer(hidden_states=pack_latents(x), encoder_hidden_states=embeds,
+                               encoder_hidden_states_mask=mask, timestep=t.to(x.dtype),
+                               target_timestep=tt.to(x.dtype), img_shapes=[[(1, h // 2, w // 2)]] * b,
+                               return_dict=False)[0]
+        if not torch.is_grad_enabled():
+            # FSDP2 keeps the last block gathered for a backward that a no-grad forward never runs;
+            # reshard it now so parameters are shards again for the EMA update, checkpoints and loads
+            _reshard_last_block(self)
+        return unpack_latents(out, height=h, width=w).to(x.dtype)
+
+    def null_cond(self, cond: Cond) -> Cond:
+        """The empty prompt, zero-padded to the condition's text length (other keys copied)."""
+        if self._null_prompt is None:
+            raise ValueError("this QwenImageFlowModel was built without the empty-prompt embedding "
+                             "(pass null_prompt_embeds, or build from shards that store it)")
+        embeds = cond["prompt_embeds"]
+        b, length = embeds.shape[0], embeds.shape[1]
+        n = self._null_prompt.shape[0]
+        if length < n:
+            raise ValueError(f"prompt batch has {length} text tokens, fewer than the empty prompt's {n}; "
+                             "pad prompt batches to at least the null length")
+        null = self._null_cache.get(embeds.device)
+        if null is None:
+            null = self._null_cache.setdefault(embeds.device, self._null_prompt.to(embeds.device))
+        out = dict(cond)
+        padded = embeds.new_zeros((b, length, embeds.shape[2]))
+        padded[:, :n] = null.to(embeds.dtype)
+        mask = torch.zeros((b, length), dtype=torch.bool, device=embeds.device)
+        mask[:, :n] = True
+        out["prompt_embeds"], out["prompt_mask"] = padded, mask
+        return out
+
+    def init_target_time_embedding(self, mode: str, generator: torch.Generator | None = None) -> None:
+        self.transformer.init_target_time_embedding(mode, generator)  # type: ignore[arg-type]
+
+    @property
+    def null_prompt_embeds(self) -> torch.Tensor | None:
+        return self._null_prompt
+
+
+# --------------------------------------------------------------------------- building and loading
+
+
+def _transformer_dir(path: str | Path) -> Path:
+    """A diffusers pipeline directory (its ``transformer/``) or the transformer directory itself."""
+    p = Path(path)
+    for cand in (p / "transformer", p):
+        if (cand / "config.json").is_file():
+            return cand
+    raise FileNotFoundError(f"model.qwen.pretrained: no transformer config.json under {p} (nor {p / 'transformer'})")
+
+
+def transformer_config(cfg: Config) -> dict[str, Any]:
+    """Architecture of the transformer: the pretrained config, the tiny config, or the class defaults."""
+    q = cfg.model.qwen
+    if q.pretrained is not None and q.tiny:
+        raise ValueError("model.qwen.tiny and model.qwen.pretrained are both set; choose one architecture source")
+    if q.pretrained is not None:
+        raw = json.loads((_transformer_dir(q.pretrained) / "config.json").read_text())
+        ours = ("sign_embedding", "default_target_time")  # set from model.* below, not from an export's config
+        arch = {k: v for k, v in raw.items() if not k.startswith("_") and k not in ours}
+    elif q.tiny:
+        arch = dict(TINY_CONFIG)
+    else:
+        arch = {}  # the class defaults are Qwen-Image's architecture (60 blocks, 24 heads x 128, text dim 3584)
+    if q.num_layers is not None:
+        arch["num_layers"] = q.num_layers
+    return arch
+
+
+def build_qwen_image(cfg: Config, *, latent_shape: tuple[int, int, int],
+                     null_prompt_embeds: torch.Tensor | None = None,
+                     device: torch.device | str | None = None) -> QwenImageFlowModel:
+    """The adapter for ``cfg.model``: pretrained weights (if ``model.qwen.pretrained``) or random init.
+
+    ``device="meta"`` builds the structure only; call ``parallelize_qwen_image`` and then
+    ``materialize_qwen_image`` to load sharded weights. The empty-prompt embedding comes from
+    ``null_prompt_embeds`` or from ``data.shards`` (written there by ``twinflow-train encode``).
+    """
+    arch = transformer_config(cfg)
+    if latent_shape[0] * 4 != arch.get("in_channels", 64):
+        raise ValueError(f"latent_shape {tuple(latent_shape)} has {latent_shape[0]} channels but the transformer "
+                         f"takes {arch.get('in_channels', 64)} packed channels (= 4 x latent channels)")
+    if null_prompt_embeds is None and cfg.data.dataset == "latent_shards" and cfg.data.shards is not None:
+        from ..shards import read_null_prompt
+        null_prompt_embeds = read_null_prompt(cfg.data.shards)
+    meta = device is not None and torch.device(device).type == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        transformer = TwinFlowQwenImageTransformer2DModel(**arch, sign_embedding=cfg.model.sign_embedding)
+    model = QwenImageFlowModel(transformer, null_prompt_embeds=null_prompt_embeds)
+    if not meta:
+        if cfg.model.qwen.pretrained is not None:
+            load_transformer_weights(transformer, cfg.model.qwen.pretrained)
+        # E2 must equal its init whatever the source weights held, so the tt = t behaviour is the pretrained one
+        transformer.init_target_time_embedding(cfg.model.tt_init, generator=torch.Generator().manual_seed(cfg.run.seed))
+        if device is not None:
+            model.to(device)
+    return model
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-size tensor into a (possibly FSDP-sharded) parameter."""
+    if isinstance(param, DTensor):
+        full = full.to(device=param.to_local().device, dtype=param.dtype)
+        param.copy_(distribute_tensor(full, param.device_mesh, param.placements))
+    else:
+        param.copy_(full)
+
+
+def _safetensors_index(directory: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {directory}")
+    index: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                index[key] = f
+    return index
+
+
+def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """The local tensor of ``param`` and the index of the global tensor it holds."""
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return param, tuple(slice(0, s) for s in param.shape)
+
+
+@torch.no_grad()
+def load_transformer_weights(transformer: TwinFlowQwenImageTransformer2DModel, path: str | Path) -> dict[str, int]:
+    """Load diffusers safetensors weights into ``transformer`` (plain or FSDP-sharded).
+
+    Each rank reads only the slice of each tensor it holds (safetensors slices are
+    memory-mapped), so a sharded model never materialises the full weights on one host.
+    Keys for blocks beyond ``num_layers`` are skipped; the TwinFlow-only parameters
+    (target-time and sign embeddings) may be absent from a stock checkpoint.
+    """
+    from safetensors import safe_open
+
+    directory = _transformer_dir(path)
+    index = _safetensors_index(directory)
+    optional = ("target_time_embed.", "sign_embed")
+    wanted = dict(transformer.named_parameters())
+    wanted.update(dict(transformer.named_buffers()))
+    missing = [k for k in wanted if k not in index and not k.startswith(optional)]
+    if missing:
+        raise KeyError(f"{directory}: weights missing for {len(missing)} tensors, e.g. {missing[:5]}")
+    by_file: dict[Path, list[str]] = {}
+    for k in wanted:
+        if k in index:
+            by_file.setdefault(index[k], []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in keys:
+                local, idx = _local_slice(wanted[k])
+                src = h.get_slice(k)
+                if tuple(src.get_shape()) != tuple(wanted[k].shape):
+                    raise ValueError(f"{f}: {k} has shape {tuple(src.get_shape())}, "
+                                     f"model expects {tuple(wanted[k].shape)}")
+                if local.numel():
+                    local.copy_(src[idx] if idx else src[:])
+    return {"loaded": sum(len(v) for v in by_file.values()), "skipped": len(set(index) - set(wanted))}
+
+
+def materialize_qwen_image(model: QwenImageFlowModel, *, device: torch.device | str, pretrained: str | Path,
+                           tt_init: str, seed: int = 0) -> QwenImageFlowModel:
+    """Meta-device path: allocate (sharded) storage, load each rank's weight slices, init E2."""
+    tr = model.transformer
+    model.to_empty(device=device)
+    # the RoPE tables are plain attributes built at __init__ (meta tensors there); rebuild them for real
+    tr.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(tr.config.axes_dims_rope), scale_rope=True)
+    load_transformer_weights(tr, pretrained)
+    tr.init_target_time_embedding(tt_init, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    return model
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _policies(cfg: ParallelConfig) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    param_dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.mixed_precision]
+    block = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # the root casts inputs itself: times and the tt gate stay fp32 (bf16 cannot resolve t - tt near t = 1)
+    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return block, root
+
+
+def parallelize_qwen_image(model: QwenImageFlowModel, mesh: DeviceMesh, cfg: ParallelConfig) -> QwenImageFlowModel:
+    """Activation checkpointing (optional), ``fully_shard`` per declared block, then the root.
+
+    The last block keeps its parameters after a forward with grad (backward needs them
+    first); after a no-grad forward the adapter reshards it itself, and a module without
+    trainable parameters reshards every block.
+    """
+    if not isinstance(model, QwenImageFlowModel):
+        raise TypeError(f"parallelize_qwen_image expects a QwenImageFlowModel, got {type(model).__name__}")
+    block_mp, root_mp = _policies(cfg)
+    # a module that is never trained runs no backward, so nothing would ever reshard a block kept
+    # gathered after forward: frozen modules (teacher, EMA target) reshard every block
+    frozen = not any(p.requires_grad for p in model.parameters())
+    model.transformer.activation_checkpointing = cfg.activation_checkpointing and not frozen
+    blocks = model.shard_blocks()
+    if not blocks:
+        raise ValueError("the Qwen-Image transformer has no blocks of its declared types")
+    for i, block in enumerate(blocks):
+        keep = i == len(blocks) - 1 and not frozen
+        fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=(cfg.reshard_after_forward or frozen)
+                    and not keep)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=cfg.reshard_after_forward or frozen)
+    return model
+
+
+def _reshard_last_block(model: QwenImageFlowModel) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    last = model.transformer.transformer_blocks[-1]
+    if isinstance(last, FSDPModule):
+        last.reshard()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Return every FSDP2 unit of ``model`` to its sharded state (a no-op for sharded units)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def place_frozen(module: nn.Module, where: DeviceMesh | torch.device | str, cfg: ParallelConfig) -> nn.Module:
+    """Place a module that is never optimised: the EMA target, the VAE, the reward model.
+
+    A ``QwenImageFlowModel`` on a mesh is sharded exactly like the student (same blocks,
+    same placements, fp32 storage), so the EMA update is a local op on matching shards and
+    every block is resharded after its forward (no backward ever needs it). Anything else
+    is replicated on the local device, in bf16 under ``mixed_precision: bf16``;
+    ``requires_grad`` is off for its parameters but gradients still flow to its inputs
+    (the reward gradient through the VAE decoder).
+    """
+    module.requires_grad_(False)
+    module.eval()
+    if isinstance(where, DeviceMesh) and isinstance(module, QwenImageFlowModel):
+        from dataclasses import replace
+        return parallelize_qwen_image(module, where, replace(cfg, reshard_after_forward=True)).eval()
+    if isinstance(where, DeviceMesh):
+        if where.device_type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device(where.device_type)
+    else:
+        device = torch.device(where)
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+
+
+def flops_per_token(config: dict[str, Any] | Any, *, image_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one forward per image token (2 x MACs), for MFU estimates.
+
+    Per block and token: img and txt streams each have q, k, v, out (4 D^2), an MLP
+    (2 x 4 D^2) and a 6D modulation per sample (ignored); joint attention adds
+    2 x 2 x S x D per token over the joint sequence S.
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    d = get("num_attention_heads", 24) * get("attention_head_dim", 128)
+    layers = get("num_layers", 60)
+    s = image_tokens + text_tokens
+    linear_per_token = 2 * 12 * d * d  # 4 attn projections + 8 D^2 MLP (4x expansion, two matrices)
+    attn_per_token = 2 * 2 * s * d
+    total = layers * (s * linear_per_token + s * attn_per_token)
+    total += image_tokens * 2 * (get("in_channels", 64) * d + d * 4 * get("out_channels", 16))
+    total += text_tokens * 2 * get("joint_attention_dim", 3584) * d
+    return total / image_tokens
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
