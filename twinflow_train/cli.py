@@ -1,4 +1,4 @@
-"""``twinflow-train teacher | fit | sample | eval | encode``."""
+"""``twinflow-train teacher | fit | sample | eval | encode | export``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="pre-encode images + captions into latent shards (scale path)",
                        add_help=False)
     p.set_defaults(func=None)
+    p = sub.add_parser("export", help="write a run's weights as a diffusers pipeline directory (scale path)",
+                       add_help=False)
+    p.set_defaults(func=None)
     return parser
 
 
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["encode"]:
         from .encode import encode_main
         return encode_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from .export import export_main
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

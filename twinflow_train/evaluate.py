@@ -27,10 +27,6 @@ class Evaluator:
         self.device = device
         seed = cfg.eval.seed
         shape = setup.data.latent_shape
-        self.val = list(setup.data.val_batches(VAL_BATCH))
-        n_val = sum(x.shape[0] for x, _ in self.val)
-        self.val_noise = torch.randn((n_val, *shape), generator=step_generator(seed, _NOISE)).to(device)
-        self.val_t = torch.rand(n_val, generator=step_generator(seed, _TIMES)).to(device)
         n = cfg.eval.n_samples
         self.sample_noise = torch.randn((n, *shape), generator=step_generator(seed, _SAMPLE_NOISE)).to(device)
         self.sample_prompts = setup.eval_cond(n)
@@ -39,11 +35,13 @@ class Evaluator:
 
     @torch.no_grad()
     def val_loss(self, model: FlowModel) -> float:
-        total, count, offset = 0.0, 0, 0
-        for x, cond in self.val:
+        total, count = 0.0, 0
+        # batches are re-read each time (shards stay on disk); noise and times are fixed per batch index,
+        # drawn at the batch's own shape (aspect-ratio buckets differ)
+        for i, (x, cond) in enumerate(self.setup.data.val_batches(VAL_BATCH)):
             b = x.shape[0]
-            z, t = self.val_noise[offset:offset + b], self.val_t[offset:offset + b]
-            offset += b
+            z = torch.randn(x.shape, generator=step_generator(self.cfg.eval.seed, _NOISE, i)).to(x.device, x.dtype)
+            t = torch.rand(b, generator=step_generator(self.cfg.eval.seed, _TIMES, i)).to(x.device)
             x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x
             err = (model(x_t, t, t, cond).float() - (z - x)).pow(2).flatten(1).mean(1)
             total += err.sum().item()

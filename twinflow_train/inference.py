@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt
-from .config import Config, ConfigError
+from .config import Config
 from .evaluate import Evaluator
 from .imaging import save_samples
 from .parallel import init_distributed, shutdown
@@ -17,16 +15,13 @@ from .telemetry import atomic_write_text
 
 
 def _student(cfg: Config, run_dir: Path, which: str):
-    from .models import build_model, parallelize
-    from .teacher import teacher_path
+    from .models import parallelize
+    from .trainer import build_base, preflight_teacher
 
+    tpath = preflight_teacher(cfg)
     d = init_distributed(cfg.run, cfg.parallel)
     setup = build_setup(cfg, device=d.device)
-    base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
-    tpath = teacher_path(cfg)
-    if not tpath.is_file():
-        raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath}")
-    base.load_state_dict(torch.load(tpath, map_location="cpu", weights_only=True))
+    base = build_base(cfg, setup, tpath)
     model = parallelize(base.to(d.device), d.mesh, cfg)
     if which == "best":
         path = run_dir / "checkpoints" / "best" / "weights.pt"

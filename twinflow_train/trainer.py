@@ -26,6 +26,7 @@ from .config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict,
 from .data import step_generator
 from .ema import ema_decay, ema_update_
 from .evaluate import Evaluator
+from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .method import TwinFlow
 from .models import build_model, parallelize
@@ -45,15 +46,32 @@ class Diverged(Exception):
 # --------------------------------------------------------------------------- preflight
 
 
-def preflight(cfg: Config, run_dir: Path) -> Path:
-    """Everything that can be checked before a single file is written. Returns the teacher path."""
+def base_weights_in_model(cfg: Config) -> bool:
+    """Qwen-Image with ``teacher.checkpoint: auto`` takes its base weights from ``model.qwen.pretrained``
+    (loaded by the model builder), not from a teacher file."""
+    return cfg.model.family == "qwen_image" and cfg.teacher.checkpoint == "auto"
+
+
+def preflight_teacher(cfg: Config) -> Path | None:
+    """The base weights' file, checked; None where the model builder loads them itself."""
     from .teacher import teacher_path
 
+    if cfg.model.family == "qwen_image" and cfg.model.qwen.pretrained is not None \
+            and not Path(cfg.model.qwen.pretrained).exists():
+        raise ConfigError(f"model.qwen.pretrained: {cfg.model.qwen.pretrained} does not exist")
+    if base_weights_in_model(cfg):
+        return None
     tpath = teacher_path(cfg)
     if not tpath.is_file():
         hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
                 else "the path does not exist")
         raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath} ({hint})")
+    return tpath
+
+
+def preflight(cfg: Config, run_dir: Path) -> Path | None:
+    """Everything that can be checked before a single file is written. Returns ``preflight_teacher``'s path."""
+    tpath = preflight_teacher(cfg)
     if cfg.rl.enabled:
         from .rewards import check_reward_config
         check_reward_config(cfg)
@@ -109,10 +127,17 @@ def _shard(cfg: Config, d: Dist, module: FlowModel, *, frozen: bool = False) -> 
     return parallelize(module.to(d.device), d.mesh, cfg, frozen=frozen)
 
 
-def build_run(cfg: Config, d: Dist, teacher_weights: Path) -> Run:
-    setup = build_setup(cfg, device=d.device)
+def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowModel:
+    """The base model the student starts from (and the teacher it is compared with)."""
     base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
-    base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+    if teacher_weights is not None:
+        base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+    return base
+
+
+def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
+    setup = build_setup(cfg, device=d.device)
+    base = build_base(cfg, setup, teacher_weights)
     student = copy.deepcopy(base)
     student.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
     for p in base.parameters():
@@ -125,7 +150,8 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path) -> Run:
     model = _shard(cfg, d, student)
     target = {"ema": lambda: _shard(cfg, d, ema, frozen=True).eval(), "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # adapters may freeze dead parameters
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     guidance = None
     if cfg.rl.enabled:
         from .rewards import build_reward
@@ -147,32 +173,45 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
     accum = cfg.data.grad_accum
     count = accum * d.world
     run.model.train()
+    terms = None
+    if run.guidance is not None:
+        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping
+        log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
+        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
+        terms.start(split=log_step or run.guidance.param_clip_norm is not None)
     sums: dict[str, torch.Tensor] = {}
     for a in range(accum):
         index = a * d.world + d.rank
         x, cond = run.setup.data.micro_batch(step=step, index=index, count=count)
         gen = step_generator(cfg.run.seed, step, index, device=d.device)
         out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
-        terms = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
+        micro = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
         if hasattr(run.model, "set_requires_gradient_sync"):
             run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
-        if run.guidance is not None:
-            rl_stats = run.guidance.backward(model=run.model, params=list(run.model.parameters()),
-                                             twinflow_loss=out.loss / accum, out=out, step=step, scale=1.0 / accum)
-            for k, v in rl_stats.items():
-                terms[k] = torch.as_tensor(v, dtype=torch.float32)
-            total = out.loss.detach() + terms.get("loss/rl_weighted", torch.zeros(()))
+        if terms is not None:
+            rl = run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen, dv=out.dv, step=step)
+            terms.backward(twinflow=out.loss, rl=rl.loss, rl_weight=rl.weight, scale=1.0 / accum)
+            micro.update({k: v.detach() for k, v in rl.stats.items()})
+            # the surrogate's value means little alone, but a non-finite reward must trip the non-finite policy
+            micro["loss/total"] = out.loss.detach() + rl.weight * rl.loss.detach()
         else:
             (out.loss / accum).backward()
-            total = out.loss.detach()
-        terms["loss/total"] = total
-        for k, v in terms.items():
+            micro["loss/total"] = out.loss.detach()
+        for k, v in micro.items():
             sums[k] = sums.get(k, 0.0) + v.float().cpu() / accum
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.max_grad_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    if terms is not None:
+        sums.update({k: v.float().cpu() for k, v in terms.finish().items()})  # already global over ranks
+    norm = clip_grads_(run.model.parameters(), max_norm=cfg.optim.max_grad_norm)  # pre-clip global norm
     sums["grad_norm/total"] = norm.detach().float().cpu()
     return sums
+
+
+_GLOBAL_PREFIXES = ("grad_norm/", "grad_cos/", "rl/share", "rl/clip_coef")
+
+
+def _is_global(key: str) -> bool:
+    """Telemetry already reduced over ranks (gradient statistics); the rest is averaged on log steps."""
+    return key.startswith(_GLOBAL_PREFIXES)
 
 
 def _apply_update(run: Run, step: int, stats: dict[str, Any]) -> dict[str, float]:
@@ -214,9 +253,9 @@ def _apply_update(run: Run, step: int, stats: dict[str, Any]) -> dict[str, float
 
 def validate(run: Run, step: int) -> dict[str, float]:
     run.model.eval()
-    rec = {"val/loss": run.evaluator.val_loss(run.model)}
+    rec: dict[str, float] = {"val/loss": run.evaluator.val_loss(run.model)}
     rec.update(run.evaluator.student_metrics(run.model))
-    run.policy.observe_val(rec["val/loss"])
+    rec.update(run.policy.observe_val(rec["val/loss"]))
     return rec
 
 
@@ -344,8 +383,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             now = time.perf_counter()
             rec: dict[str, Any] = {"step": step, "kind": "train"}
             # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
-            rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not k.startswith("grad_norm/")}))
-            rec.update({k: float(v) for k, v in stats.items() if k.startswith("grad_norm/")})
+            rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not _is_global(k)}))
+            rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
             rec.update({"grad_norm/max": max_norm_since_log, "lr": run.policy.lr(step),
                         "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
                         "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s})

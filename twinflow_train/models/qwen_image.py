@@ -180,7 +180,7 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
     ) -> torch.Tensor | Transformer2DModelOutput:
         if guidance is not None or controlnet_block_samples is not None or additional_t_cond is not None:
             raise ValueError("guidance, controlnet_block_samples and additional_t_cond are not supported")
-        if attention_kwargs and set(attention_kwargs) - {"scale"}:
+        if attention_kwargs:  # LoRA scales and processor options are not implemented here; never ignore them
             raise ValueError(f"unsupported attention_kwargs {sorted(attention_kwargs)}")
         timestep = timestep.reshape(-1).expand(hidden_states.shape[0])
         if target_timestep is None:
