@@ -49,6 +49,8 @@ class RunConfig:
     """On a non-finite loss agreed across ranks: skip the update and count it, or stop the run as diverged."""
     max_nonfinite: int = 20
     """Under ``skip``: this many non-finite steps in a row mark the run diverged."""
+    max_train_s: float = 0.0
+    """Stop after this many seconds of training steps (validation excluded) as if ``steps`` were reached; 0: off."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -61,6 +63,7 @@ class RunConfig:
         _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
         _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
         _require(self.threads >= 0, f"threads must be >= 0 (got {self.threads})")
+        _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -89,4 +89,4 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path:
         train_teacher_model(cfg, model, data.train_latents, labels, null_label=setup.num_classes, progress=progress)
         torch.save(model.state_dict(), dst)
 
-    return train_or_load_file(path, make)
+    return train_or_load_file(path, make, key=teacher_key(cfg))

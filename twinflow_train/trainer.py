@@ -99,6 +99,8 @@ class Counters:
     best_val: float = math.inf
     best_step: int = 0
     wall_s: float = 0.0
+    train_s: float = 0.0
+    """Seconds spent in training steps only (no validation, sampling or checkpoints)."""
     nonfinite_since_ckpt: int = 0
 
 
@@ -366,11 +368,14 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     for step in range(start + 1, total + 1):
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        t_step = time.perf_counter()
         lr = run.policy.lr(step)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         stats = train_step(run, step)
         events = _apply_update(run, step, stats)
+        c.train_s += time.perf_counter() - t_step
+        last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
         norm = float(stats["grad_norm/total"])
         if math.isfinite(norm):
             max_norm_since_log = max(max_norm_since_log, norm)
@@ -379,7 +384,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         steps_since_log += 1
         c.wall_s = wall0 + (time.perf_counter() - t_start)
         bar.update(1)
-        if step % cfg.run.log_every == 0 or step == total:
+        if step % cfg.run.log_every == 0 or last:
             now = time.perf_counter()
             rec: dict[str, Any] = {"step": step, "kind": "train"}
             # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
@@ -387,7 +392,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
             rec.update({"grad_norm/max": max_norm_since_log, "lr": run.policy.lr(step),
                         "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
-                        "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s})
+                        "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
+                        "time/train_s": c.train_s})
             rec.update(events_since_log)
             for name, sampler in run.time_samplers.items():
                 value = sampler.value(step)
@@ -398,22 +404,33 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
                 writer.write(rec)
             bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
             t_log, steps_since_log, max_norm_since_log, events_since_log = now, 0, 0.0, {}
-        is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or step == total
+        is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
         if is_val:
-            rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s}
+            rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s,
+                   "time/train_s": c.train_s}
             if rec["val/loss"] < c.best_val:
                 c.best_val, c.best_step = rec["val/loss"], step
                 ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.model)
             rec["val/best_loss"] = c.best_val
             if writer:
                 writer.write(rec)
-        if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == total:
+        if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last:
             if writer:
                 writer.sync()
             _save(run, run_dir, step)
+        if last:
+            break
     bar.close()
     _finish(run, run_dir)
     return step
+
+
+def _agree_budget_spent(run: Run) -> bool:
+    """Rank 0's clock decides, so every rank stops at the same step."""
+    spent = torch.tensor([float(run.counters.train_s >= run.cfg.run.max_train_s)])
+    if run.dist.world > 1:
+        torch.distributed.broadcast(spent, src=0)
+    return bool(spent.item())
 
 
 def _finish(run: Run, run_dir: Path) -> None:

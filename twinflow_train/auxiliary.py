@@ -1,0 +1,485 @@
+"""Auxiliary networks of the embedded default, trained once and cached by config hash.
+
+Three networks besides the teacher: the latent codec (a tiny autoencoder), the
+differentiable reward classifier, and an independent evaluation network. Each
+lives in ``<cache root>/<kind>-<hash>/`` where the hash covers exactly the
+settings its weights depend on plus a per-kind format version, so a changed
+setting trains a new entry and an unchanged one is reused.
+
+Cache entries are shared by concurrent runs. :func:`train_or_load_file` is the
+one way to fill an entry (the teacher uses it too): the first process to ask
+takes an ``fcntl.flock`` lock and builds, the others block on the lock and then
+load. A payload becomes visible only by ``os.replace`` of a fsynced temp file,
+and only counts as complete once a checksum record written after it exists; a
+payload that does not match its record raises :class:`CacheCorruptError`
+instead of loading.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .codecs import Codec, DigitsAutoencoder, IdentityCodec, fit_autoencoder, reconstruction_mse, single_thread
+from .config import Config, config_hash, to_dict
+from .digits import NUM_CLASSES, DigitsSplit, load_digits_split
+from .models.base import Cond
+
+CacheKind = Literal["codec", "reward", "evalnet", "teacher"]
+
+FORMAT_VERSIONS: dict[str, int] = {
+    "codec": 1,
+    "reward": 1,
+    "evalnet": 2,  # 2: shift-only augmentation (1 also added pixel noise, which blunted FD to noisy samples)
+    "teacher": 1,
+}
+"""Per-kind format version, part of every entry's hash. Bump a kind's number when
+its architecture, training recipe or file layout changes in code (anything its
+config key does not capture), so old entries are not reused by new code."""
+
+CACHE_ENV = "TWINFLOW_LAB_CACHE"
+WEIGHTS = "weights.pt"
+
+# Fixed recipe of the classifiers (covered by FORMAT_VERSIONS, not by the config)
+CLASSIFIER_BATCH = 64
+CLASSIFIER_LR = 2e-3
+REWARD_NOISE_MAX = 0.3
+"""Largest std of the Gaussian pixel noise added while training the reward classifier (data range is 2)."""
+EVAL_FEATURES = 32
+"""Width of the evaluation network's feature layer (the FD space)."""
+
+
+class CacheCorruptError(RuntimeError):
+    """A cache entry whose payload does not match its checksum record."""
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def cache_root(cfg: Config) -> Path:
+    """``aux.cache_dir``, else ``$TWINFLOW_LAB_CACHE``, else ``~/.cache/twinflow-lab``."""
+    if cfg.aux.cache_dir is not None:
+        return Path(cfg.aux.cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "twinflow-lab"
+
+
+def cache_entry(cfg: Config, *, kind: CacheKind, key: Mapping[str, Any]) -> Path:
+    """Directory ``<root>/<kind>-<hash>`` of the entry for ``key`` (not created here).
+
+    The hash covers ``key`` and the kind's format version; ``key`` must hold
+    every setting the entry's content depends on, and nothing else (settings
+    that do not change the weights would only cause needless retraining).
+    """
+    if kind not in FORMAT_VERSIONS:
+        raise ValueError(f"unknown cache kind {kind!r}; valid kinds: {', '.join(FORMAT_VERSIONS)}")
+    digest = config_hash({"kind": kind, "format": FORMAT_VERSIONS[kind], "key": dict(key)})
+    return cache_root(cfg) / f"{kind}-{digest}"
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    On an exception the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise RuntimeError(f"nothing was written to the temp file of {path}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_path(path: Path) -> Path:
+    """The checksum record that marks ``path`` complete."""
+    return path.with_name(path.name + ".done.json")
+
+
+def _is_complete(path: Path) -> bool:
+    """True when ``path`` and its record exist and agree; False when the record is missing.
+
+    A payload without a record is the leftover of a writer that died between the
+    two renames: it is rebuilt (under the lock), never loaded.
+    """
+    rec = record_path(path)
+    if not rec.is_file():
+        return False
+    try:
+        meta = json.loads(rec.read_text())
+        expected, size = meta["sha256"], int(meta["bytes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheCorruptError(f"cache record {rec} is unreadable ({e}); "
+                                f"delete {path.parent} to rebuild the entry") from None
+    if not path.is_file():
+        raise CacheCorruptError(f"cache record {rec} exists but its payload {path} is missing; "
+                                f"delete {path.parent} to rebuild the entry")
+    actual_size = path.stat().st_size
+    if actual_size != size or _sha256(path) != expected:
+        raise CacheCorruptError(f"cache payload {path} does not match its record {rec} "
+                                f"({actual_size} bytes, expected {size} with sha256 {expected[:12]}...); "
+                                f"delete {path.parent} to rebuild the entry")
+    return True
+
+
+def entry_record(path: str | Path) -> dict[str, Any]:
+    """The record of a complete entry: sha256, bytes, created, pid, host, key, info."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise FileNotFoundError(f"cache entry {path} is not complete (no record {record_path(path)})")
+    return json.loads(record_path(path).read_text())
+
+
+def train_or_load_file(path: str | Path, make: Callable[[Path], Mapping[str, Any] | None], *,
+                       key: Mapping[str, Any] | None = None) -> Path:
+    """Return ``path`` once it holds a complete payload, building it with ``make`` if needed.
+
+    ``make(tmp)`` writes the payload to the temp file ``tmp`` (e.g. with
+    ``torch.save``) and may return a JSON-able dict of facts about the build
+    (timings, accuracies) kept in the record with ``key``. Process-safe: among
+    processes asking for the same ``path`` at once, exactly one runs ``make``;
+    the others wait on the lock file ``<path>.lock`` and then use its result.
+    Build exceptions propagate and leave no payload behind. A payload that does
+    not match its record raises :class:`CacheCorruptError`.
+    """
+    path = Path(path)
+    if _is_complete(path):  # records are written last and never rewritten: safe without the lock
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to build {path}", file=sys.stderr, flush=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if _is_complete(path):
+                return path
+            started = time.time()
+            with atomic_output(path) as tmp:
+                info = make(tmp)
+                if not tmp.is_file() or tmp.stat().st_size == 0:
+                    raise RuntimeError(f"the builder of {path} wrote nothing to {tmp}")
+                digest, size = _sha256(tmp), tmp.stat().st_size
+            record = {"sha256": digest, "bytes": size, "created": time.time(), "build_seconds": time.time() - started,
+                      "pid": os.getpid(), "host": socket.gethostname(),
+                      "key": dict(key) if key is not None else None, "info": dict(info) if info else None}
+            with atomic_output(record_path(path)) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return path
+
+
+def train_or_load(path: str | Path, *, build: Callable[[], nn.Module],
+                  train: Callable[[nn.Module], Mapping[str, Any] | None],
+                  key: Mapping[str, Any] | None = None) -> nn.Module:
+    """Module weights cached at ``path``: built and trained once, loaded everywhere else.
+
+    ``build()`` makes a fresh module (its initial weights do not matter when
+    loading); ``train(module)`` trains it in place and may return facts for the
+    record. Every caller, the one that trained included, gets ``build()`` with
+    the saved state loaded, so all processes hold bit-identical weights.
+    """
+    def make(tmp: Path) -> Mapping[str, Any] | None:
+        module = build()
+        info = train(module)
+        torch.save(module.state_dict(), tmp)
+        return info
+
+    path = train_or_load_file(path, make, key=key)
+    module = build()
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return module
+
+
+def _seeded_build(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` with its initial weights drawn from ``seed``, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)  # inputs still get gradients; the weights are never trained further
+    return module
+
+
+def _split_key(cfg: Config) -> dict[str, Any]:
+    return {"dataset": "digits", "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed}
+
+
+def _split(cfg: Config) -> DigitsSplit:
+    return load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def codec_key(cfg: Config) -> dict[str, Any]:
+    c = to_dict(cfg.codec)
+    c.pop("path")  # the pretrained location of other codecs; the autoencoder is trained here
+    return {"codec": c, "data": _split_key(cfg)}
+
+
+def get_codec(cfg: Config) -> Codec:
+    """The latent codec of ``cfg.codec``: trained and cached for ``autoencoder``; frozen, in eval mode."""
+    kind = cfg.codec.kind
+    if kind == "identity":
+        return _frozen(IdentityCodec())
+    if kind == "qwen_vae":
+        raise ValueError("codec.kind 'qwen_vae' is provided by the Qwen scale path module "
+                         "twinflow_train.models.qwen_vae, not by the digits auxiliaries")
+    if kind != "autoencoder":
+        raise ValueError(f"unknown codec.kind {kind!r}; valid: 'autoencoder', 'identity', 'qwen_vae'")
+    c = cfg.codec
+    key = codec_key(cfg)
+    split = _split(cfg)
+
+    def build() -> nn.Module:
+        return _seeded_build(c.seed, lambda: DigitsAutoencoder(latent_channels=c.latent_channels, hidden=c.hidden))
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        assert isinstance(model, DigitsAutoencoder)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        fit_autoencoder(model, split.train_images, steps=c.steps, lr=c.lr, seed=c.seed)
+        info = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
+        with single_thread():
+            return info | {"val_mse": reconstruction_mse(model, split.val_images)}
+
+    path = cache_entry(cfg, kind="codec", key=key) / WEIGHTS
+    return _frozen(train_or_load(path, build=build, train=train, key=key))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+class DigitsMLPClassifier(nn.Module):
+    """The reward model: an MLP on the 64 pixels (a different family from the evaluation CNN)."""
+
+    def __init__(self, *, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, NUM_CLASSES),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, "DigitsMLPClassifier")
+        return self.net(images.float())
+
+
+class DigitsConvNet(nn.Module):
+    """The evaluation network: a small CNN whose pre-activation penultimate layer is the FD feature space."""
+
+    def __init__(self, *, width: int = 32, features: int = EVAL_FEATURES):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width // 2, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width // 2, width, 2, stride=2), nn.SiLU(),      # 8x8 -> 4x4
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Flatten(),
+        )
+        # linear features: FD assumes Gaussian features, which activations clipped by a nonlinearity are not
+        self.feature = nn.Linear(width * 16, features)
+        self.head = nn.Linear(features, NUM_CLASSES)
+        self.feature_dim = features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, "DigitsConvNet")
+        return self.feature(self.body(images.float()))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.silu(self.features(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images)
+
+
+def _check_images(images: torch.Tensor, who: str) -> None:
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"{who}: expected digits images [B, 1, 8, 8], got {list(images.shape)}")
+
+
+def random_shift(images: torch.Tensor, generator: torch.Generator, *, max_shift: int = 1) -> torch.Tensor:
+    """Translate each image by an integer offset in [-max_shift, max_shift]^2, filling with background (-1)."""
+    b, _, h, w = images.shape
+    p = max_shift
+    padded = F.pad(images, (p, p, p, p), value=-1.0)[:, 0]
+    oy = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * p + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(b)[:, None, None], rows, cols].unsqueeze(1)
+
+
+def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int,
+                   noise_max: float, shift: bool, desc: str, progress: bool | None = None) -> None:
+    """Cross-entropy with optional pixel-noise and 1-pixel-shift augmentation, AdamW, cosine decay.
+
+    The noise std is drawn per sample in [0, noise_max].
+    """
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER_LR, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=CLASSIFIER_LR * 0.02)
+    n = images.shape[0]
+    model.train()
+    with single_thread():
+        for _ in tqdm(range(steps), desc=desc, disable=None if progress is None else not progress, mininterval=1.0):
+            idx = torch.randint(0, n, (min(CLASSIFIER_BATCH, n),), generator=gen)
+            x, y = images[idx], labels[idx]
+            if shift:
+                x = random_shift(x, gen)
+            if noise_max > 0:
+                sigma = noise_max * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+                x = x + sigma * torch.randn(x.shape, generator=gen)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        labels: torch.Tensor, *, batch: int = 1024) -> float:
+    """Share of ``images`` whose argmax logit equals ``labels``."""
+    correct = 0
+    for i in range(0, images.shape[0], batch):
+        correct += int((logits_fn(images[i:i + batch]).argmax(-1) == labels[i:i + batch]).sum())
+    return correct / images.shape[0]
+
+
+def _classifier_info(logits_fn: Callable[[torch.Tensor], torch.Tensor], split: DigitsSplit,
+                     t0: float, cpu0: float) -> dict[str, Any]:
+    info = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
+    with single_thread():
+        return info | {"val_accuracy": classifier_accuracy(logits_fn, split.val_images, split.val_labels)}
+
+
+def reward_key(cfg: Config) -> dict[str, Any]:
+    return {"steps": cfg.aux.reward_steps, "seed": cfg.aux.reward_seed, "data": _split_key(cfg)}
+
+
+def eval_key(cfg: Config) -> dict[str, Any]:
+    return {"steps": cfg.aux.eval_steps, "seed": cfg.aux.eval_seed, "data": _split_key(cfg)}
+
+
+def get_reward_classifier(cfg: Config) -> DigitsMLPClassifier:
+    """The reward's digit classifier (MLP, seed ``aux.reward_seed``, ``aux.reward_steps``); frozen."""
+    seed, steps = cfg.aux.reward_seed, cfg.aux.reward_steps
+    split = _split(cfg)
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        # noise: generated digits are imperfect, and a classifier that has only seen clean
+        # strokes has flat or erratic input gradients on them, useless as a reward signal
+        fit_classifier(model, split.train_images, split.train_labels, steps=steps, seed=seed,
+                       noise_max=REWARD_NOISE_MAX, shift=False, desc="reward classifier")
+        return _classifier_info(model, split, t0, cpu0)
+
+    key = reward_key(cfg)
+    path = cache_entry(cfg, kind="reward", key=key) / WEIGHTS
+    model = train_or_load(path, build=lambda: _seeded_build(seed, DigitsMLPClassifier), train=train, key=key)
+    return _frozen(model)  # type: ignore[return-value]
+
+
+def get_eval_net(cfg: Config) -> DigitsConvNet:
+    """The evaluation network (CNN, seed ``aux.eval_seed``, ``aux.eval_steps``); frozen.
+
+    Another architecture family, seed and augmentation than the reward model,
+    so that samples optimised against the reward do not automatically look
+    better to this judge. Trained with 1-pixel shifts but no pixel noise:
+    measured on the default split, the FD to the held-out set of 1,000 training
+    digits with added noise of std 0.4 is 3.1x their clean FD with this recipe,
+    1.75x when the net had also been trained on noise.
+    """
+    seed, steps = cfg.aux.eval_seed, cfg.aux.eval_steps
+    split = _split(cfg)
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        assert isinstance(model, DigitsConvNet)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        # shifts, no noise: features invariant to pixel noise would let noisy samples look real to FD
+        fit_classifier(model, split.train_images, split.train_labels, steps=steps, seed=seed,
+                       noise_max=0.0, shift=True, desc="evaluation net")
+        return _classifier_info(model.logits, split, t0, cpu0)
+
+    key = eval_key(cfg)
+    path = cache_entry(cfg, kind="evalnet", key=key) / WEIGHTS
+    model = train_or_load(path, build=lambda: _seeded_build(seed, DigitsConvNet), train=train, key=key)
+    return _frozen(model)  # type: ignore[return-value]
+
+
+class DigitsReward(nn.Module):
+    """Reward ``R(images, prompts)``: log-probability of the prompted class under the reward classifier.
+
+    Differentiable in ``images`` (the classifier's weights are frozen), one value
+    per row. Prompts are ``{"labels": int64 [B]}`` with classes 0..9; the null
+    prompt has no class and is rejected.
+    """
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = _frozen(classifier)
+
+    def forward(self, images: torch.Tensor, prompts: Cond) -> torch.Tensor:
+        if "labels" not in prompts:
+            raise KeyError(f"DigitsReward needs prompts['labels']; got keys {sorted(prompts)}")
+        labels = prompts["labels"]
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"DigitsReward: prompts['labels'] has shape {list(labels.shape)}, "
+                             f"expected [{images.shape[0]}] (one class per image)")
+        # a host sync, but an out-of-range class would otherwise index silently (CPU) or assert (CUDA)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+            raise ValueError(f"DigitsReward: prompt classes must be in [0, {NUM_CLASSES}) "
+                             f"(got min {int(labels.min())}, max {int(labels.max())}; the null prompt has no reward)")
+        logp = F.log_softmax(self.classifier(images).float(), dim=-1)
+        return logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
