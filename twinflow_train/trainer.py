@@ -118,6 +118,8 @@ class Run:
     policy: LrPolicy
     evaluator: Evaluator
     guidance: Any = None
+    step: int = 0
+    """The last optimizer step completed (what status.json reports on failure)."""
     counters: Counters = field(default_factory=Counters)
     window: dict[str, list[float]] = field(default_factory=dict)
 
@@ -282,7 +284,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
         torch.set_num_threads(cfg.run.threads)
     d = init_distributed(cfg.run, cfg.parallel)
     chash = config_hash(cfg)
-    step = 0
+    run: Run | None = None
     writer: MetricsWriter | None = None
     try:
         if d.is_main:
@@ -291,26 +293,26 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
-        step = _resume(run, run_dir)
+        run.step = _resume(run, run_dir)
         if d.is_main:
             mirror = None
             if cfg.telemetry.wandb != "off":
                 mirror = WandbMirror(mode=cfg.telemetry.wandb, project=cfg.telemetry.project, group=cfg.telemetry.group,
                                      name=cfg.telemetry.name, run_dir=run_dir, config=to_dict(cfg))
             writer = MetricsWriter(run_dir / "metrics.jsonl", mirror=mirror)
-        state = _loop(run, run_dir, writer, start=step, progress=progress)
-        step = state
+        _loop(run, run_dir, writer, start=run.step, progress=progress)
         if d.is_main:
-            write_status(run_dir, "done", step=step, config_hash=chash)
+            write_status(run_dir, "done", step=run.step, config_hash=chash)
         return EXIT_DONE
     except Diverged as e:
         if d.is_main:
-            write_status(run_dir, "diverged", step=step, reason=str(e), config_hash=chash)
+            write_status(run_dir, "diverged", step=run.step if run else 0, reason=str(e), config_hash=chash)
         print(f"twinflow-train: run diverged: {e}", flush=True)
         return EXIT_DIVERGED
     except Exception as e:  # recorded for the harness, then re-raised for the traceback
         if d.is_main and run_dir.is_dir():
-            write_status(run_dir, "failed", step=step, reason=f"{type(e).__name__}: {e}", config_hash=chash)
+            write_status(run_dir, "failed", step=run.step if run else 0, reason=f"{type(e).__name__}: {e}",
+                         config_hash=chash)
         traceback.print_exc()
         return EXIT_FAILED
     finally:
@@ -366,6 +368,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     events_since_log: dict[str, int] = {}
     step = start
     for step in range(start + 1, total + 1):
+        run.step = step - 1
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
         t_step = time.perf_counter()
@@ -418,6 +421,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             if writer:
                 writer.sync()
             _save(run, run_dir, step)
+        run.step = step
         if last:
             break
     bar.close()

@@ -1,0 +1,428 @@
+"""One search trial = one harness run per seed, launched, watched and stopped like any grid run.
+
+A trial's runs live where a grid's would: ``<root>/<study>/<group>/seed-<k>/``, where
+``<group>`` is ``trial-<nnnn>`` (the number of the first trial that ran these
+parameters; a trial re-run after its search process died continues in the same
+directory). Each run directory is prepared, started and recorded by the harness's
+own grid machinery (``harness.json`` with its identity and attempts, ``launch.yaml``,
+``logs/attempt-<n>.log``), so ``grid status``-style tables, ``collect_grid`` and the
+reports read a study directory like any grid.
+
+While the runs are alive their ``metrics.jsonl`` is read incrementally: validation
+records feed the pruner (the mean over seeds at each evaluation step), training
+records are checked for divergence (non-finite values, grad-norm or spike
+thresholds). A trial stopped early has its runs' process groups terminated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+from twinflow_train.config import ConfigError, config_hash
+
+# The grid's run-directory protocol is reused as it is, so that a trial's runs are
+# recorded exactly like grid runs (see docs/search.md for the request to make these public).
+from .grid import _Active, _finish, _prepare_run_dir, _start, _supersede
+from .identity import run_identity
+from .launchers import Handle, LaunchJob, Launcher, LocalLauncher, ProcessHandle, child_env
+from .matrix import Grid, RunSpec
+from .monitor import pid_is_trainer
+from .search_spec import SearchSpec
+from .store import METRICS_FILE, MetricsTail, checkpoint_step, read_record, read_status, write_record, write_status
+
+TrialOutcome = Literal["complete", "pruned", "failed", "interrupted"]
+STOP_GRACE_S = 15.0
+
+
+# --------------------------------------------------------------------------- process groups
+
+
+def _new_group_child() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # the child is already a session leader (start_new_session); it also dies with the search
+    # process, even by SIGKILL, so a killed search never leaves a trainer racing a re-run
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class GroupHandle(ProcessHandle):
+    """A process started as the leader of its own process group: stopping it stops its whole tree."""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+class GroupLauncher(Launcher):
+    """Runs the commands of a local or torchrun pool, each in a new process group.
+
+    ``LocalLauncher`` starts children in the harness's own group, where a stop can
+    only reach the direct child (torchrun workers or data-loader processes would
+    outlive it). Note: PR_SET_PDEATHSIG fires when the *thread* that started the
+    child ends, so each run is started by the worker thread that watches it.
+    """
+
+    def __init__(self, inner: LocalLauncher):
+        self.inner = inner
+        self.kind = inner.kind
+        self.slots = inner.slots
+
+    def start(self, job: LaunchJob) -> Handle:
+        command = self.inner.command(job)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(job.log_path, "ab")
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        linux = sys.platform.startswith("linux")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(job.env, threads=self.inner.threads), start_new_session=True,
+                                preexec_fn=_new_group_child if linux else None)
+        return GroupHandle(proc, log)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+def group_launcher(launcher: Launcher) -> Launcher:
+    """Wrap pool launchers so a pruned run's whole process tree is stopped; Slurm jobs are cancelled as they are."""
+    return GroupLauncher(launcher) if isinstance(launcher, LocalLauncher) else launcher
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrialResult:
+    outcome: TrialOutcome
+    values: list[float] | None = None
+    """Mean over seeds of each objective metric (complete trials)."""
+    constraints: dict[str, float] = field(default_factory=dict)
+    """Constraint name -> violation (<= 0 feasible), from the same evaluation as the values."""
+    reason: str | None = None
+    diverging: bool = False
+    """Pruned because it diverged (not because the pruner said so)."""
+    per_seed: dict[str, dict[str, float]] = field(default_factory=dict)
+    """seed -> metric -> value of the evaluation used."""
+    run_dirs: list[str] = field(default_factory=list)
+    last_step: int | None = None
+
+
+class TrialError(RuntimeError):
+    """A trial cannot start (its runs are in a state the search must not touch)."""
+
+
+@dataclass
+class SeedRun:
+    spec: RunSpec
+    tail: MetricsTail
+    active: _Active | None = None
+    outcome: str | None = None
+    """done | failed | diverged once the run has ended (None while it runs or before it starts)."""
+    reason: str | None = None
+    divergence: str | None = None
+    """Why the live telemetry says the run diverges (the search's own thresholds)."""
+    vals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Validation records by step (a resumed run rewrites steps after its checkpoint: the latest wins)."""
+    step: int = 0
+    """Last step of any record read."""
+    launch: bool = False
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+# --------------------------------------------------------------------------- trial executor
+
+
+class TrialExecutor:
+    """Runs trials for one search process: builds run specs, launches, watches, stops."""
+
+    def __init__(self, *, spec: SearchSpec, grid: Grid, launcher: Launcher, stop: threading.Event,
+                 emit: Callable[[str], None], poll_s: float = 1.0, beat: Callable[[Any], None] | None = None,
+                 run_env: Mapping[str, Mapping[str, str]] | None = None):
+        self.spec = spec
+        self.grid = grid
+        self.launcher = launcher
+        self.stop = stop
+        self.emit = emit
+        self.poll_s = poll_s
+        self.beat = beat or (lambda trial: None)
+        self.run_env = dict(run_env or {})
+        """Extra environment per run group or ``group/seed-k`` (tests inject faults this way)."""
+
+    # ----------------------------------------------------------------- specs
+
+    def run_specs(self, params: Mapping[str, Any], group: str) -> list[RunSpec]:
+        """One RunSpec per seed; raises ``ConfigError`` when the parameters make an invalid config."""
+        out = []
+        for seed in self.spec.seeds:
+            cfg = self.spec.config(params, extra={"run.seed": seed, "telemetry.group": self.spec.name,
+                                                  "telemetry.name": f"{group}-{seed}"})
+            out.append(RunSpec(grid=self.spec.name, arm=group, seed=seed,
+                               overrides={**self.spec.overrides, **dict(params)}, config=cfg,
+                               config_hash=config_hash(cfg), identity=run_identity(cfg, self.grid.code_version),
+                               run_dir=self.grid.grid_dir / group / f"seed-{seed}"))
+        return out
+
+    # ----------------------------------------------------------------- one trial
+
+    def run_trial(self, trial: Any, group: str) -> TrialResult:
+        """Run every seed of ``trial`` to its end (or until it is pruned, fails or the search stops)."""
+        try:
+            specs = self.run_specs(trial.params, group)
+        except ConfigError as e:
+            return TrialResult("failed", reason=f"parameters {trial.params} make an invalid trainer config: {e}")
+        runs = [SeedRun(spec=s, tail=MetricsTail(s.run_dir / METRICS_FILE)) for s in specs]
+        result_dirs = [str(r.spec.run_dir) for r in runs]
+        for r in runs:
+            self._prepare(r)
+        try:
+            for r in runs:
+                if r.launch:
+                    r.active = _start(r.spec, self.launcher, self._env(r.spec))
+                    step = r.active.attempt.start_step
+                    self.emit(f"trial {trial.number} ({r.spec.key}) started"
+                              f"{f' from step {step}' if step else ''}")
+            result = self._watch(trial, runs)
+        except BaseException:
+            # an error of the search itself: leave no trainer behind, resumable
+            self._stop_all(runs, state="queued", outcome="interrupted",
+                           reason="the search stopped with an error while the run was in flight")
+            raise
+        result.run_dirs = result_dirs
+        return result
+
+    def _env(self, spec: RunSpec) -> dict[str, str]:
+        env = dict(self.run_env.get(spec.arm, {}))
+        env.update(self.run_env.get(spec.key, {}))
+        return {k: str(v) for k, v in env.items()}
+
+    def _prepare(self, r: SeedRun) -> None:
+        d = r.spec.run_dir
+        if d.is_dir() and any(d.iterdir()):
+            record = read_record(d)
+            if record is None or record.identity != r.spec.identity:
+                # another config or trainer version left this directory: set it aside, never delete it
+                _supersede(self.grid, r.spec)
+            else:
+                status = read_status(d) or {}
+                state = status.get("state")
+                if state in ("done", "diverged"):
+                    # a previous attempt finished (its search died before telling the study): reuse the result
+                    r.outcome, r.reason = state, status.get("reason")
+                    return
+                if state == "running" and pid_is_trainer(status.get("pid")):
+                    raise TrialError(f"{d}: run {r.spec.key} is still running (pid {status.get('pid')}); "
+                                     "stop it before the trial can be run again")
+        _prepare_run_dir(self.grid, r.spec)
+        r.launch = True
+
+    # ----------------------------------------------------------------- watching
+
+    def _watch(self, trial: Any, runs: list[SeedRun]) -> TrialResult:
+        obj = self.spec.objective
+        report = not obj.multi  # Optuna keeps intermediate values for single-objective studies only
+        reported: set[int] = set()
+        while True:
+            self.beat(trial)
+            for r in runs:
+                self._poll(r)
+            # intermediate values first, so a trial pruned below leaves its latest value to the sampler
+            if report:
+                for step, value in self._step_means(runs):
+                    if step in reported:
+                        continue
+                    reported.add(step)
+                    if not math.isfinite(value):
+                        continue  # the divergence check below acts on it
+                    trial.report(value, step)
+                    if not self._diverging(runs) and trial.should_prune():
+                        reason = (f"pruned by the {self.spec.pruner.kind} pruner at step {step} "
+                                  f"({obj.metrics[0]} = {value:.4g}, mean over {len(runs)} seed(s))")
+                        self._stop_all(runs, state="queued", outcome="interrupted",
+                                       reason=f"stopped by search '{self.spec.name}': trial {trial.number} {reason}")
+                        return TrialResult("pruned", reason=reason, last_step=step)
+            diverging = self._diverging(runs)
+            if diverging:
+                self._stop_all(runs, state="diverged", outcome="diverged",
+                               reason=f"stopped by search '{self.spec.name}': {diverging}")
+                return TrialResult("pruned", reason=diverging, diverging=True)
+            failed = [r for r in runs if r.outcome == "failed"]
+            if failed:
+                self._stop_all(runs, state="queued", outcome="interrupted",
+                               reason=f"stopped by search '{self.spec.name}': seed {failed[0].spec.seed} failed")
+                return TrialResult("failed", reason="; ".join(f"seed {r.spec.seed}: {r.reason}" for r in failed))
+            if all(r.outcome == "done" for r in runs):
+                return self._complete(runs)
+            if self.stop.is_set():
+                self._stop_all(runs, state="queued", outcome="interrupted",
+                               reason=f"interrupted: search '{self.spec.name}' was stopped; re-run it to resume")
+                return TrialResult("interrupted", reason="the search was stopped while the trial was running")
+            time.sleep(self.poll_s)
+
+    def _poll(self, r: SeedRun) -> None:
+        rc = r.active.handle.poll() if r.active is not None else None
+        # read after polling the process, so the records of a run that just ended are all seen
+        for rec in r.tail.poll():
+            r.step = int(rec["step"])
+            kind = rec.get("kind") or ("val" if any(k.startswith("val/") for k in rec) else "train")
+            if kind == "val":
+                r.vals[int(rec["step"])] = rec
+            elif kind == "train" and r.divergence is None:
+                r.divergence = self._train_divergence(rec)
+        if rc is not None and r.active is not None:
+            r.outcome = _finish(r.active, rc)
+            r.reason = r.active.attempt.reason
+            r.active = None
+
+    def _train_divergence(self, rec: Mapping[str, Any]) -> str | None:
+        div, step = self.spec.divergence, rec.get("step")
+        if div.nonfinite:
+            bad = [k for k in ("loss/total", "grad_norm/total") if k in rec and not _finite(rec[k])]
+            count = rec.get("count/nonfinite")
+            event = rec.get("event/nonfinite")
+            if bad or (_finite(count) and count > 0) or (_finite(event) and event > 0):
+                what = ", ".join(f"{k} = {rec[k]}" for k in bad) or f"count/nonfinite = {count}"
+                return f"non-finite training values at step {step} ({what})"
+        if div.max_grad_norm is not None:
+            norms = [float(rec[k]) for k in ("grad_norm/max", "grad_norm/total") if _finite(rec.get(k))]
+            if norms and max(norms) > div.max_grad_norm:
+                return f"pre-clip grad norm {max(norms):.4g} > {div.max_grad_norm:g} at step {step}"
+        if div.max_spikes is not None and _finite(rec.get("count/spikes")) and rec["count/spikes"] > div.max_spikes:
+            return f"{int(rec['count/spikes'])} grad-norm spikes > {div.max_spikes} by step {step}"
+        return None
+
+    def _diverging(self, runs: list[SeedRun]) -> str | None:
+        for r in runs:
+            if r.divergence:
+                return f"seed {r.spec.seed}: {r.divergence}"
+            if r.outcome == "diverged":
+                return f"seed {r.spec.seed}: the trainer stopped the run as diverged ({r.reason})"
+            if self.spec.divergence.nonfinite:
+                for step in sorted(r.vals):
+                    rec = r.vals[step]
+                    for m in self.spec.objective.metrics + tuple(c.metric for c in self.spec.objective.constraints):
+                        if m in rec and not _finite(rec[m]):
+                            return f"seed {r.spec.seed}: {m} = {rec[m]} at step {step}"
+        return None
+
+    def _step_means(self, runs: list[SeedRun]) -> list[tuple[int, float]]:
+        """(step, mean over seeds) of the first objective at the evaluation steps every seed has reached.
+
+        With ``reduce: best`` each seed contributes its best value so far, so the reported
+        curve is what the trial's final value would be if it stopped there.
+        """
+        metric, direction = self.spec.objective.metrics[0], self.spec.objective.directions[0]
+        steps = set.intersection(*(set(r.vals) for r in runs)) if runs else set()
+        out = []
+        for step in sorted(steps):
+            vals = []
+            for r in runs:
+                series = [r.vals[s].get(metric) for s in sorted(r.vals) if s <= step]
+                series = [float(v) for v in series if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if not series:
+                    break
+                if self.spec.objective.reduce == "best":
+                    finite = [v for v in series if math.isfinite(v)]
+                    v = (min(finite) if direction == "minimize" else max(finite)) if finite else math.nan
+                else:
+                    v = series[-1]
+                vals.append(v)
+            else:
+                out.append((step, sum(vals) / len(vals)))
+        return out
+
+    def _pick(self, r: SeedRun) -> dict[str, Any] | None:
+        """The evaluation record a finished run is judged by (``reduce``)."""
+        if not r.vals:
+            return None
+        if self.spec.objective.reduce == "final":
+            return r.vals[max(r.vals)]
+        metric, direction = self.spec.objective.metrics[0], self.spec.objective.directions[0]
+        scored = [(float(rec[metric]), step) for step, rec in r.vals.items() if _finite(rec.get(metric))]
+        if not scored:
+            return r.vals[max(r.vals)]
+        best = min(scored) if direction == "minimize" else max(scored, key=lambda x: (x[0], -x[1]))
+        return r.vals[best[1]]
+
+    def _complete(self, runs: list[SeedRun]) -> TrialResult:
+        obj = self.spec.objective
+        needed = list(obj.metrics) + [c.metric for c in obj.constraints]
+        per_seed: dict[str, dict[str, float]] = {}
+        for r in runs:
+            rec = self._pick(r)
+            if rec is None:
+                return TrialResult("failed", reason=f"seed {r.spec.seed}: the run finished without a validation "
+                                                    f"record in {r.spec.run_dir / METRICS_FILE}")
+            missing = [m for m in needed if m not in rec]
+            if missing:
+                return TrialResult("failed", reason=f"seed {r.spec.seed}: validation record of step {rec['step']} "
+                                                    f"has no {', '.join(missing)}")
+            per_seed[str(r.spec.seed)] = {"step": int(rec["step"]), **{m: float(rec[m]) for m in needed}}
+        means = {m: sum(v[m] for v in per_seed.values()) / len(per_seed) for m in needed}
+        if any(not math.isfinite(means[m]) for m in needed):
+            bad = ", ".join(f"{m} = {means[m]}" for m in needed if not math.isfinite(means[m]))
+            if self.spec.divergence.nonfinite:
+                return TrialResult("pruned", reason=f"non-finite objective at the end ({bad})", diverging=True,
+                                   per_seed=per_seed)
+            return TrialResult("failed", reason=f"non-finite objective at the end ({bad}) and divergence.nonfinite "
+                                                f"is off", per_seed=per_seed)
+        return TrialResult("complete", values=[means[m] for m in obj.metrics],
+                           constraints={c.name: c.violation(means[c.metric]) for c in obj.constraints},
+                           per_seed=per_seed, last_step=max(v["step"] for v in per_seed.values()))
+
+    # ----------------------------------------------------------------- stopping
+
+    def _stop_all(self, runs: list[SeedRun], *, state: Literal["queued", "diverged"],
+                  outcome: Literal["interrupted", "diverged"], reason: str) -> None:
+        """Stop every live run of a trial (process group), then record why in status.json and harness.json."""
+        live = [r for r in runs if r.active is not None]
+        for r in live:
+            r.active.handle.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        pending = list(live)
+        while pending and time.monotonic() < deadline:
+            pending = [r for r in pending if r.active.handle.poll() is None]
+            if pending:
+                time.sleep(0.05)
+        for r in pending:
+            kill = getattr(r.active.handle, "kill", None)
+            if kill is not None:
+                kill()
+        for r in live:
+            a, d = r.active, r.spec.run_dir
+            rc = a.handle.poll()
+            status = read_status(d) or {}
+            fresh = float(status.get("updated") or 0) >= a.attempt.started - 1.0
+            if fresh and status.get("state") in ("done", "failed", "diverged"):
+                # it ended by itself before the stop reached it: its own verdict stands
+                r.outcome = _finish(a, rc if rc is not None else -int(signal.SIGTERM))
+            else:
+                step = max(int(status.get("step") or 0), checkpoint_step(d), r.step)
+                write_status(d, state, step=step, reason=reason, config_hash=r.spec.config_hash)
+                a.attempt.ended, a.attempt.exit_code = time.time(), rc
+                a.attempt.outcome, a.attempt.reason = outcome, reason
+                write_record(d, a.record)
+                r.outcome = "stopped"
+            r.active = None

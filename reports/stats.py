@@ -1,0 +1,398 @@
+"""Per-run and per-arm numbers, paired bootstrap differences, and the findings sentences.
+
+Everything is computed with pandas group-bys over the telemetry table; a value
+that is missing or non-finite in a run is left out of that run's statistic and
+the number of seeds that did contribute is kept beside it, so a mean over two
+surviving seeds is never shown as a mean over three.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data import GridData
+
+RUN_KEYS = ["arm", "seed"]
+ALPHA = 0.05
+
+
+# --------------------------------------------------------------------------- per run
+
+
+def max_grad_column(data: GridData) -> str | None:
+    """The pre-clip grad-norm column the maxima come from.
+
+    ``grad_norm/max`` (the largest pre-clip norm since the previous record, when the
+    trainer logs it) sees every step; ``grad_norm/total`` only the logged steps.
+    """
+    for key in ("grad_norm/max", "grad_norm/total"):
+        if data.has(key):
+            return key
+    return None
+
+
+def _by_run(df: pd.DataFrame):
+    return df.groupby(RUN_KEYS, observed=True, sort=False)
+
+
+_AT_STEP = r"at step (\d+)"
+
+
+def diverge_steps(reason: pd.Series, status_step: pd.Series) -> pd.Series:
+    """The step a run was declared diverged: the trainer's reason names it ("... at step 812");
+    the status step (the last one recorded) where the reason does not."""
+    named = reason.astype("string").str.extract(_AT_STEP, expand=False).astype(float)
+    return named.fillna(status_step.astype(float))
+
+
+def run_table(data: GridData) -> pd.DataFrame:
+    """One row per run (index arm, seed): validation, sample metrics, gradients, divergence, wall time."""
+    m = data.metrics
+    st = data.statuses.set_index(RUN_KEYS)
+    runs = pd.MultiIndex.from_frame(pd.concat([data.statuses[RUN_KEYS], m[RUN_KEYS]]).drop_duplicates())
+    out = pd.DataFrame(index=runs).sort_index()
+    out["state"] = st["state"].reindex(out.index).fillna("unknown")
+    out["reason"] = st["reason"].reindex(out.index)
+
+    train = m[m["kind"] == "train"]
+    out["last_step"] = _by_run(train)["step"].max().reindex(out.index)
+
+    val = m[m["kind"] == "val"].sort_values("step", kind="stable")
+    sample_keys = [f"val/{what}_nfe{n}" for n in data.nfe for what in ("fd", "reward", "accuracy")]
+    sample_keys = [k for k in sample_keys if k in val.columns]
+    if "val/loss" in val.columns and len(val):
+        last = _by_run(val).tail(1).set_index(RUN_KEYS)
+        # a diverged or failed run has no final weights: its last validation is from before it broke,
+        # and counting it as "final" would make an unstable arm look as good as its last good moment
+        ended_badly = out["state"].isin(["diverged", "failed"])
+        out["final_val_loss"] = last["val/loss"].reindex(out.index).mask(ended_badly)
+        out["final_val_step"] = last["step"].reindex(out.index).mask(ended_badly)
+        for k in sample_keys:
+            out[k.removeprefix("val/")] = last[k].reindex(out.index).mask(ended_badly)
+        finite = val[np.isfinite(val["val/loss"])]
+        if len(finite):
+            # sorted by step, so idxmin keeps the earliest of equal minima
+            best = finite.loc[_by_run(finite)["val/loss"].idxmin()].set_index(RUN_KEYS)
+            out["best_val_loss"] = best["val/loss"].reindex(out.index)
+            out["best_val_step"] = best["step"].reindex(out.index)
+            for k in sample_keys:
+                out[k.removeprefix("val/") + "@best"] = best[k].reindex(out.index)
+        out["val_nonfinite"] = _by_run(val)["val/loss"].agg(lambda s: int((~np.isfinite(s)).sum())).reindex(out.index)
+
+    gcol = max_grad_column(data)
+    if gcol is not None:
+        g = train[gcol]
+        out["max_grad_norm"] = _by_run(train.assign(_g=g.where(np.isfinite(g))))["_g"].max().reindex(out.index)
+        out["grad_norm_nonfinite"] = _by_run(train.assign(_n=(~np.isfinite(g) & g.notna()).astype(int)))["_n"] \
+            .sum().reindex(out.index)
+    if data.has("count/spikes"):
+        out["spikes"] = _by_run(train)["count/spikes"].last().reindex(out.index)
+    elif data.has("event/spike"):
+        out["spikes"] = _by_run(train)["event/spike"].sum().reindex(out.index)
+    if data.has("count/nonfinite"):
+        out["nonfinite_steps"] = _by_run(train)["count/nonfinite"].last().reindex(out.index)
+
+    out["diverged"] = out["state"] == "diverged"
+    out["diverge_step"] = diverge_steps(out["reason"], st["step"].reindex(out.index)).where(out["diverged"])
+    wall = st["wall_s"].reindex(out.index)
+    if "time/wall_s" in m.columns:
+        wall = wall.fillna(_by_run(m)["time/wall_s"].max().reindex(out.index))
+    out["wall_s"] = wall
+    return out
+
+
+def teacher_values(data: GridData) -> dict[str, float]:
+    """The teacher line's metrics (mean over runs; they share one cached teacher, so they agree)."""
+    t = data.metrics[data.metrics["kind"] == "teacher"]
+    keys = [c for c in t.columns if str(c).startswith("teacher/") and t[c].notna().any()]
+    return {k: float(t[k].mean()) for k in keys}
+
+
+def teacher_spread(data: GridData) -> dict[str, float]:
+    """Max - min of each teacher metric over runs (non-zero: the runs did not share one teacher)."""
+    t = data.metrics[data.metrics["kind"] == "teacher"]
+    keys = [c for c in t.columns if str(c).startswith("teacher/") and t[c].notna().any()]
+    return {k: float(t[k].max() - t[k].min()) for k in keys}
+
+
+# --------------------------------------------------------------------------- per arm
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    key: str
+    """Column of the run table."""
+    label: str
+    """Short name in tables and sentences."""
+    mode: Literal["abs", "rel"]
+    """Difference as arm - baseline (abs) or mean(arm) / mean(baseline) - 1 (rel, for positive scale-like values)."""
+    better: Literal["lower", "higher", "none"]
+    """Which direction is an improvement (none: no judgement, e.g. wall time)."""
+    agg: Literal["mean", "median"] = "mean"
+    """How the arm's value is summarised over seeds."""
+
+
+def metric_specs(nfe: Sequence[int], primary_nfe: int | None) -> list[MetricSpec]:
+    specs = [MetricSpec("best_val_loss", "best val loss", "abs", "lower"),
+             MetricSpec("final_val_loss", "final val loss", "abs", "lower")]
+    specs += [MetricSpec(f"fd_nfe{n}", f"FD@{n}", "abs", "lower") for n in nfe]
+    if primary_nfe is not None:
+        specs += [MetricSpec(f"reward_nfe{primary_nfe}", f"reward@{primary_nfe}", "abs", "higher"),
+                  MetricSpec(f"accuracy_nfe{primary_nfe}", f"accuracy@{primary_nfe}", "abs", "higher")]
+    specs += [MetricSpec("max_grad_norm", "max grad norm", "rel", "lower"),
+              MetricSpec("spikes", "spikes", "abs", "lower"),
+              MetricSpec("wall_s", "wall time", "rel", "none")]
+    return specs
+
+
+def resolve_primary_nfe(nfe: Sequence[int], primary_nfe: int | None) -> int | None:
+    """The NFE whose reward/accuracy go in the summary: the one asked for, else 2, else the smallest."""
+    if primary_nfe is not None:
+        if primary_nfe not in nfe:
+            raise ValueError(f"primary_nfe={primary_nfe} has no validation sample metrics; "
+                             f"NFEs in the grid: {list(nfe)}")
+        return primary_nfe
+    if not nfe:
+        return None
+    return 2 if 2 in nfe else min(nfe)
+
+
+def arm_table(runs: pd.DataFrame, arms: Sequence[str], specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    """One row per arm: run counts, divergence, and each metric's summary over seeds with its seed count."""
+    g = runs.groupby(level="arm", observed=True, sort=False)
+    out = pd.DataFrame(index=pd.Index(list(arms), name="arm"))
+    out["runs"] = g.size().reindex(out.index).fillna(0).astype(int)
+    out["done"] = g["state"].agg(lambda s: int((s == "done").sum())).reindex(out.index).fillna(0).astype(int)
+    out["diverged"] = g["diverged"].sum().reindex(out.index).fillna(0).astype(int)
+    out["failed"] = g["state"].agg(lambda s: int((s == "failed").sum())).reindex(out.index).fillna(0).astype(int)
+    out["median_diverge_step"] = g["diverge_step"].median().reindex(out.index)
+    if "best_val_step" in runs.columns:
+        out["best_val_step"] = g["best_val_step"].median().reindex(out.index)
+    for spec in specs:
+        if spec.key not in runs.columns:
+            continue
+        v = runs[spec.key].where(np.isfinite(runs[spec.key].astype(float)))
+        gv = v.groupby(level="arm", observed=True, sort=False)
+        out[spec.key] = (gv.mean() if spec.agg == "mean" else gv.median()).reindex(out.index)
+        out[spec.key + ":n"] = gv.count().reindex(out.index).fillna(0).astype(int)
+    return out
+
+
+# --------------------------------------------------------------------------- differences
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, mode: Literal["abs", "rel"], n_boot: int,
+                     rng: np.random.Generator) -> tuple[float, float, float]:
+    """Estimate and 95% percentile interval of the difference of paired samples (a[i], b[i]).
+
+    Seeds are resampled as pairs. ``abs``: mean(a - b); ``rel``: mean(a) / mean(b) - 1.
+    Fewer than two pairs: the estimate only, interval (nan, nan), as no spread can be estimated.
+    """
+    if mode not in ("abs", "rel"):
+        raise ValueError(f"mode must be 'abs' or 'rel' (got {mode!r})")
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired samples need equal 1-d shapes (got {a.shape} and {b.shape})")
+    n = a.size
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    if mode == "abs":
+        est = float(np.mean(a - b))
+    else:
+        if np.any(b <= 0) or np.any(a < 0):
+            return math.nan, math.nan, math.nan  # a ratio of means is meaningless off the positive axis
+        est = float(a.mean() / b.mean() - 1.0)
+    if n < 2:
+        return est, math.nan, math.nan
+    idx = rng.integers(0, n, size=(n_boot, n))
+    if mode == "abs":
+        boots = (a - b)[idx].mean(axis=1)
+    else:
+        boots = a[idx].mean(axis=1) / b[idx].mean(axis=1) - 1.0
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return est, float(lo), float(hi)
+
+
+def signflip_p(a: np.ndarray, b: np.ndarray, *, mode: Literal["abs", "rel"], rng: np.random.Generator,
+               n_random: int = 20_000) -> float:
+    """Two-sided p-value of the paired sign-flip (swap within pairs) test of no difference.
+
+    Exact over all 2^n swaps for n <= 14, else ``n_random`` random swaps. With n pairs
+    p cannot go below 1 / 2^n (and is at least 2 / 2^n for ``abs``, whose statistic is
+    symmetric): three seeds cannot make a difference significant, whatever a bootstrap
+    interval says.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = a.size
+    if n == 0:
+        return math.nan
+    if n <= 14:
+        flips = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    else:
+        flips = np.vstack([np.zeros((1, n), bool), rng.random((n_random, n)) < 0.5])
+    A = np.where(flips, b, a)
+    B = np.where(flips, a, b)
+    if mode == "abs":
+        stat = np.abs((A - B).mean(axis=1))
+    else:
+        if np.any(b <= 0) or np.any(a <= 0):
+            return math.nan
+        stat = np.abs(A.mean(axis=1) / B.mean(axis=1) - 1.0)
+    observed = stat[0]  # row 0 is the unswapped assignment in both branches
+    return float(np.mean(stat >= observed - 1e-12 * max(1.0, abs(observed))))
+
+
+def _rng(seed: int, *parts: str) -> np.random.Generator:
+    # one stream per (arm, reference, metric): a result does not depend on which others were computed
+    return np.random.default_rng([seed, *(zlib.crc32(p.encode()) for p in parts)])
+
+
+def compare(runs: pd.DataFrame, *, arm: str, ref: str, specs: Sequence[MetricSpec], n_boot: int = 10_000,
+            seed: int = 0) -> pd.DataFrame:
+    """Differences arm - ref over seeds present (with a finite value) in both, per metric."""
+    rows = []
+    for spec in specs:
+        if spec.key not in runs.columns:
+            continue
+        col = runs[spec.key].astype(float)
+        a = col.xs(arm, level="arm") if arm in col.index.get_level_values("arm") else col.iloc[:0]
+        b = col.xs(ref, level="arm") if ref in col.index.get_level_values("arm") else col.iloc[:0]
+        pair = pd.concat({"a": a, "b": b}, axis=1, join="inner")
+        # sorted by seed, so the resampling (and its result) does not depend on row order
+        pair = pair[np.isfinite(pair["a"]) & np.isfinite(pair["b"])].sort_index()
+        est, lo, hi = paired_bootstrap(pair["a"].to_numpy(), pair["b"].to_numpy(), mode=spec.mode, n_boot=n_boot,
+                                       rng=_rng(seed, arm, ref, spec.key))
+        has_ci = math.isfinite(lo) and math.isfinite(hi)
+        flag = (lo > 0 or hi < 0) if has_ci else None
+        p = signflip_p(pair["a"].to_numpy(), pair["b"].to_numpy(), mode=spec.mode,
+                       rng=_rng(seed, arm, ref, spec.key, "signflip")) if has_ci else math.nan
+        rows.append({"arm": arm, "ref": ref, "key": spec.key, "metric": spec.label, "mode": spec.mode,
+                     "better": spec.better, "n_pairs": len(pair), "seeds": ",".join(map(str, pair.index)),
+                     "estimate": est, "lo": lo, "hi": hi, "excludes_zero": flag, "p_signflip": p,
+                     # both must agree: the percentile bootstrap is too narrow with few seeds
+                     "significant": bool(flag and p < ALPHA) if has_ci else None})
+    return pd.DataFrame(rows)
+
+
+def compare_all(runs: pd.DataFrame, *, arms: Sequence[str], baseline: str, specs: Sequence[MetricSpec],
+                n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    parts = [compare(runs, arm=a, ref=baseline, specs=specs, n_boot=n_boot, seed=seed) for a in arms if a != baseline]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- formatting and findings
+
+
+def fmt_num(x: float | None, *, sig: int = 3, signed: bool = False) -> str:
+    """Compact number: 3 significant digits, no exponent for ordinary magnitudes, '—' for missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or pd.isna(x):
+        return "—"
+    x = float(x)
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    sign = "+" if signed and x > 0 else ""
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if a >= 1e5 or a < 1e-3:
+        return f"{sign}{x:.{sig - 1}e}"
+    decimals = max(sig - 1 - int(math.floor(math.log10(a))), 0)
+    return f"{sign}{x:.{decimals}f}"
+
+
+def fmt_int(x: float | None) -> str:
+    """A step or count: the integer ('12.5' for a median between two steps), or '—' when missing."""
+    if x is None or pd.isna(x) or not math.isfinite(float(x)):
+        return "—"
+    x = float(x)
+    return str(int(x)) if x == int(x) else f"{x:.1f}"
+
+
+def fmt_diff(row: pd.Series | dict) -> str:
+    """'+0.4 [-1.2, 2.0]' or '-63% [-71%, -55%]'; 'n/a' for the interval with fewer than 2 pairs."""
+    est, lo, hi = row["estimate"], row["lo"], row["hi"]
+    if row["mode"] == "rel":
+        # one decimal below 10%, so that a bound of +0.4% does not print as "+0%" beside an "excludes 0" flag
+        f = lambda v: ("—" if v is None or not math.isfinite(v)  # noqa: E731
+                       else f"{100 * v:+.0f}%" if abs(v) >= 0.1 else f"{100 * v:+.1f}%")
+    else:
+        f = lambda v: fmt_num(v, signed=True)  # noqa: E731
+    if not math.isfinite(est):
+        return "n/a"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{f(est)} [n/a]"
+    return f"{f(est)} [{f(lo)}, {f(hi)}]"
+
+
+def excludes_zero(value) -> bool:
+    """The comparison's flag as a plain bool (None/NA: no interval, so no claim)."""
+    return value is not None and not pd.isna(value) and bool(value)
+
+
+def _direction(row) -> str:
+    if row["better"] == "none" or not excludes_zero(row["significant"]):
+        return ""
+    lower = row["hi"] < 0
+    good = lower if row["better"] == "lower" else not lower
+    return " (better)" if good else " (worse)"
+
+
+def _part(row: pd.Series, n_max: int) -> str:
+    """'FD@2 +0.4 [-1.2, 2.0]', with '(n=k)' when fewer seeds paired for this metric than for others."""
+    n = "" if row["n_pairs"] == n_max else f" (n={int(row['n_pairs'])})"
+    return f"{row['metric']}{n} {fmt_diff(row)}{_direction(row)}"
+
+
+def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, arms: Sequence[str], specs: Sequence[MetricSpec],
+             primary_nfe: int | None, n_boot: int = 10_000, seed: int = 0) -> list[str]:
+    """One sentence per arm against its predecessor in the ladder, from the numbers alone.
+
+    The sentence always names max grad norm, FD/reward at the primary NFE and best val
+    loss, then every other metric whose interval excludes zero. 'significant' is said
+    only where the bootstrap 95% interval excludes zero and the exact sign-flip test
+    gives p < 0.05; (better)/(worse) only for those.
+    """
+    head = ["max_grad_norm"]
+    if primary_nfe is not None:
+        head += [f"fd_nfe{primary_nfe}", f"reward_nfe{primary_nfe}"]
+    head += ["best_val_loss"]
+    out = []
+    for prev, arm in zip(arms[:-1], arms[1:]):
+        c = compare(runs, arm=arm, ref=prev, specs=specs, n_boot=n_boot, seed=seed)
+        if c.empty:
+            continue
+        c = c.set_index("key")
+        shown = [k for k in head if k in c.index and math.isfinite(c.loc[k, "estimate"])]
+        shown += [k for k in c.index if k not in shown and excludes_zero(c.loc[k, "excludes_zero"])]
+        n = int(c["n_pairs"].max())
+        parts = [_part(c.loc[k], n) for k in shown]
+        sig = [f"{c.loc[k, 'metric']} (p={c.loc[k, 'p_signflip']:.2g})" for k in shown
+               if excludes_zero(c.loc[k, "significant"])]
+        flagged_keys = [k for k in shown
+                        if excludes_zero(c.loc[k, "excludes_zero"]) and not excludes_zero(c.loc[k, "significant"])]
+        flagged = [c.loc[k, "metric"] for k in flagged_keys]
+        if n < 2:
+            verdict = "fewer than 2 paired seeds, so no interval and no claim (n/a)"
+        elif sig:
+            verdict = "significant (interval excludes 0 and sign-flip p < 0.05): " + ", ".join(sig)
+        else:
+            verdict = "not significant"
+        if flagged and n >= 2:
+            verdict += (f"; the interval excludes 0 for {', '.join(flagged)}, but the exact sign-flip test does not "
+                        f"reach p < 0.05" + (f" (with {k} pairs it cannot go below 1/2^{k} = {1 / 2 ** k:.2g})"
+                                              if 1 / 2 ** (k := min(int(c.loc[m, "n_pairs"]) for m in flagged_keys))
+                                              >= ALPHA else ""))
+        div = ""
+        da, dp = arm_summary.loc[arm], arm_summary.loc[prev]
+        if da["diverged"] or dp["diverged"]:
+            div = f"; diverged {int(da['diverged'])}/{int(da['runs'])} vs {int(dp['diverged'])}/{int(dp['runs'])}"
+        pairs = f"{n} paired seed{'s' if n != 1 else ''}"
+        body = ", ".join(parts) if parts else "no metric with values in both arms"
+        out.append(f"{arm} vs {prev} ({pairs}): {body}; {verdict}{div}.")
+    return out

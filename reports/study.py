@@ -1,0 +1,204 @@
+"""The Optuna study section: optimisation history, objective against each parameter,
+intermediate values per trial, and the Pareto front of a two-objective study.
+
+``study_section`` takes any ``optuna.Study`` (any storage), so the section works
+with whatever storage the search writes; ``find_studies`` opens the journal
+files found in a grid directory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import pandas as pd
+from matplotlib.lines import Line2D
+
+from .plots import FigureOut, fixed_margins, new_figure, render
+
+if TYPE_CHECKING:
+    import optuna
+
+STATE_COLORS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray",
+                "WAITING": "tab:gray"}
+
+
+@dataclass(frozen=True, slots=True)
+class StudySection:
+    name: str
+    figures: list[FigureOut]
+    table: pd.DataFrame
+    """One row per trial: number, state, value(s), parameters, duration, last intermediate step."""
+    summary: str
+    """Computed sentences: trial counts by state and the best trial(s)."""
+
+
+def trials_table(study: "optuna.Study") -> pd.DataFrame:
+    trials = study.get_trials(deepcopy=False)
+    names = _objective_names(study)
+    rows = []
+    for t in trials:
+        row = {"trial": t.number, "state": t.state.name}
+        values = t.values if t.values is not None else [None] * len(names)
+        row.update({n: (math.nan if v is None else float(v)) for n, v in zip(names, values)})
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        row["duration_s"] = t.duration.total_seconds() if t.duration is not None else math.nan
+        row["last_step"] = max(t.intermediate_values) if t.intermediate_values else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _objective_names(study: "optuna.Study") -> list[str]:
+    n = len(study.directions)
+    names = getattr(study, "metric_names", None)
+    if names and len(names) == n:
+        return [str(x) for x in names]
+    return ["value"] if n == 1 else [f"value{i}" for i in range(n)]
+
+
+def _is_log(study: "optuna.Study", param: str) -> bool:
+    for t in study.get_trials(deepcopy=False):
+        if param in t.distributions:
+            return bool(getattr(t.distributions[param], "log", False))
+    return False
+
+
+def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudySection:
+    """Figures, trial table and summary of one study."""
+    table = trials_table(study)
+    names = _objective_names(study)
+    dirs = [d.name.lower() for d in study.directions]  # 'minimize' / 'maximize'
+    figs: list[FigureOut] = []
+    counts = table["state"].value_counts().to_dict() if len(table) else {}
+    summary = [f"Study '{study.study_name}': {len(table)} trials ("
+               + ", ".join(f"{counts[s]} {s.lower()}" for s in sorted(counts)) + ")."]
+    complete = table[table["state"] == "COMPLETE"] if len(table) else table
+    params = [c for c in table.columns if c.startswith("param:")][:max_param_panels]
+
+    if len(names) == 1 and len(complete):
+        name, d = names[0], dirs[0]
+        fig = new_figure(width=6.5, height=3.4)
+        fixed_margins(fig, bottom=0.6, top=0.45)
+        ax = fig.add_subplot()
+        c = complete.sort_values("trial")
+        ax.scatter(c["trial"], c[name], s=18, color=STATE_COLORS["COMPLETE"], label="complete trial")
+        best = c[name].cummin() if d == "minimize" else c[name].cummax()
+        ax.step(c["trial"], best, where="post", color="black", linewidth=1.2, label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(name)
+        ax.set_title(f"Optimisation history ({d})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        figs.append(FigureOut(f"study_{study.study_name}_history", "Optimisation history",
+                              f"Objective {name} of each complete trial and the best so far ({d}).", render(fig)))
+        bt = study.best_trial
+        summary.append(f"Best trial #{bt.number}: {name} = {bt.value:.4g} with "
+                       + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                                   for k, v in bt.params.items()) + ".")
+
+    if params and len(complete):
+        for i, name in enumerate(names):
+            fig = new_figure(width=3.6 * len(params), height=3.2)
+            fixed_margins(fig, bottom=0.6, top=0.45)
+            axes = fig.subplots(1, len(params), squeeze=False)[0]
+            for ax, p in zip(axes, params):
+                c = complete[complete[p].notna()]
+                x = pd.to_numeric(c[p], errors="coerce")
+                if x.notna().all():
+                    ax.scatter(x, c[name], s=18, c=c["trial"], cmap="viridis")
+                    if _is_log(study, p.removeprefix("param:")):
+                        ax.set_xscale("log")
+                else:  # categorical parameter
+                    cats = sorted(c[p].astype(str).unique())
+                    ax.scatter([cats.index(v) for v in c[p].astype(str)], c[name], s=18, c=c["trial"], cmap="viridis")
+                    ax.set_xticks(range(len(cats)), cats, fontsize=7)
+                ax.set_xlabel(p.removeprefix("param:"), fontsize=8)
+                ax.set_ylabel(name, fontsize=8)
+                ax.grid(True, alpha=0.3)
+            fig.suptitle(f"{name} against each parameter (colour: trial number)", fontsize=9)
+            figs.append(FigureOut(f"study_{study.study_name}_slice{i}", f"Objective {name} against parameters",
+                                  "Complete trials only; colour = trial number.", render(fig)))
+
+    inter = [(t.number, t.state.name, t.intermediate_values) for t in study.get_trials(deepcopy=False)
+             if t.intermediate_values]
+    if inter:
+        fig = new_figure(width=6.5, height=3.4)
+        fixed_margins(fig, bottom=0.6, top=0.45)
+        ax = fig.add_subplot()
+        for _, state, iv in inter:
+            steps = sorted(iv)
+            ax.plot(steps, [iv[s] for s in steps], color=STATE_COLORS.get(state, "tab:gray"), alpha=0.7, linewidth=1,
+                    marker="." if len(steps) < 20 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reported value")
+        ax.grid(True, alpha=0.3)
+        present = sorted({s for _, s, _ in inter})
+        ax.legend(handles=[Line2D([], [], color=STATE_COLORS.get(s, "tab:gray"), label=s.lower()) for s in present],
+                  fontsize=7)
+        ax.set_title("Intermediate values per trial (the values pruning acted on)", fontsize=9)
+        figs.append(FigureOut(f"study_{study.study_name}_intermediate", "Intermediate values",
+                              "Each trial's reported validation values against its step, coloured by final state.",
+                              render(fig)))
+
+    if len(names) == 2 and len(complete):
+        front = {t.number for t in study.best_trials}
+        fig = new_figure(width=5.5, height=4.2)
+        fixed_margins(fig, bottom=0.6, top=0.45)
+        ax = fig.add_subplot()
+        on = complete["trial"].isin(front)
+        ax.scatter(complete.loc[~on, names[0]], complete.loc[~on, names[1]], s=16, color="tab:gray",
+                   label="dominated")
+        pf = complete[on].sort_values(names[0])
+        ax.plot(pf[names[0]], pf[names[1]], color="tab:red", marker="o", markersize=5, label="Pareto front")
+        ax.set_xlabel(f"{names[0]} ({dirs[0]})")
+        ax.set_ylabel(f"{names[1]} ({dirs[1]})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        figs.append(FigureOut(f"study_{study.study_name}_pareto", "Pareto front",
+                              f"Complete trials; red: the non-dominated ones ({len(front)}).", render(fig),
+                              {"front": sorted(front)}))
+        summary.append(f"Pareto front: {len(front)} trial(s): " + ", ".join(f"#{n}" for n in sorted(front)) + ".")
+    if not len(complete):
+        summary.append("No complete trial yet, so no best value.")
+    return StudySection(study.study_name, figs, table, " ".join(summary))
+
+
+def find_studies(grid_dir: str | Path) -> list["optuna.Study"]:
+    """Studies stored in journal files (``*.journal``) at the top of a grid directory."""
+    paths = sorted(Path(grid_dir).glob("*.journal"))
+    if not paths:
+        return []
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    out = []
+    for p in paths:
+        storage = JournalStorage(JournalFileBackend(str(p)))
+        for name in optuna.get_all_study_names(storage):
+            out.append(optuna.load_study(study_name=name, storage=storage))
+    return out
+
+
+def load_studies(storage: str, *, name: str | None = None) -> list["optuna.Study"]:
+    """Studies of a storage given as a journal file path or an SQLAlchemy URL (every study, or the one named)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in storage:
+        store: str | JournalStorage = storage
+    else:
+        if not Path(storage).is_file():
+            raise FileNotFoundError(f"study storage {storage} does not exist (a journal file or an SQLAlchemy URL)")
+        store = JournalStorage(JournalFileBackend(storage))
+    names = optuna.get_all_study_names(store)
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"study {name!r} is not in {storage}; studies there: {names}")
+        names = [name]
+    return [optuna.load_study(study_name=n, storage=store) for n in names]
+
+
+def study_sections(studies: Sequence["optuna.Study"]) -> list[StudySection]:
+    return [study_section(s) for s in studies]

@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports.data import prepare
+from reports.synthetic import synthetic_grid_frames
+
+
+@pytest.fixture
+def frames():
+    return synthetic_grid_frames(arms=["b_arm", "a_arm"], seeds=[0, 1], steps=30, log_every=5, val_every=10)
+
+
+def test_arm_order_defaults_to_first_appearance_and_can_be_given(frames):
+    m, s = frames
+    assert prepare(name="g", metrics=m, statuses=s).arms == ("b_arm", "a_arm")
+    data = prepare(name="g", metrics=m, statuses=s, arm_order=["a_arm", "b_arm"])
+    assert data.arms == ("a_arm", "b_arm") and data.arm_order_source == "order given"
+    assert list(data.metrics["arm"].cat.categories) == ["a_arm", "b_arm"]
+
+
+def test_nonfinite_strings_become_floats_and_other_text_is_an_error(frames):
+    m, s = frames
+    m = m.astype({"loss/main": object})
+    m.loc[m.index[3], "loss/main"] = "nan"
+    m.loc[m.index[4], "loss/main"] = "inf"
+    out = prepare(name="g", metrics=m, statuses=s).metrics["loss/main"]
+    assert np.isnan(out.iloc[3]) and np.isinf(out.iloc[4]) and out.dtype == float
+    m.loc[m.index[5], "loss/main"] = "oops"
+    with pytest.raises(ValueError, match="column 'loss/main' holds a non-numeric value"):
+        prepare(name="g", metrics=m, statuses=s)
+
+
+@pytest.mark.parametrize("drop,match", [("kind", "lacks column"), ("step", "lacks column")])
+def test_missing_columns_are_named(frames, drop, match):
+    m, s = frames
+    with pytest.raises(ValueError, match=f"{match}.*{drop}"):
+        prepare(name="g", metrics=m.drop(columns=drop), statuses=s)
+
+
+def test_unknown_kind_and_duplicate_runs_are_errors(frames):
+    m, s = frames
+    bad = m.copy()
+    bad.loc[bad.index[0], "kind"] = "eval"
+    with pytest.raises(ValueError, match="unknown kind value"):
+        prepare(name="g", metrics=bad, statuses=s)
+    with pytest.raises(ValueError, match="listed twice"):
+        prepare(name="g", metrics=m, statuses=pd.concat([s, s.iloc[:1]]))
+
+
+def test_nfe_found_from_the_telemetry(frames):
+    m, s = frames
+    assert prepare(name="g", metrics=m, statuses=s).nfe == (1, 2, 4)
+
+
+def _runs_with_records(tmp_path, matrix: str, created: dict[str, float]) -> pd.DataFrame:
+    from harness.store import RunRecord, write_record
+
+    rows = []
+    for arm, t in created.items():
+        d = tmp_path / "grid" / arm / "seed-0"
+        d.mkdir(parents=True)
+        write_record(d, RunRecord(identity="x", config_hash="y", code_version="z", grid="grid", arm=arm, seed=0,
+                                  matrix=matrix, overrides={}, created=t))
+        rows.append({"arm": arm, "run_dir": str(d)})
+    return pd.DataFrame(rows)
+
+
+def test_arm_order_falls_back_to_creation_order_and_says_why(tmp_path):
+    from reports.data import matrix_arm_order
+
+    spec = tmp_path / "search.yaml"
+    spec.write_text("name: s\nparams: {}\n")
+    runs = _runs_with_records(tmp_path, str(spec), {"trial-0001": 2.0, "trial-0000": 1.0, "trial-0002": 3.0})
+    order, source = matrix_arm_order(runs)
+    assert order == ["trial-0000", "trial-0001", "trial-0002"]
+    assert "has no 'arms' (a search spec)" in source and "created" in source
+    runs = _runs_with_records(tmp_path / "b", str(tmp_path / "gone.yaml"), {"z": 1.0, "a": 2.0})
+    order, source = matrix_arm_order(runs)
+    assert order == ["z", "a"] and "is gone" in source
