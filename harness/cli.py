@@ -1,0 +1,207 @@
+"""``twinflow-lab``: ablation grids (run, status, collect) and the commands other packages register.
+
+Commands live in ``COMMANDS``: a space-separated command path -> either a
+``Command`` or the name of a module that defines ``HELP: str``,
+``add_arguments(parser)`` and ``run(args) -> int``. Adding a command is one line,
+e.g. ``"report": "reports.cli"`` or ``"search run": "harness.search"``; the module
+is imported only when the parser is built.
+
+Exit codes: 0 success; 2 bad matrix file or usage; 3 the grid ran but some run
+failed or diverged; 1 the grid could not run (a changed run, a failed teacher);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _err(message: str) -> None:
+    print(f"twinflow-lab: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- grid commands
+
+
+def _matrix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="ablation matrix YAML (e.g. ablations/blog-digits.yaml)")
+    p.add_argument("--root", type=Path, default=Path("runs"), help="where grids live: ROOT/<grid>/<arm>/seed-<k>/ "
+                   "(default: ./runs)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .matrix import load_matrix
+
+    return load_matrix(args.file, root=args.root)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def grid_run_args(p: argparse.ArgumentParser) -> None:
+    _matrix_args(p)
+    p.add_argument("--workers", type=int, default=1, help="runs in flight at once (local: the cores are divided "
+                   "between them)")
+    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
+    p.add_argument("--retries", type=int, default=0, help="start a failed run again up to this many times "
+                   "(counted over every invocation; diverged runs are final)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
+                   "and slurm (default 1)")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
+                   help="submitit backend: a Slurm cluster, or submitit's local executor")
+    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
+    p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
+                   "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")
+
+
+def grid_run(args: argparse.Namespace) -> int:
+    from .grid import run_grid
+    from .launchers import make_launcher
+
+    if args.workers < 1:
+        _err(f"--workers must be >= 1 (got {args.workers})")
+        return 2
+    if args.retries < 0:
+        _err(f"--retries must be >= 0 (got {args.retries})")
+        return 2
+    grid = _load(args)
+    try:
+        params = _parse_params(args.slurm_param)
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
+                             nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
+                             slurm_parameters=params)
+    result = run_grid(grid, launcher=launcher, retries=args.retries,
+                      on_changed="supersede" if args.supersede_changed else "error")
+    return result.exit_code
+
+
+def grid_status_args(p: argparse.ArgumentParser) -> None:
+    _matrix_args(p)
+    p.add_argument("--workers", type=int, default=None, help="runs in flight, for the ETA (default: the running "
+                   "harness's, else 1)")
+
+
+def grid_status(args: argparse.Namespace) -> int:
+    from .grid import grid_is_live, lock_info
+    from .monitor import GridMonitor, render_table
+
+    grid = _load(args)
+    live = grid_is_live(grid.grid_dir)
+    info = lock_info(grid.grid_dir) if live else None
+    slots = args.workers or (int(info.get("slots", 1)) if info else 1)
+    monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
+    who = f"running (harness pid {info.get('pid')}, {info.get('launcher')})" if info else "no harness running"
+    print(render_table(monitor.rows(harness_live=live), slots=slots, title=f"grid {grid.name} ({who})"))
+    return 0
+
+
+def grid_collect_args(p: argparse.ArgumentParser) -> None:
+    _matrix_args(p)
+    p.add_argument("--rise-k", type=int, default=3, help="validation rises in a row that flag over-fitting")
+
+
+def grid_collect(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .collect import CACHE_NAME, collect_grid, divergence_summary, run_statuses
+
+    grid = _load(args)
+    if not grid.grid_dir.is_dir():
+        _err(f"grid {grid.name} has no runs yet ({grid.grid_dir} does not exist)")
+        return 1
+    df = collect_grid(grid.grid_dir)
+    summary = divergence_summary(df, rise_k=args.rise_k)
+    statuses = run_statuses(grid.grid_dir)
+    table = statuses[["arm", "seed", "state", "step", "reason"]].merge(
+        summary.drop(columns=["grid", "run_dir", "val_rise_k"]), on=["arm", "seed"], how="left")
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(f"{len(df)} records from {df['run_dir'].nunique() if len(df) else 0} runs -> "
+              f"{grid.grid_dir / '.harness' / CACHE_NAME}")
+        print(table.to_string(index=False))
+    return 0
+
+
+COMMANDS: dict[str, Command | str] = {
+    "grid run": Command("launch every run of a matrix that is not done (resumes, retries, skips)",
+                        grid_run_args, grid_run),
+    "grid status": Command("table of a grid's runs: state, step, last grad norm and val loss, ETA",
+                           grid_status_args, grid_status),
+    "grid collect": Command("gather every run's metrics into Parquet and print the divergence summary",
+                            grid_collect_args, grid_collect),
+    "report": "reports.cli",
+    "search": "harness.search",
+}
+
+
+def _resolve(entry: Command | str) -> Command:
+    if isinstance(entry, Command):
+        return entry
+    mod = importlib.import_module(entry)
+    return Command(getattr(mod, "HELP", mod.__doc__ or ""), mod.add_arguments, mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinflow-lab", description="Ablation grids, reports and searches "
+                                     "for TwinFlow distillation.")
+    tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="cmd0", required=True, metavar="COMMAND")}
+    for path, entry in COMMANDS.items():
+        parts = tuple(path.split())
+        for depth in range(1, len(parts)):
+            prefix = parts[:depth]
+            if prefix not in tree:
+                sub = tree[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                tree[prefix] = sub.add_subparsers(dest=f"cmd{depth}", required=True, metavar="COMMAND")
+        command = _resolve(entry)
+        p = tree[parts[:-1]].add_parser(parts[-1], help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .grid import GridError, GridInterrupted
+    from .matrix import MatrixError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args))
+    except MatrixError as e:
+        for problem in e.problems:
+            _err(problem)
+        return 2
+    except GridError as e:
+        for problem in e.problems:
+            _err(problem)
+        return 1
+    except (KeyboardInterrupt, GridInterrupted) as e:
+        _err(f"interrupted ({e or 'Ctrl-C'}); the runs in flight were stopped; re-run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

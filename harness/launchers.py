@@ -1,0 +1,320 @@
+"""Launchers: start trainer processes and report when they end. They never train in-process.
+
+Three kinds, one interface (``Launcher.start(job) -> Handle``, ``Handle.poll()``):
+
+- ``LocalLauncher``: a pool of ``workers`` plain processes on this machine;
+- ``TorchrunLauncher``: the same pool, each run a ``torchrun --standalone
+  --nproc_per_node N`` group;
+- ``SlurmLauncher``: one submitit job per run (``cluster="slurm"``), or submitit's
+  local executor (``cluster="local"``, used by the tests).
+
+Local and torchrun pools divide the machine's cores between the runs (and the
+processes of a run) and pass the share as ``OMP_NUM_THREADS``; torch takes its
+intra-op thread count from it when ``run.threads`` is 0. The share is not written
+into the run's config on purpose: the config is the run's identity, and a run
+resumed with a different ``--workers`` is still the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from .identity import trainer_package_dir
+
+LauncherKind = Literal["local", "torchrun", "slurm"]
+TRAINER_MODULE = "twinflow_train.cli"
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and Slurm set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def project_root() -> Path:
+    """Directory that holds the ``twinflow_train`` and ``harness`` packages (put on the children's PYTHONPATH)."""
+    return trainer_package_dir().parent
+
+
+@dataclass
+class LaunchJob:
+    """One trainer invocation: ``python -m twinflow_train.cli <argv>``."""
+
+    name: str
+    """Display name (``arm/seed-k`` or ``teacher``)."""
+    argv: list[str]
+    """Trainer arguments: ``["fit", "--config", FILE, "--run-dir", DIR]``."""
+    log_path: Path
+    """stdout and stderr of the process go here (appended)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment on top of the harness's own."""
+
+
+def child_env(extra: Mapping[str, str], *, threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(project_root())
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p != root])
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads is not None:
+        for var in THREAD_ENV_VARS:
+            env[var] = str(threads)
+    env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # Linux: the child gets SIGKILL when the harness dies, even by SIGKILL, so a killed
+    # harness never leaves a trainer behind that a re-run would race on the same directory.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Handle(ABC):
+    @abstractmethod
+    def poll(self) -> int | None:
+        """Exit code once the process has ended (negative: killed by that signal), else None."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM or the scheduler's cancel)."""
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+class ProcessHandle(Handle):
+    def __init__(self, proc: subprocess.Popen, log_file: Any):
+        self.proc = proc
+        self._log = log_file
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and not self._log.closed:
+            self._log.close()
+        return rc
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+
+class Launcher(ABC):
+    kind: LauncherKind
+    slots: int
+    """Runs that may be in flight at once."""
+
+    @abstractmethod
+    def start(self, job: LaunchJob) -> Handle:
+        """Start ``job``; returns at once."""
+
+    def run_blocking(self, job: LaunchJob, *, poll_s: float = 0.2) -> int:
+        """Start ``job`` and wait for it (shared-asset preparation)."""
+        handle = self.start(job)
+        try:
+            while (rc := handle.poll()) is None:
+                time.sleep(poll_s)
+        except BaseException:
+            handle.terminate()
+            raise
+        return rc
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.slots} at once)"
+
+
+class LocalLauncher(Launcher):
+    """``workers`` trainer processes at a time on this machine, each with ``threads`` threads."""
+
+    kind: LauncherKind = "local"
+
+    def __init__(self, *, workers: int = 1, threads: int | None = None, python: str | None = None,
+                 module: str = TRAINER_MODULE):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {workers})")
+        self.slots = workers
+        self.threads = threads if threads is not None else max(1, available_cores() // workers)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (got {self.threads})")
+        self.python = python or sys.executable
+        self.module = module
+        """Module run with ``python -m`` (the trainer's CLI; the scheduler's unit tests script a stand-in)."""
+
+    def command(self, job: LaunchJob) -> list[str]:
+        return [self.python, "-m", self.module, *job.argv]
+
+    def start(self, job: LaunchJob) -> Handle:
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(job.log_path, "ab")
+        log.write(f"$ {' '.join(self.command(job))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(job.env, threads=self.threads),
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        return ProcessHandle(proc, log)
+
+    def describe(self) -> str:
+        return f"local pool: {self.slots} at once, {self.threads} thread(s) each"
+
+
+class TorchrunLauncher(LocalLauncher):
+    """Each run is a ``torchrun --standalone --nproc_per_node N`` group; ``workers`` groups at a time.
+
+    ``--standalone`` gives every group its own rendezvous on a free port, so
+    several groups share a machine without clashing.
+    """
+
+    kind: LauncherKind = "torchrun"
+
+    def __init__(self, *, workers: int = 1, nproc_per_node: int = 2, threads: int | None = None,
+                 python: str | None = None):
+        if nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1 (got {nproc_per_node})")
+        per_process = threads if threads is not None else max(1, available_cores() // (workers * nproc_per_node))
+        super().__init__(workers=workers, threads=per_process, python=python)
+        self.nproc_per_node = nproc_per_node
+
+    def command(self, job: LaunchJob) -> list[str]:
+        if job.argv and job.argv[0] != "fit":
+            # shared-asset preparation (teacher) is single-process work
+            return super().command(job)
+        return [self.python, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={self.nproc_per_node}", "-m", self.module, *job.argv]
+
+    def describe(self) -> str:
+        return (f"torchrun: {self.slots} group(s) at once, {self.nproc_per_node} process(es) each, "
+                f"{self.threads} thread(s) per process")
+
+
+def run_command(command: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
+    """Body of a submitit job: run the trainer, its output appended to ``log_path``; returns the exit code."""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(env))
+
+        def forward(signum: int, _frame: Any) -> None:
+            # Slurm (and the local executor's cancel) signal this wrapper; the trainer must hear it too
+            proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(sig, forward)
+        return proc.wait()
+
+
+class SubmititHandle(Handle):
+    def __init__(self, job: Any):
+        self.job = job
+        self.error: str | None = None
+        """Why the job failed on the scheduler's side (None when the trainer's exit code came back)."""
+
+    def poll(self) -> int | None:
+        if not self.job.done():
+            return None
+        try:
+            return int(self.job.result())
+        except Exception as e:  # noqa: BLE001 - any scheduler-side failure ends the attempt
+            # the job died outside the trainer (node failure, timeout, cancel): the harness
+            # reads status.json next and records this text as the reason if the trainer could not
+            self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            return -1
+
+    def terminate(self) -> None:
+        self.job.cancel(check=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+
+class SlurmLauncher(Launcher):
+    """One submitit job per run. ``cluster="local"`` runs the jobs through submitit's LocalExecutor.
+
+    ``parameters`` go to ``AutoExecutor.update_parameters`` (e.g. ``slurm_partition``,
+    ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``); ``nproc_per_node`` > 1 runs
+    each job as a single-node torchrun group.
+    """
+
+    kind: LauncherKind = "slurm"
+
+    def __init__(self, *, folder: Path, workers: int = 64, cluster: Literal["slurm", "local"] = "slurm",
+                 nproc_per_node: int = 1, threads: int | None = None,
+                 parameters: Mapping[str, Any] | None = None, python: str | None = None,
+                 module: str = TRAINER_MODULE):
+        try:
+            import submitit
+        except ImportError:
+            raise RuntimeError("the slurm launcher needs the submitit package (pip install submitit)") from None
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {workers})")
+        self.slots = workers
+        self.cluster = cluster
+        self.nproc_per_node = nproc_per_node
+        self.python = python or sys.executable
+        self.module = module
+        # on a cluster node every job owns its cpus; locally the jobs share this machine
+        self.threads = threads if threads is not None else (
+            max(1, available_cores() // (workers * nproc_per_node)) if cluster == "local" else None)
+        self.folder = Path(folder)
+        self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
+        root = str(project_root())
+        params: dict[str, Any] = {"timeout_min": 24 * 60, "nodes": 1, "tasks_per_node": 1,
+                                  "name": "twinflow-lab"}
+        params[f"{cluster}_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        params.update(parameters or {})
+        self.executor.update_parameters(**params)
+
+    def command(self, job: LaunchJob) -> list[str]:
+        if self.nproc_per_node > 1 and job.argv and job.argv[0] == "fit":
+            return [self.python, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.nproc_per_node}", "-m", self.module, *job.argv]
+        return [self.python, "-m", self.module, *job.argv]
+
+    def start(self, job: LaunchJob) -> Handle:
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.executor.update_parameters(name=job.name.replace("/", "-"))
+        sub = self.executor.submit(run_command, self.command(job), child_env(job.env, threads=self.threads),
+                                   str(job.log_path))
+        return SubmititHandle(sub)
+
+    def describe(self) -> str:
+        return f"submitit ({self.cluster}): up to {self.slots} job(s) at once"
+
+
+def make_launcher(kind: LauncherKind, *, workers: int, grid_dir: Path, nproc_per_node: int | None = None,
+                  slurm_cluster: Literal["slurm", "local"] = "slurm",
+                  slurm_parameters: Mapping[str, Any] | None = None) -> Launcher:
+    """The launcher named by ``kind`` (``--launcher`` on the command line); an unknown kind is an error."""
+    if kind == "local":
+        return LocalLauncher(workers=workers)
+    if kind == "torchrun":
+        return TorchrunLauncher(workers=workers, nproc_per_node=nproc_per_node or 2)
+    if kind == "slurm":
+        return SlurmLauncher(folder=grid_dir / ".harness" / "submitit", workers=workers, cluster=slurm_cluster,
+                             nproc_per_node=nproc_per_node or 1, parameters=slurm_parameters)
+    raise ValueError(f"unknown launcher {kind!r}; valid: local, torchrun, slurm")

@@ -1,0 +1,482 @@
+"""Ablation matrix files: parse, resolve every arm to a trainer config, validate.
+
+A matrix file (see docs/harness.md for the full format)::
+
+    name: blog-digits                  # grid name: runs/<name>/ (default: the file's stem)
+    base: ../configs/digits.yaml       # trainer config, relative to this file
+    seeds: [0, 1, 2]
+    vars: {steps: 600}                 # optional; "${expr}" in any override value is evaluated
+    overrides: {run.steps: "${steps}"} # optional; applied to every arm first
+    axes: {optim.lr: [1.0e-4, 3.0e-4]} # optional cartesian axes over every arm
+    arms:                              # arm = base + overrides + its own dotted keys
+      vanilla: {}
+      renoise: {extends: vanilla, renoise.schedule: blog_linear}
+
+Everything is resolved with ``twinflow_train.config.load_config`` (the trainer's own
+resolution) before any file is written; every problem found is reported at once,
+each naming the matrix file, the arm and the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import itertools
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from twinflow_train.config import Config, ConfigError, config_hash, load_config, set_dotted, to_dict
+
+from .identity import code_version as trainer_code_version
+from .identity import run_identity
+
+TOP_KEYS = ("name", "description", "base", "seeds", "vars", "overrides", "axes", "arms")
+ARM_EXTENDS = "extends"
+# set by the harness for every run; an arm setting them would be silently overridden
+RESERVED_KEYS = ("run.seed", "telemetry.group", "telemetry.name")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EXPR_RE = re.compile(r"\$\{([^}]*)\}")
+
+
+class MatrixError(ValueError):
+    """A matrix file that cannot be run; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _MatrixLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``): lr values are written that way."""
+
+
+_MatrixLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _duplicate_keys(node: yaml.Node, path: str, out: list[str], file: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and key != "<<":
+                if key in seen:
+                    if path == "arms":
+                        out.append(f"{file}: duplicate arm name '{key}' (lines {seen[key]} and {line})")
+                    else:
+                        where = f"in '{path}' " if path else ""
+                        out.append(f"{file}: duplicate key '{key}' {where}(lines {seen[key]} and {line})")
+                else:
+                    seen[key] = line
+            child = f"{path}.{key}" if path and key is not None else (key or path)
+            _duplicate_keys(value_node, str(child), out, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _duplicate_keys(item, path, out, file)
+
+
+def read_matrix_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a matrix file; duplicate keys and syntax errors are errors naming the line."""
+    file = str(path)
+    if not path.is_file():
+        raise MatrixError([f"{file}: matrix file does not exist"])
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=_MatrixLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise MatrixError([f"{file}: YAML syntax error{where}: {problem}"]) from None
+    if node is None:
+        raise MatrixError([f"{file}: the file is empty"])
+    dups: list[str] = []
+    _duplicate_keys(node, "", dups, file)
+    if dups:
+        raise MatrixError(dups)
+    data = yaml.load(text, Loader=_MatrixLoader)  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(data, dict):
+        raise MatrixError([f"{file}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}"])
+    return data
+
+
+# --------------------------------------------------------------------------- ${expr} values
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_FUNCS: dict[str, Callable[..., Any]] = {"int": int, "float": float, "round": round, "min": min, "max": max}
+
+
+def _eval_node(node: ast.AST, env: Mapping[str, Any]) -> Any:
+    if isinstance(node, ast.Expression):
+        return _eval_node(node.body, env)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in env:
+            raise ValueError(f"unknown variable '{node.id}' (vars: {', '.join(env) or 'none'})")
+        return env[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_node(node.left, env), _eval_node(node.right, env))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval_node(node.operand, env)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+            and not node.keywords):
+        return _FUNCS[node.func.id](*(_eval_node(a, env) for a in node.args))
+    raise ValueError(f"unsupported expression element {ast.dump(node)[:60]} "
+                     f"(allowed: numbers, vars, + - * / // % **, {', '.join(_FUNCS)})")
+
+
+def evaluate(value: Any, env: Mapping[str, Any]) -> Any:
+    """Replace ``${expr}`` in strings (recursively in lists); a value that is one whole ``${expr}`` keeps its type."""
+    if isinstance(value, list):
+        return [evaluate(v, env) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def one(expr: str) -> Any:
+        try:
+            out = _eval_node(ast.parse(expr.strip(), mode="eval"), env)
+        except SyntaxError:
+            raise ValueError(f"'${{{expr}}}' is not a valid expression") from None
+        except ZeroDivisionError:
+            raise ValueError(f"'${{{expr}}}' divides by zero") from None
+        return out
+
+    whole = _EXPR_RE.fullmatch(value)
+    if whole:
+        return one(whole.group(1))
+    return _EXPR_RE.sub(lambda m: str(one(m.group(1))), value)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    name: str
+    overrides: dict[str, Any]
+    """Dotted key -> value: the top-level overrides, the ``extends`` chain, the arm's own keys, its axis values."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    grid: str
+    arm: str
+    seed: int
+    overrides: dict[str, Any]
+    config: Config
+    config_hash: str
+    """``twinflow_train.config.config_hash`` of the resolved config (what the trainer writes in status.json)."""
+    identity: str
+    """Hash of (resolved config incl. seed, code version)."""
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}/seed-{self.seed}"
+
+    @property
+    def wandb_name(self) -> str:
+        return f"{self.arm}-{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    matrix_path: Path
+    base_path: Path
+    root: Path
+    seeds: tuple[int, ...]
+    arms: tuple[ArmSpec, ...]
+    runs: tuple[RunSpec, ...]
+    code_version: str
+
+    @property
+    def grid_dir(self) -> Path:
+        return self.root / self.name
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def _flatten(mapping: Mapping[Any, Any], *, prefix: str, where: str, problems: list[str]) -> dict[str, Any]:
+    """Nested mappings and dotted keys -> one dotted-key dict; a key given twice is a problem."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if not isinstance(k, str) or not k or any(not part for part in k.split(".")):
+            problems.append(f"{where}: key {k!r} is not a dotted config key like 'section.field'")
+            continue
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, Mapping) and v:
+            sub = _flatten(v, prefix=key, where=where, problems=problems)
+        else:
+            sub = {key: v}
+        for sk, sv in sub.items():
+            if sk in out:
+                problems.append(f"{where}: key '{sk}' is given twice")
+            out[sk] = sv
+    return out
+
+
+def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in overrides.items():
+        set_dotted(tree, key.split("."), value)
+    return tree
+
+
+def _format_axis_value(value: Any) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    text = text.removesuffix("\n...").strip()
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+
+
+def _strip_prefix(message: str, base: Path) -> str:
+    for prefix in (f"{base}: ", f"{str(base)}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _resolve(base: Path, overrides: Mapping[str, Any]) -> Config:
+    return load_config(base, _nested(overrides))
+
+
+def _canonical_hash(cfg: Config) -> str:
+    """Hash of a config with the per-run keys the harness sets blanked: equal means the arms are the same experiment."""
+    data = to_dict(cfg)
+    data["run"]["seed"] = 0
+    data["telemetry"]["group"] = None
+    data["telemetry"]["name"] = None
+    return config_hash(data, length=64)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: str | None = None) -> Grid:
+    """Parse and validate a matrix file; raises ``MatrixError`` listing every problem. Writes nothing."""
+    matrix_path = Path(path)
+    file = str(matrix_path)
+    data = read_matrix_yaml(matrix_path)
+    problems: list[str] = []
+
+    for key in data:
+        if key not in TOP_KEYS:
+            problems.append(f"{file}: unknown top-level key '{key}'; valid keys: {', '.join(TOP_KEYS)}")
+
+    name = data.get("name", matrix_path.stem)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.append(f"{file}: name must be a string of letters, digits, '_', '.', '-' (got {name!r})")
+
+    base_path: Path | None = None
+    if "base" not in data:
+        problems.append(f"{file}: 'base' is missing (the trainer config the arms override, relative to this file)")
+    elif not isinstance(data["base"], str):
+        problems.append(f"{file}: base must be a path string (got {data['base']!r})")
+    else:
+        base_path = (matrix_path.parent / data["base"]).resolve()
+        if not base_path.is_file():
+            problems.append(f"{file}: base config '{data['base']}' does not exist (looked at {base_path})")
+            base_path = None
+
+    seeds = data.get("seeds")
+    if seeds is None:
+        problems.append(f"{file}: 'seeds' is missing (a non-empty list of integers)")
+        seeds = []
+    elif (not isinstance(seeds, list) or not seeds
+          or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        problems.append(f"{file}: seeds must be a non-empty list of integers >= 0 (got {seeds!r})")
+        seeds = []
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"{file}: seeds has duplicates ({seeds})")
+
+    env: dict[str, Any] = {}
+    raw_vars = data.get("vars") or {}
+    if not isinstance(raw_vars, Mapping):
+        problems.append(f"{file}: vars must be a mapping of name -> number/string (got {raw_vars!r})")
+    else:
+        for k, v in raw_vars.items():
+            if not isinstance(k, str) or not _VAR_RE.match(k):
+                problems.append(f"{file}: vars: {k!r} is not a valid variable name")
+            elif not isinstance(v, (int, float, str, bool)):
+                problems.append(f"{file}: vars: '{k}' must be a number, string or bool (got {v!r})")
+            else:
+                env[k] = v
+
+    def evaluated(over: dict[str, Any], where: str) -> dict[str, Any]:
+        out = {}
+        for k, v in over.items():
+            try:
+                out[k] = evaluate(v, env)
+            except (ValueError, TypeError) as e:
+                problems.append(f"{where}, key '{k}': {e}")
+        return out
+
+    def reserved(over: Mapping[str, Any], where: str) -> None:
+        for k in over:
+            if k in RESERVED_KEYS:
+                problems.append(f"{where}, key '{k}': set by the harness for every run "
+                                f"(seeds come from 'seeds', telemetry group/name from the grid and arm)")
+
+    top = data.get("overrides") or {}
+    if not isinstance(top, Mapping):
+        problems.append(f"{file}: overrides must be a mapping of dotted keys (got {top!r})")
+        top = {}
+    top = evaluated(_flatten(top, prefix="", where=f"{file}: overrides", problems=problems), f"{file}: overrides")
+    reserved(top, f"{file}: overrides")
+
+    axes_raw = data.get("axes") or {}
+    axes: dict[str, list[Any]] = {}
+    if not isinstance(axes_raw, Mapping):
+        problems.append(f"{file}: axes must be a mapping of dotted key -> list of values (got {axes_raw!r})")
+    else:
+        for k, vals in axes_raw.items():
+            if not isinstance(k, str) or any(not p for p in k.split(".")):
+                problems.append(f"{file}: axes: {k!r} is not a dotted config key")
+            elif not isinstance(vals, list) or not vals:
+                problems.append(f"{file}: axes: '{k}' must be a non-empty list of values (got {vals!r})")
+            else:
+                try:
+                    axes[k] = [evaluate(v, env) for v in vals]
+                except (ValueError, TypeError) as e:
+                    problems.append(f"{file}: axes, key '{k}': {e}")
+        reserved(axes, f"{file}: axes")
+
+    arms_raw = data.get("arms")
+    own: dict[str, dict[str, Any]] = {}
+    parents: dict[str, str | None] = {}
+    if arms_raw is None:
+        problems.append(f"{file}: 'arms' is missing (a mapping of arm name -> dotted overrides)")
+    elif not isinstance(arms_raw, Mapping) or not arms_raw:
+        problems.append(f"{file}: arms must be a non-empty mapping of arm name -> dotted overrides (got {arms_raw!r})")
+    else:
+        for arm, body in arms_raw.items():
+            where = f"{file}: arm '{arm}'"
+            if not isinstance(arm, str) or not _NAME_RE.match(arm):
+                problems.append(f"{file}: arm name {arm!r} must be letters, digits, '_', '.', '-' "
+                                "(it names the run directory)")
+                continue
+            if body is None:
+                body = {}
+            if not isinstance(body, Mapping):
+                problems.append(f"{where}: expected a mapping of dotted keys to values (got {body!r})")
+                continue
+            body = dict(body)
+            parent = body.pop(ARM_EXTENDS, None)
+            if parent is not None and (not isinstance(parent, str) or parent not in arms_raw):
+                problems.append(f"{where}, key '{ARM_EXTENDS}': no arm named {parent!r}")
+                parent = None
+            parents[arm] = parent
+            flat = evaluated(_flatten(body, prefix="", where=where, problems=problems), where)
+            reserved(flat, where)
+            own[arm] = flat
+
+    arms: list[ArmSpec] = []
+    for arm in own:
+        chain, node, seen = [], arm, set()
+        while node is not None:
+            if node in seen:
+                problems.append(f"{file}: arm '{arm}', key '{ARM_EXTENDS}': cycle ({' -> '.join(chain + [node])})")
+                break
+            seen.add(node)
+            chain.append(node)
+            node = parents.get(node)
+        merged = dict(top)
+        for ancestor in reversed(chain):
+            merged.update(own.get(ancestor, {}))
+        combos = list(itertools.product(*axes.values())) if axes else [()]
+        for combo in combos:
+            axis_over = dict(zip(axes.keys(), combo))
+            arm_name = arm if not axis_over else "+".join(
+                [arm] + [f"{k}={_format_axis_value(v)}" for k, v in axis_over.items()])
+            arms.append(ArmSpec(name=arm_name, overrides={**merged, **axis_over}))
+
+    if problems or base_path is None:
+        raise MatrixError(problems)
+
+    try:
+        base_cfg = load_config(base_path)
+    except ConfigError as e:
+        raise MatrixError([f"{file}: base config {base_path}: {_strip_prefix(str(e), base_path)}"]) from None
+    del base_cfg
+    if top:
+        try:
+            _resolve(base_path, top)
+        except ConfigError as e:
+            raise MatrixError(_blame(base_path, {}, ArmSpec(name="overrides", overrides=top),
+                                     f"{file}: overrides", e)) from None
+
+    code = code_version if code_version is not None else trainer_code_version()
+    root = Path(root)
+    runs: list[RunSpec] = []
+    by_hash: dict[str, str] = {}
+    wandb_missing = importlib.util.find_spec("wandb") is None
+    for spec in arms:
+        where = f"{file}: arm '{spec.name}'"
+        try:
+            cfg = _resolve(base_path, spec.overrides)
+        except ConfigError as e:
+            problems.extend(_blame(base_path, top, spec, where, e))
+            continue
+        canon = _canonical_hash(cfg)
+        if canon in by_hash:
+            problems.append(f"{where}: resolves to the same config as arm '{by_hash[canon]}' "
+                            f"(overrides {spec.overrides or '{}'}); two arms must differ")
+            continue
+        by_hash[canon] = spec.name
+        if wandb_missing and cfg.telemetry.wandb in ("offline", "online"):
+            problems.append(f"{where}, key 'telemetry.wandb': '{cfg.telemetry.wandb}' needs the wandb package, "
+                            "which is not installed (pip install 'twinflow-lab[wandb]')")
+            continue
+        for seed in seeds:
+            run_over = {**spec.overrides, "run.seed": seed, "telemetry.group": name,
+                        "telemetry.name": f"{spec.name}-{seed}"}
+            run_cfg = _resolve(base_path, run_over)
+            runs.append(RunSpec(grid=name, arm=spec.name, seed=seed, overrides=dict(spec.overrides),
+                                config=run_cfg, config_hash=config_hash(run_cfg),
+                                identity=run_identity(run_cfg, code),
+                                run_dir=root / name / spec.name / f"seed-{seed}"))
+    if problems:
+        raise MatrixError(problems)
+    return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(seeds),
+                arms=tuple(arms), runs=tuple(runs), code_version=code)
+
+
+def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error: ConfigError) -> list[str]:
+    """Name the override key(s) that make an arm invalid: each key alone on top of the base (+ overrides)."""
+    message = _strip_prefix(str(error), base)
+    culprits = []
+    for key, value in spec.overrides.items():
+        if key in top and top[key] == value and spec.name != "overrides":
+            continue  # inherited from the top-level overrides, which resolve on their own
+        try:
+            _resolve(base, {**top, key: value})
+        except ConfigError as e:
+            culprits.append(f"{where}, key '{key}': {_strip_prefix(str(e), base)}")
+    if culprits:
+        return culprits
+    # no single key fails: a combination does (e.g. batch size vs groups); name them all
+    keys = ", ".join(f"'{k}'" for k in spec.overrides) or "(none)"
+    return [f"{where}, keys {keys}: {message}"]
