@@ -15,28 +15,23 @@ on first use and not counted in the budget).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from twinflow_train.telemetry import iter_metrics
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _records_of(run_dir: Path) -> list[dict]:
+    return list(iter_metrics(run_dir / "metrics.jsonl"))
 
 
 def _cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "twinflow_train.cli", *args]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def main() -> int:
@@ -56,7 +51,7 @@ def main() -> int:
         _cli("fit", "--config", args.config, "--run-dir", str(run), "--no-progress", *args.overrides,
              f"method.layout={layout}", "run.steps=1000000", f"run.max_train_s={args.budget_s}",
              f"run.val_every={args.val_every}", f"run.ckpt_every={10 * args.val_every}")
-        rows[layout] = _records(run)
+        rows[layout] = _records_of(run)
 
     teacher = next(r for r in rows[args.layouts[0]] if r.get("kind") == "teacher")
     nfes = sorted(int(k.split("nfe")[1]) for k in next(r for r in rows[args.layouts[0]] if r.get("kind") == "val")

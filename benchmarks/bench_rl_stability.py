@@ -17,7 +17,6 @@ final 2-NFE reward / FD / accuracy of each run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,17 +24,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from twinflow_train.telemetry import iter_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _records(run: Path) -> list[dict]:
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+def _records_of(run_dir: Path) -> list[dict]:
+    return list(iter_metrics(run_dir / "metrics.jsonl"))
 
 
 def main() -> int:
@@ -78,7 +73,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     w = args.warmup
     for name in arms:
-        recs = _records(args.out / name)
+        recs = _records_of(args.out / name)
         train = [r for r in recs if r.get("kind") == "train"]
         before = [r["grad_norm/max"] for r in train if w - args.window <= r["step"] < w]
         after = [r["grad_norm/max"] for r in train if w <= r["step"] < w + args.window]

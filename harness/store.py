@@ -27,30 +27,14 @@ from typing import Any, Iterator, Literal
 
 RunState = Literal["queued", "running", "done", "failed", "diverged"]
 STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "diverged")
+from twinflow_train.telemetry import atomic_write_text  # noqa: E402  (one writer for every run file)
+from twinflow_train.telemetry import write_status as _write_status  # noqa: E402
 
 HARNESS_FILE = "harness.json"
 LAUNCH_CONFIG = "launch.yaml"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 LOG_DIR = "logs"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # the rename itself is durable only once the directory entry is on disk
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -77,12 +61,8 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 def write_status(run_dir: Path, state: RunState, *, step: int, reason: str | None = None,
                  config_hash: str | None = None, pid: int | None = None) -> None:
-    """Write ``status.json`` with the contract's fields (see docs/run-directory.md)."""
-    if state not in STATES:
-        raise ValueError(f"unknown run state {state!r}; valid: {', '.join(STATES)}")
-    payload = {"state": state, "reason": reason, "step": int(step), "updated": time.time(),
-               "pid": pid, "config_hash": config_hash}
-    atomic_write_json(Path(run_dir) / STATUS_FILE, payload)
+    """Write ``status.json`` with the contract's fields (the trainer's own writer; see docs/run-directory.md)."""
+    _write_status(run_dir, state, step=step, reason=reason, config_hash=config_hash, pid=pid)
 
 
 # --------------------------------------------------------------------------- metrics.jsonl

@@ -26,16 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .parallel import barrier, reshard_all
+from .telemetry import fsync_dir
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _resharded(*modules: nn.Module) -> None:
@@ -57,7 +50,7 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -25,14 +25,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename is durable only once the directory entry is on disk
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_status(run_dir: Path, state: str, *, step: int, reason: str | None = None,
-                 config_hash: str | None = None) -> None:
+                 config_hash: str | None = None, pid: int | None = None) -> None:
+    """``status.json`` per the run-directory contract; ``pid`` defaults to this process."""
     if state not in STATES:
         raise ValueError(f"unknown run state {state!r}; valid: {', '.join(STATES)}")
-    payload = {"state": state, "reason": reason, "step": step, "updated": time.time(),
-               "pid": os.getpid(), "config_hash": config_hash}
+    payload = {"state": state, "reason": reason, "step": int(step), "updated": time.time(),
+               "pid": os.getpid() if pid is None else pid, "config_hash": config_hash}
     atomic_write_text(Path(run_dir) / "status.json", json.dumps(payload, indent=1) + "\n")
 
 

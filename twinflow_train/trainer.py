@@ -142,8 +142,10 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
 def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     setup = build_setup(cfg, device=d.device)
     base = build_base(cfg, setup, teacher_weights)
+    # the base model never trained E2 (its gate is zero at tt = t): initialise it as the student's, so a
+    # frozen-teacher target sees the teacher's own field at tt != t instead of a random perturbation
+    base.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
     student = copy.deepcopy(base)
-    student.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
     for p in base.parameters():
         p.requires_grad_(False)
     teacher = _shard(cfg, d, base, frozen=True).eval()
@@ -376,7 +378,14 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         stats = train_step(run, step)
-        events = _apply_update(run, step, stats)
+        try:
+            events = _apply_update(run, step, stats)
+        except Diverged:
+            if writer:  # the step that ended the run is evidence: log it before stopping
+                writer.write({"step": step, "kind": "train", **{k: float(v) for k, v in stats.items()},
+                              "event/nonfinite": 1, "event/skipped": 1, "count/nonfinite": c.nonfinite,
+                              "time/wall_s": c.wall_s, "time/train_s": c.train_s})
+            raise
         c.train_s += time.perf_counter() - t_step
         last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
         norm = float(stats["grad_norm/total"])

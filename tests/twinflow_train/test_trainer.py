@@ -97,6 +97,9 @@ def test_nonfinite_loss_stops_as_diverged(tiny_overrides, tmp_path):
     code = fit(cfg, run, progress=False)
     st = read_status(run)
     assert code == EXIT_DIVERGED and st["state"] == "diverged" and "non-finite" in st["reason"]
+    last = [r for r in iter_metrics(run / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert last["event/nonfinite"] == 1 and f"step {last['step']}" in st["reason"]
+    assert st["step"] == last["step"] - 1  # the last step that completed
 
 
 @pytest.mark.distributed
