@@ -161,10 +161,10 @@ def test_two_gloo_processes_match_one_process_and_resume_exactly_from_dcp(tmp_pa
     stock = tiny_transformer(seed=11)
     stock.save_pretrained(str(tmp_path / "pretrained"))
     null = torch.randn(3, TEXT_DIM, generator=torch.Generator().manual_seed(5))
-    # fork: the children inherit the imported modules (torch + diffusers take ~10 s to import per process);
-    # safe here because nothing in these tests touches CUDA or a process group before the fork
+    # spawn, not fork: under pytest-xdist this worker may already run torch thread pools from earlier
+    # tests, and a forked child of a threaded process can deadlock (seen: both ranks stuck on a futex)
     mp.start_processes(_worker, args=(2, free_store(tmp_path), str(tmp_path / "pretrained"), str(tmp_path), null),
-                       nprocs=2, join=True, start_method="fork")
+                       nprocs=2, join=True, start_method="spawn")
     res = torch.load(tmp_path / "result.pt", weights_only=False)
 
     # 1-process reference: plain model, same global batch as 2 accumulation micro-batches

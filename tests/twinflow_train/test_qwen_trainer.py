@@ -67,14 +67,19 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], env: dict[str,
 
 
 def _launch(world: int, args: list[str], env: dict[str, str] | None = None) -> list[int]:
-    """What torchrun does (env:// rendezvous, one process per rank), forked so the imports are inherited."""
-    ctx = multiprocessing.get_context("fork")
+    """What torchrun does (env:// rendezvous, one process per rank). Spawned, not forked: a fork of a
+    process whose torch thread pools are running (another test in this worker started them) can deadlock."""
+    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, env or {})) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
+    for p in procs:
+        if p.is_alive():  # a hung rank fails the test instead of hanging the suite
+            p.kill()
+            p.join()
     return [p.exitcode for p in procs]
 
 
