@@ -11,8 +11,8 @@ from .config import Config, ConfigError, load_config
 
 
 def _common(p: argparse.ArgumentParser, *, run_dir: bool) -> None:
-    p.add_argument("--config", type=Path, default=None, help="trainer YAML (default: built-in digits setup, "
-                   "or RUN_DIR/config.yaml for sample/eval)")
+    p.add_argument("--config", type=Path, default=None, help="trainer YAML (default: the dataclass defaults on digits, or "
+                   "RUN_DIR/config.yaml for sample/eval; configs/digits.yaml is the tuned setup)")
     if run_dir:
         p.add_argument("--run-dir", type=Path, required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
