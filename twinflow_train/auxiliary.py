@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from .codecs import Codec, DigitsAutoencoder, IdentityCodec, fit_autoencoder, reconstruction_mse, single_thread
 from .config import Config, config_hash, to_dict
+from .telemetry import fsync_dir
 from .digits import NUM_CLASSES, DigitsSplit, load_digits_split
 from .models.base import Cond
 
@@ -93,15 +94,6 @@ def cache_entry(cfg: Config, *, kind: CacheKind, key: Mapping[str, Any]) -> Path
 
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
