@@ -10,20 +10,9 @@ from twinflow_train.config import MethodConfig, RenoiseConfig
 from twinflow_train.method import (TwinFlow, enhanced_velocity, group_sizes, per_sample_loss, rcgm_target,
                                    tan_weight)
 from twinflow_train.models.base import Cond, FlowModel
-from twinflow_train.models.mlp import MLPFlowModel
 from twinflow_train.timesamplers import build_time_samplers
 
-SHAPE = (2, 2, 2)
-
-
-def tiny_model(seed: int = 0) -> MLPFlowModel:
-    """A tiny MLP whose zero-initialised (adaLN-zero) layers are randomised, so t, tt and the prompt matter."""
-    torch.manual_seed(seed)
-    m = MLPFlowModel(shape=SHAPE, num_classes=3, hidden=16, depth=1, time_dim=8)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return m
+from .tiny import SHAPE, tiny_model
 
 
 def labels(n: int) -> Cond:
