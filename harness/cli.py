@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from twinflow_train.yamlio import InputError, dir_problem, parse_value, reading_input
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,38 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
                    "(default: ./runs)")
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from .matrix import load_matrix
+def _load(args: argparse.Namespace, problems: list[str] | None = None) -> Any:
+    """The grid of ``args.file``; ``problems`` (the command's own argument checks) are reported with the matrix's."""
+    from .matrix import MatrixError, load_matrix
 
-    return load_matrix(args.file, root=args.root)
+    problems = list(problems or [])
+    if (problem := dir_problem(args.root)) is not None:
+        problems.append(f"--root: {problem}")
+    with reading_input("twinflow-lab"):
+        try:
+            grid = load_matrix(args.file, root=args.root)
+        except MatrixError as e:
+            problems += e.problems
+    if problems:
+        raise MatrixError(problems)
+    return grid
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
+def parse_launcher_params(items: list[str]) -> dict[str, Any]:
+    """``--slurm-param KEY=VALUE`` items -> a dict, the values read as YAML; raises ``InputError``."""
     out: dict[str, Any] = {}
+    problems = []
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            problems.append(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
+            continue
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = parse_value(v, where=f"--slurm-param {item!r}")
+        except InputError as e:
+            problems += e.problems
+    if problems:
+        raise InputError(problems)
     return out
 
 
@@ -80,21 +99,23 @@ def grid_run(args: argparse.Namespace) -> int:
     from .grid import run_grid
     from .launchers import make_launcher
 
+    problems = []
     if args.workers < 1:
-        _err(f"--workers must be >= 1 (got {args.workers})")
-        return 2
+        problems.append(f"--workers must be >= 1 (got {args.workers})")
     if args.retries < 0:
-        _err(f"--retries must be >= 0 (got {args.retries})")
-        return 2
-    grid = _load(args)
+        problems.append(f"--retries must be >= 0 (got {args.retries})")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
+    params: dict[str, Any] = {}
     try:
-        params = _parse_params(args.slurm_param)
-    except ValueError as e:
-        _err(str(e))
-        return 2
-    launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
-                             nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
-                             slurm_parameters=params)
+        params = parse_launcher_params(args.slurm_param)
+    except InputError as e:
+        problems += e.problems
+    grid = _load(args, problems)
+    with reading_input("twinflow-lab grid run: launcher"):  # e.g. submitit missing, an unknown --slurm-param
+        launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
+                                 nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
+                                 slurm_parameters=params)
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error")
     return result.exit_code
@@ -110,7 +131,8 @@ def grid_status(args: argparse.Namespace) -> int:
     from .grid import grid_is_live, lock_info
     from .monitor import GridMonitor, render_table
 
-    grid = _load(args)
+    problems = [f"--workers must be >= 1 (got {args.workers})"] if args.workers is not None and args.workers < 1 else []
+    grid = _load(args, problems)
     live = grid_is_live(grid.grid_dir)
     info = lock_info(grid.grid_dir) if live else None
     slots = args.workers or (int(info.get("slots", 1)) if info else 1)
@@ -130,7 +152,7 @@ def grid_collect(args: argparse.Namespace) -> int:
 
     from .collect import CACHE_NAME, collect_grid, divergence_summary, run_statuses
 
-    grid = _load(args)
+    grid = _load(args, [f"--rise-k must be >= 1 (got {args.rise_k})"] if args.rise_k < 1 else [])
     if not grid.grid_dir.is_dir():
         _err(f"grid {grid.name} has no runs yet ({grid.grid_dir} does not exist)")
         return 1
@@ -185,12 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .grid import GridError, GridInterrupted
-    from .matrix import MatrixError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args))
-    except MatrixError as e:
+    except InputError as e:  # what the user gave; anything else is an internal error and keeps its traceback
         for problem in e.problems:
             _err(problem)
         return 2

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from twinflow_train.config import Config, ConfigError, config_hash, load_config, set_dotted, to_dict
+from twinflow_train.yamlio import InputError, is_number, read_mapping
 
 from .identity import code_version as trainer_code_version
 from .identity import run_identity
@@ -44,84 +45,46 @@ _VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EXPR_RE = re.compile(r"\$\{([^}]*)\}")
 
 
-class MatrixError(ValueError):
+class MatrixError(InputError):
     """A matrix file that cannot be run; ``problems`` lists every problem found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 # --------------------------------------------------------------------------- YAML
 
 
-class _MatrixLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``): lr values are written that way."""
-
-
-_MatrixLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def _duplicate_keys(node: yaml.Node, path: str, out: list[str], file: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key is not None and key != "<<":
-                if key in seen:
-                    if path == "arms":
-                        out.append(f"{file}: duplicate arm name '{key}' (lines {seen[key]} and {line})")
-                    else:
-                        where = f"in '{path}' " if path else ""
-                        out.append(f"{file}: duplicate key '{key}' {where}(lines {seen[key]} and {line})")
-                else:
-                    seen[key] = line
-            child = f"{path}.{key}" if path and key is not None else (key or path)
-            _duplicate_keys(value_node, str(child), out, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _duplicate_keys(item, path, out, file)
-
-
 def read_matrix_yaml(path: Path) -> dict[str, Any]:
-    """The mapping in a matrix file; duplicate keys and syntax errors are errors naming the line."""
-    file = str(path)
-    if not path.is_file():
-        raise MatrixError([f"{file}: matrix file does not exist"])
-    text = path.read_text()
+    """The mapping in a matrix file, read like every input file (``twinflow_train.yamlio.read_mapping``)."""
     try:
-        node = yaml.compose(text, Loader=_MatrixLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise MatrixError([f"{file}: YAML syntax error{where}: {problem}"]) from None
-    if node is None:
-        raise MatrixError([f"{file}: the file is empty"])
-    dups: list[str] = []
-    _duplicate_keys(node, "", dups, file)
-    if dups:
-        raise MatrixError(dups)
-    data = yaml.load(text, Loader=_MatrixLoader)  # noqa: S506 - a SafeLoader subclass
-    if not isinstance(data, dict):
-        raise MatrixError([f"{file}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}"])
-    return data
+        return read_mapping(path, kind="matrix", top_keys=TOP_KEYS, named={"arms": "arm name"})
+    except InputError as e:
+        raise MatrixError(e.problems) from None
 
 
 # --------------------------------------------------------------------------- ${expr} values
 
+# an expression computes a config value: anything beyond this many bits or characters is a mistake, and
+# stopping before computing it keeps ``${9**9**9}`` from running for hours
+_MAX_BITS = 4096
+_MAX_CHARS = 10_000
+
+
+def _bounded_pow(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 and b * (abs(a).bit_length() - 1) > _MAX_BITS:
+        raise ValueError(f"{a} ** {b} is too large")
+    return operator.pow(a, b)
+
+
+def _bounded_mul(a: Any, b: Any) -> Any:
+    n = b if isinstance(a, str) else a if isinstance(b, str) else None
+    text = a if isinstance(a, str) else b
+    if isinstance(n, int) and n * len(text) > _MAX_CHARS:
+        raise ValueError(f"a string repeated {n} times is too long")
+    return operator.mul(a, b)
+
+
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _bounded_mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _bounded_pow,
 }
 _FUNCS: dict[str, Callable[..., Any]] = {"int": int, "float": float, "round": round, "min": min, "max": max}
 
@@ -136,7 +99,10 @@ def _eval_node(node: ast.AST, env: Mapping[str, Any]) -> Any:
             raise ValueError(f"unknown variable '{node.id}' (vars: {', '.join(env) or 'none'})")
         return env[node.id]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_eval_node(node.left, env), _eval_node(node.right, env))
+        out = _BINOPS[type(node.op)](_eval_node(node.left, env), _eval_node(node.right, env))
+        if isinstance(out, int) and out.bit_length() > _MAX_BITS:
+            raise ValueError(f"an intermediate value has more than {_MAX_BITS} bits")
+        return out
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval_node(node.operand, env)
         return -v if isinstance(node.op, ast.USub) else +v
@@ -161,6 +127,10 @@ def evaluate(value: Any, env: Mapping[str, Any]) -> Any:
             raise ValueError(f"'${{{expr}}}' is not a valid expression") from None
         except ZeroDivisionError:
             raise ValueError(f"'${{{expr}}}' divides by zero") from None
+        except OverflowError as e:
+            raise ValueError(f"'${{{expr}}}' overflows ({e})") from None
+        except RecursionError:
+            raise ValueError(f"'${{{expr}}}' is nested too deeply") from None
         return out
 
     whole = _EXPR_RE.fullmatch(value)
@@ -300,14 +270,20 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
         if not base_path.is_file():
             problems.append(f"{file}: base config '{data['base']}' does not exist (looked at {base_path})")
             base_path = None
+        else:
+            try:
+                load_config(base_path)
+            except ConfigError as e:
+                problems.extend(f"{file}: base config {base_path}: {_strip_prefix(p, base_path)}" for p in e.problems)
+                base_path = None
 
     seeds = data.get("seeds")
     if seeds is None:
         problems.append(f"{file}: 'seeds' is missing (a non-empty list of integers)")
         seeds = []
     elif (not isinstance(seeds, list) or not seeds
-          or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        problems.append(f"{file}: seeds must be a non-empty list of integers >= 0 (got {seeds!r})")
+          or not all(is_number(s, integer=True) and s >= 0 for s in seeds)):
+        problems.append(f"{file}: seeds must be a non-empty list of integers in [0, 2**31 - 1] (got {seeds!r})")
         seeds = []
     elif len(set(seeds)) != len(seeds):
         problems.append(f"{file}: seeds has duplicates ({seeds})")
@@ -416,11 +392,6 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
     if problems or base_path is None:
         raise MatrixError(problems)
 
-    try:
-        base_cfg = load_config(base_path)
-    except ConfigError as e:
-        raise MatrixError([f"{file}: base config {base_path}: {_strip_prefix(str(e), base_path)}"]) from None
-    del base_cfg
     if top:
         try:
             _resolve(base_path, top)
@@ -466,7 +437,6 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
 
 def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error: ConfigError) -> list[str]:
     """Name the override key(s) that make an arm invalid: each key alone on top of the base (+ overrides)."""
-    message = _strip_prefix(str(error), base)
     culprits = []
     for key, value in spec.overrides.items():
         if key in top and top[key] == value and spec.name != "overrides":
@@ -474,9 +444,9 @@ def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error:
         try:
             _resolve(base, {**top, key: value})
         except ConfigError as e:
-            culprits.append(f"{where}, key '{key}': {_strip_prefix(str(e), base)}")
+            culprits.extend(f"{where}, key '{key}': {_strip_prefix(p, base)}" for p in e.problems)
     if culprits:
         return culprits
     # no single key fails: a combination does (e.g. batch size vs groups); name them all
     keys = ", ".join(f"'{k}'" for k in spec.overrides) or "(none)"
-    return [f"{where}, keys {keys}: {message}"]
+    return [f"{where}, keys {keys}: {_strip_prefix(p, base)}" for p in error.problems]

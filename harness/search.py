@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
-import yaml
-
 from twinflow_train.config import to_yaml
+from twinflow_train.yamlio import InputError, dir_problem, is_number, reading_input
 
 from .grid import HARNESS_DIR, GridError, _prepare_teacher
 from .identity import code_version
@@ -47,7 +46,7 @@ from .launchers import Launcher, make_launcher
 from .matrix import Grid
 from .monitor import LiveDisplay
 from .search_runs import TrialError, TrialExecutor, TrialResult, group_launcher
-from .search_spec import SearchSpec, SearchSpecError, load_search_spec
+from .search_spec import SearchSpec, SearchSpecError, load_search_spec, storage_problem
 from .store import atomic_write_json, atomic_write_text
 
 HELP = "Optuna search over trainer config keys (default rl.weight): parallel, resumable, prunes diverging trials"
@@ -631,33 +630,44 @@ def _err(message: str) -> None:
     print(f"twinflow-lab search: {message}", file=sys.stderr)
 
 
-def run_search(args: argparse.Namespace) -> int:
-    """Run (or continue) the search of ``args.spec``; returns the exit code (see ``SearchResult.exit_code``)."""
-    for flag in ("trials", "workers"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            _err(f"--{flag} must be >= 1 (got {v})")
-            return 2
+def _prepare(args: argparse.Namespace) -> Search:
+    """Everything the command reads and checks before it writes anything; raises ``InputError``."""
+    from .cli import parse_launcher_params
+
+    problems = [f"--{flag} must be >= 1 (got {v})" for flag in ("trials", "workers")
+                if (v := getattr(args, flag)) is not None and v < 1]
+    problems += [f"--{flag.replace('_', '-')} must be > 0 (got {v})" for flag in ("poll_s", "heartbeat_s",
+                                                                               "stale_after_s")
+                 if not is_number(v := getattr(args, flag)) or v <= 0]
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
+    if (problem := dir_problem(args.root)) is not None:
+        problems.append(f"--root: {problem}")
+    if args.storage is not None and (problem := storage_problem(args.storage)) is not None:
+        problems.append(f"--storage: {problem}")
+    try:
+        params = parse_launcher_params(args.slurm_param)
+    except InputError as e:
+        problems += e.problems
     try:
         spec = load_search_spec(args.spec)
-        params: dict[str, Any] = {}
-        for item in args.slurm_param:
-            if "=" not in item:
-                _err(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
-                return 2
-            k, v = item.split("=", 1)
-            params[k.strip()] = yaml.safe_load(v)
-        try:
-            search = Search(spec, root=args.root, trials=args.trials, workers=args.workers, storage=args.storage,
-                            launcher_kind=args.launcher, nproc_per_node=args.nproc_per_node,
-                            slurm_cluster=args.slurm_cluster, slurm_parameters=params, poll_s=args.poll_s,
-                            heartbeat_s=args.heartbeat_s, stale_after_s=args.stale_after_s,
-                            progress=not args.no_progress)
-        except ValueError as e:
-            _err(str(e))
-            return 2
-        result = search.run()
     except SearchSpecError as e:
+        problems += e.problems
+    if problems:
+        raise SearchSpecError(problems)
+    return Search(spec, root=args.root, trials=args.trials, workers=args.workers, storage=args.storage,
+                  launcher_kind=args.launcher, nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
+                  slurm_parameters=params, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
+                  stale_after_s=args.stale_after_s, progress=not args.no_progress)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Run (or continue) the search of ``args.spec``; returns the exit code (see ``SearchResult.exit_code``)."""
+    try:
+        with reading_input("twinflow-lab search"):
+            search = _prepare(args)
+        result = search.run()
+    except InputError as e:  # a bad spec or argument, or a study in the storage with another definition
         for problem in e.problems:
             _err(problem)
         return 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 from twinflow_train.config import Config, ConfigError, load_config, set_dotted, to_dict
 
-from .matrix import RESERVED_KEYS, MatrixError, load_matrix, read_matrix_yaml
+from twinflow_train.yamlio import InputError, is_number, read_mapping
+
+from .matrix import RESERVED_KEYS, MatrixError, load_matrix
 
 TOP_KEYS = ("name", "description", "base", "matrix", "arm", "overrides", "seeds", "parameters", "objective",
             "trials", "workers", "sampler", "pruner", "divergence", "storage", "enqueue")
@@ -238,11 +239,82 @@ def known_metrics(cfg: Config) -> list[str]:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    """A finite number; an integer too large for a float is not one (``float()`` would overflow)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v.bit_length() <= 1023
+    return is_number(v)
 
 
 def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer within the bounds every count and seed of an input file shares (``yamlio.INT_MAX``)."""
+    return is_number(v, integer=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as YAML values: ``1`` is not ``true``, ``1.0`` is ``1``."""
+    return json.dumps(a) == json.dumps(b) or (_number(a) and _number(b) and a == b)
+
+
+def enqueue_problem(param: ParamSpec, value: Any) -> str | None:
+    """Why ``value`` cannot be enqueued for ``param`` (None: it can): Optuna would sample another value instead."""
+    if param.kind == "categorical":
+        if not any(_same(value, c) for c in param.choices or ()):
+            return f"value {value!r} is not one of the choices {list(param.choices or ())}"
+        return None
+    integer = param.kind == "int"
+    if not (_int(value) if integer else _number(value)):
+        return f"expected {'an integer' if integer else 'a finite number'}, got {value!r}"
+    if not param.low <= value <= param.high:
+        return f"value {value!r} is outside the parameter's range [{param.low}, {param.high}]"
+    if param.step is not None:
+        k = (value - param.low) / param.step
+        if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)):
+            return f"value {value!r} is not on the parameter's grid low + k * step (low={param.low}, step={param.step})"
+    return None
+
+
+def storage_problem(value: Any, *, must_exist: bool = False) -> str | None:
+    """Why ``value`` cannot name an Optuna storage (None: it can), decided without opening or creating anything.
+
+    A value without ``://`` is a journal file path; anything else must be a URL whose scheme
+    SQLAlchemy knows, with its database driver installed.
+    """
+    if not isinstance(value, str) or not value.strip():
+        return f"expected a journal file path or an SQLAlchemy URL, got {value!r}"
+    if "\0" in value:
+        return "contains a NUL character"
+    if "://" not in value:
+        path = Path(value)
+        if path.is_dir():
+            return f"{value} is a directory; a journal storage is a file"
+        if must_exist and not path.is_file():
+            return f"journal file {value} does not exist"
+        for parent in path.parents:
+            if parent.exists():
+                return None if parent.is_dir() else f"{parent} is not a directory"
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    scheme = value.split("://", 1)[0]
+    try:
+        url = make_url(value)
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        return (f"unknown URL scheme '{scheme}'; give a journal file path, sqlite:///PATH or a database URL "
+                f"SQLAlchemy knows (postgresql://, mysql://, ...)")
+    except (ArgumentError, ValueError, TypeError) as e:
+        return f"not a valid SQLAlchemy URL ({e})"
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return "an in-memory SQLite database is gone when the process ends; give a file: sqlite:///PATH"
+        if must_exist and not Path(url.database).is_file():
+            return f"SQLite database {url.database} does not exist"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return f"the database driver of '{url.drivername}' is not installed ({e})"
+    return None
 
 
 def _strip(message: str, base: Path) -> str:
@@ -469,14 +541,10 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     """Parse and validate a search spec; raises ``SearchSpecError`` listing every problem. Writes nothing."""
     spec_path = Path(path)
     file = str(spec_path)
-    if not spec_path.is_file():
-        raise SearchSpecError([f"{file}: search spec file does not exist"])
     try:
-        data = read_matrix_yaml(spec_path)  # the matrix reader: duplicate keys and syntax errors name the line
-    except MatrixError as e:
-        raise SearchSpecError([p if "top level must be a mapping" not in p
-                               else f"{file}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}"
-                               for p in e.problems]) from None
+        data = read_mapping(spec_path, kind="search spec", top_keys=TOP_KEYS)
+    except InputError as e:
+        raise SearchSpecError(e.problems) from None
     problems: list[str] = []
     for key in data:
         if key not in TOP_KEYS:
@@ -579,9 +647,11 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     pruner = _parse_pruner(data.get("pruner"), file, problems, multi=bool(objective and objective.multi))
     divergence = _parse_divergence(data.get("divergence"), file, problems)
     storage = data.get("storage")
-    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
-        problems.append(f"{file}: storage must be a journal file path or an SQLAlchemy URL (got {storage!r})")
-        storage = None
+    if storage is not None:
+        problem = storage_problem(storage)
+        if problem is not None:
+            problems.append(f"{file}, key 'storage': {problem}")
+            storage = None
 
     raw_enqueue = data.get("enqueue") or []
     enqueue: list[dict[str, Any]] = []
@@ -595,9 +665,12 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             problems.append(f"{where}: expected a mapping of searched parameter -> value, got {entry!r}")
             continue
         flat = flatten(entry, where=where, problems=problems)
-        for k in flat:
+        by_name = {p.path: p for p in params}
+        for k, v in flat.items():
             if k not in names:
                 problems.append(f"{where}, key '{k}': not a searched parameter ({', '.join(sorted(names)) or 'none'})")
+            elif (problem := enqueue_problem(by_name[k], v)) is not None:
+                problems.append(f"{where}, key '{k}': {problem}")
         enqueue.append(flat)
 
     if problems or base_path is None or objective is None:
@@ -607,8 +680,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     try:
         base_cfg = load_config(base_path, nested(overrides))
     except ConfigError as e:
-        raise SearchSpecError([f"{file}: base config ({source}) with the overrides: {_strip(str(e), base_path)}"]
-                              ) from None
+        raise SearchSpecError([f"{file}: base config ({source}) with the overrides: {_strip(p, base_path)}"
+                               for p in e.problems]) from None
 
     for p in params:
         where = f"{file}: parameters, '{p.path}'"
@@ -617,8 +690,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             try:
                 load_config(base_path, nested({**overrides, p.path: v}))
             except ConfigError as e:
-                problems.append(f"{where}: value {v!r} does not make a valid trainer config: "
-                                f"{_strip(str(e), base_path)}")
+                problems.extend(f"{where}: value {v!r} does not make a valid trainer config: {_strip(q, base_path)}"
+                                for q in e.problems)
                 break
     if any(p.path == "rl.weight" for p in params) and not base_cfg.rl.enabled:
         problems.append(f"{file}: parameters, 'rl.weight': the base config has rl.enabled false, so the weight "
@@ -627,7 +700,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         try:
             load_config(base_path, nested({**overrides, **entry}))
         except ConfigError as e:
-            problems.append(f"{file}: enqueue[{i}]: {_strip(str(e), base_path)}")
+            problems.extend(f"{file}: enqueue[{i}]: {_strip(p, base_path)}" for p in e.problems)
 
     valid = known_metrics(base_cfg)
     for m in list(objective.metrics) + [c.metric for c in objective.constraints]:

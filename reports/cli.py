@@ -31,23 +31,61 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    """The command's own arguments, checked before the grid is read (reading it caches its metrics)."""
+    from harness.search_spec import storage_problem
+    from twinflow_train.yamlio import dir_problem
+
+    problems = []
+    if not args.grid_dir.is_dir():
+        problems.append(f"GRID_DIR: {args.grid_dir} " + ("is not a directory" if args.grid_dir.exists()
+                                                         else "does not exist"))
+    if args.out is not None and (problem := dir_problem(args.out)) is not None:
+        problems.append(f"--out: {problem}")
+    if args.bootstrap < 100:
+        problems.append(f"--bootstrap must be >= 100 for a 95% percentile interval (got {args.bootstrap})")
+    if args.max_points < 10:
+        problems.append(f"--max-points must be >= 10 (got {args.max_points})")
+    if args.nfe is not None and args.nfe < 1:
+        problems.append(f"--nfe must be >= 1 (got {args.nfe})")
+    if args.study_name is not None and args.study_storage is None:
+        problems.append("--study-name needs --study-storage")
+    if args.study_storage is not None and (problem := storage_problem(args.study_storage,
+                                                                      must_exist=True)) is not None:
+        problems.append(f"--study-storage: {problem}")
+    return problems
+
+
 def run_report(args: argparse.Namespace) -> int:
-    from .build import build_report
+    from twinflow_train.yamlio import InputError, reading_input
+
+    from .build import write_report
+    from .data import load_grid
 
     try:
-        studies = None
-        if args.study_storage is not None:
-            from .study import load_studies
+        with reading_input("twinflow-lab report"):
+            problems = _argument_problems(args)
+            if problems:
+                raise InputError(problems)
+            data = load_grid(grid_dir=args.grid_dir, arm_order=args.arm_order)
+            if args.baseline is not None and args.baseline not in data.arms:
+                raise InputError(f"--baseline: arm {args.baseline!r} is not in the grid; arms: {list(data.arms)}")
+            if args.study_storage is not None:
+                from .study import load_studies
 
-            studies = load_studies(args.study_storage, name=args.study_name)
-        elif args.study_name is not None:
-            raise ValueError("--study-name needs --study-storage")
-        path = build_report(grid_dir=args.grid_dir, out_dir=args.out, baseline=args.baseline, arm_order=args.arm_order,
-                            band=args.band, n_boot=args.bootstrap, boot_seed=args.bootstrap_seed,
-                            max_points=args.max_points, primary_nfe=args.nfe, sample_seed=args.sample_seed,
-                            studies=studies, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"twinflow-lab report: {e}", file=sys.stderr)
+                studies = load_studies(args.study_storage, name=args.study_name)
+            else:
+                from .study import find_studies
+
+                studies = find_studies(args.grid_dir)
+        # a run's sample files that do not load are problems of the grid's data, found while writing
+        path = write_report(data, out_dir=args.out if args.out is not None else args.grid_dir / "report",
+                            baseline=args.baseline, band=args.band, n_boot=args.bootstrap,
+                            boot_seed=args.bootstrap_seed, max_points=args.max_points, primary_nfe=args.nfe,
+                            sample_seed=args.sample_seed, studies=studies, progress=not args.no_progress)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        for problem in getattr(e, "problems", None) or str(e).splitlines():
+            print(f"twinflow-lab report: {problem}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -140,10 +140,10 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
         raise FileNotFoundError(f"grid directory {grid_dir} does not exist")
     from harness import collect
 
-    metrics = collect.collect_grid(grid_dir)
     statuses = collect.run_statuses(grid_dir)
-    if statuses.empty:
+    if statuses.empty:  # checked first: collecting writes the grid's metrics cache
         raise ValueError(f"{grid_dir}: no run directories (<arm>/seed-<k>/) in this grid directory")
+    metrics = collect.collect_grid(grid_dir)
     divergence = collect.divergence_summary(metrics) if len(metrics) else None
     source = "order given"
     if arm_order is None:
@@ -154,13 +154,13 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
 
 
 def _is_matrix(path: Path) -> bool:
-    import yaml
+    from twinflow_train.yamlio import InputError, read_mapping
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        data = read_mapping(path, kind="matrix")
+    except InputError:
         return True  # let the matrix loader report what is wrong with it
-    return isinstance(data, dict) and "arms" in data
+    return "arms" in data
 
 
 def matrix_arm_order(statuses: pd.DataFrame) -> tuple[list[str] | None, str]:

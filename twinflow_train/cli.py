@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+from .yamlio import INT_MAX, InputError, dir_problem, reading_input
 
 
 def _common(p: argparse.ArgumentParser, *, run_dir: bool) -> None:
@@ -19,12 +20,48 @@ def _common(p: argparse.ArgumentParser, *, run_dir: bool) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rl.weight=0.05")
 
 
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    """The command's own arguments, checked before any file is read or written."""
+    run_dir: Path | None = getattr(args, "run_dir", None)
+    problems = []
+    if args.command == "fit" and (problem := dir_problem(run_dir)) is not None:
+        problems.append(f"--run-dir: {problem}")
+    if args.command in ("sample", "eval"):
+        if not run_dir.is_dir():
+            problems.append(f"--run-dir: {run_dir} is not a run directory (it does not exist)"
+                            if not run_dir.exists() else f"--run-dir: {run_dir} is not a directory")
+        else:
+            if args.config is None and not (run_dir / "config.yaml").is_file():
+                problems.append(f"--run-dir: {run_dir} holds no config.yaml (not a run of twinflow-train fit?); "
+                                "pass --config to give its config")
+            weights = (run_dir / "checkpoints" / "best" / "weights.pt" if args.which == "best"
+                       else run_dir / "checkpoints" / "latest" / "meta.json")
+            if not weights.is_file():
+                problems.append(f"--run-dir: {run_dir} holds no {args.which} weights ({weights} does not exist"
+                                f"{'; no validation has run yet' if args.which == 'best' else ''})")
+    nfe = getattr(args, "nfe", None) or []
+    if any(not 1 <= n <= INT_MAX for n in nfe):
+        problems.append(f"--nfe: step counts must be in [1, {INT_MAX}] (got {nfe})")
+    out = getattr(args, "out", None)
+    if out is not None and (problem := dir_problem(out)) is not None:
+        problems.append(f"--out: {problem}")
+    return problems
+
+
 def _load(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and getattr(args, "run_dir", None) is not None and args.command in ("sample", "eval"):
-        candidate = args.run_dir / "config.yaml"
-        path = candidate if candidate.is_file() else None
-    return load_config(path, args.overrides)
+    """Every check of the command's input (arguments, config file, overrides); raises ``InputError``."""
+    with reading_input(f"twinflow-train {args.command}"):
+        problems = _argument_problems(args)
+        path = args.config
+        if path is None and args.command in ("sample", "eval") and (args.run_dir / "config.yaml").is_file():
+            path = args.run_dir / "config.yaml"  # a missing one is among the problems already
+        try:
+            cfg = load_config(path, args.overrides)
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise InputError(problems)
+        return cfg
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
@@ -96,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"twinflow-train: config error: {e}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"twinflow-train: config error: {problem}", file=sys.stderr)
+        return 2
+    except InputError as e:  # anything else raised is an internal error and keeps its traceback (exit 1)
+        for problem in e.problems:
+            print(f"twinflow-train: {problem}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"twinflow-train: {e}", file=sys.stderr)

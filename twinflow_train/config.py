@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -20,9 +21,11 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .yamlio import InputError, number_problem, parse_value, read_mapping
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
+
+class ConfigError(InputError):
+    """A configuration that cannot be used; each of ``problems`` names the offending key."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -62,7 +65,8 @@ class RunConfig:
         _require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
         _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
         _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
-        _require(self.threads >= 0, f"threads must be >= 0 (got {self.threads})")
+        # more threads than any node has cores is a typo that torch would try to honour
+        _require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
         _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
 
 
@@ -551,25 +555,32 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        problem = number_problem(value, integer=True)
+        if problem is not None:
+            raise ConfigError(f"{path}: {problem}")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to anyone writing a config
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            value = float(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            # an integer beyond float range would raise OverflowError in float()
+            value = float(value) if abs(value) <= 2**1023 else math.inf
+        problem = number_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{path}: {problem}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
+        if "\0" in value:
+            raise ConfigError(f"{path}: contains a NUL character")
         return value
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values (all of them at once)."""
     where = path or "config"
     if data is None:
         data = {}
@@ -577,10 +588,19 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
+    problems: list[str] = []
+    kwargs = {}
+    for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+            problems.append(f"{where}: unknown key '{key}'; valid keys: {', '.join(names)}")
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        # a section's own checks (__post_init__) only run on values of the right types
+        raise ConfigError(problems)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -600,9 +620,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+            value = parse_value(raw, where=f"override {item!r}")
+        except InputError as e:
+            raise ConfigError(e.problems) from None
         set_dotted(tree, parts, value)
     return tree
 
@@ -628,18 +648,11 @@ def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+    """The sections of a trainer config file, read like every other input file (``yamlio.read_mapping``)."""
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: YAML syntax error: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return data
+        return read_mapping(path, kind="config", top_keys=[f.name for f in dataclasses.fields(Config)])
+    except InputError as e:
+        raise ConfigError(e.problems) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
@@ -652,7 +665,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[s
         return from_dict(Config, raw)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError([f"{where}{p}" for p in e.problems]) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
