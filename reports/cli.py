@@ -59,14 +59,13 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
 def run_report(args: argparse.Namespace) -> int:
     from twinflow_train.yamlio import InputError, reading_input
 
-    from .build import write_report
-    from .data import load_grid
-
     try:
         with reading_input("twinflow-lab report"):
             problems = _argument_problems(args)
             if problems:
                 raise InputError(problems)
+            from .data import load_grid
+
             data = load_grid(grid_dir=args.grid_dir, arm_order=args.arm_order)
             if args.baseline is not None and args.baseline not in data.arms:
                 raise InputError(f"--baseline: arm {args.baseline!r} is not in the grid; arms: {list(data.arms)}")
@@ -78,6 +77,8 @@ def run_report(args: argparse.Namespace) -> int:
                 from .study import find_studies
 
                 studies = find_studies(args.grid_dir)
+        from .build import write_report
+
         # a run's sample files that do not load are problems of the grid's data, found while writing
         path = write_report(data, out_dir=args.out if args.out is not None else args.grid_dir / "report",
                             baseline=args.baseline, band=args.band, n_boot=args.bootstrap,

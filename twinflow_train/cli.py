@@ -65,21 +65,22 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before the heavy imports: bad input fails at once
     from .teacher import get_teacher
-    cfg = _load(args)
     path = get_teacher(cfg, progress=not args.no_progress)
     print(path)
     return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from .trainer import fit
-    return fit(_load(args), args.run_dir, progress=not args.no_progress)
+    return fit(cfg, args.run_dir, progress=not args.no_progress)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .inference import sample_run
     cfg = _load(args)
+    from .inference import sample_run
     out = sample_run(cfg, args.run_dir, which=args.which, nfe=args.nfe, out_dir=args.out)
     for p in out:
         print(p)
@@ -87,8 +88,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .inference import eval_run
     cfg = _load(args)
+    from .inference import eval_run
     result = eval_run(cfg, args.run_dir, which=args.which)
     print(json.dumps(result, indent=1))
     return 0

@@ -530,6 +530,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        (only, *rest) = [a for a in args if a is not type(None)]
+        if not rest:  # Optional[X]: X's own message says what is wrong
+            return _coerce(only, value, path)
         errors = []
         for arg in args:
             if arg is type(None):
