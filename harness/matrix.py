@@ -298,6 +298,9 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
                 problems.append(f"{file}: vars: {k!r} is not a valid variable name")
             elif not isinstance(v, (int, float, str, bool)):
                 problems.append(f"{file}: vars: '{k}' must be a number, string or bool (got {v!r})")
+            elif isinstance(v, float) and not is_number(v):
+                problems.append(f"{file}: vars: '{k}' must be a finite number (got {v!r})")
+                env[k] = v  # its uses are then reported where they are, not as an unknown variable
             else:
                 env[k] = v
 

@@ -191,7 +191,8 @@ def export_main(argv: list[str]) -> int:
         out = export_diffusers(model, args.out, sampler=cfg.sampler, tt_mode=args.tt_mode, base_pipeline=args.pipeline,
                                source={"run_dir": str(args.run_dir.resolve()), "which": args.which})
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"twinflow-train export: {e}", file=sys.stderr)
+        for problem in getattr(e, "problems", None) or [str(e)]:
+            print(f"twinflow-train export: {problem}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -90,26 +90,38 @@ def _decode(data: bytes, file: str) -> str:
                           f"save the file as UTF-8"]) from None
 
 
-def _duplicate_keys(node: yaml.Node, path: str, out: list[str], file: str, *, named: dict[str, str]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key is not None and key != "<<":
-                if key in seen:
-                    if path in named:
-                        out.append(f"{file}: duplicate {named[path]} '{key}' (lines {seen[key]} and {line})")
+# values in a document once aliases are expanded: far above any real config, far below what an alias
+# bomb ("billion laughs") expands to, which would otherwise hang every walk over the data
+MAX_VALUES = 100_000
+
+
+def _check_nodes(node: yaml.Node, file: str, *, named: dict[str, str]) -> list[str]:
+    """Duplicate keys anywhere in the document (with their lines); too many values once aliases expand."""
+    out: list[str] = []
+    count = 0
+    stack: list[tuple[yaml.Node, str]] = [(node, "")]
+    while stack:
+        node, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise InputError([f"{file}: more than {MAX_VALUES} values once its aliases (*name) are expanded"])
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                line = key_node.start_mark.line + 1
+                if key is not None and key != "<<":
+                    if key in seen:
+                        what = f"{named[path]} '{key}'" if path in named else (
+                            f"key '{key}' in '{path}'" if path else f"key '{key}'")
+                        out.append(f"{file}: duplicate {what} (lines {seen[key]} and {line})")
                     else:
-                        where = f"in '{path}' " if path else ""
-                        out.append(f"{file}: duplicate key '{key}' {where}(lines {seen[key]} and {line})")
-                else:
-                    seen[key] = line
-            child = f"{path}.{key}" if path and key is not None else (key or path)
-            _duplicate_keys(value_node, str(child), out, file, named=named)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _duplicate_keys(item, path, out, file, named=named)
+                        seen[key] = line
+                child = f"{path}.{key}" if path and key is not None else (key or path)
+                stack.append((value_node, str(child)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, path) for item in node.value)
+    return sorted(out, key=lambda p: int(re.search(r"lines \d+ and (\d+)", p).group(1)))
 
 
 def parse_text(text: str, *, file: str, named: dict[str, str] | None = None) -> Any:
@@ -119,6 +131,10 @@ def parse_text(text: str, *, file: str, named: dict[str, str] | None = None) -> 
     """
     try:
         node = yaml.compose(text, Loader=Loader)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow; it carries a position, not a mark
+        line = text[:e.position].count("\n") + 1
+        raise InputError([f"{file}: YAML syntax error at line {line}: character #x{e.character:04x} "
+                          f"is not allowed in YAML"]) from None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
         raise InputError([f"{file}: YAML syntax error{_mark(getattr(e, 'problem_mark', None))}: {problem}"]) from None
@@ -126,8 +142,7 @@ def parse_text(text: str, *, file: str, named: dict[str, str] | None = None) -> 
         raise InputError([f"{file}: nested too deeply to read"]) from None
     if node is None:
         raise InputError([f"{file}: the file is empty"])
-    dups: list[str] = []
-    _duplicate_keys(node, "", dups, file, named=named or {})
+    dups = _check_nodes(node, file, named=named or {})
     if dups:
         raise InputError(dups)
     try:
