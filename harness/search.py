@@ -645,6 +645,7 @@ def _prepare(args: argparse.Namespace) -> Search:
         problems.append(f"--root: {problem}")
     if args.storage is not None and (problem := storage_problem(args.storage)) is not None:
         problems.append(f"--storage: {problem}")
+    params: dict[str, Any] = {}
     try:
         params = parse_launcher_params(args.slurm_param)
     except InputError as e:

@@ -30,7 +30,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from twinflow_train.config import Config, ConfigError, load_config, set_dotted, to_dict
 
-from twinflow_train.yamlio import InputError, is_number, read_mapping
+from twinflow_train.yamlio import InputError, float_problem, is_number, read_mapping
 
 from .matrix import RESERVED_KEYS, MatrixError, load_matrix
 
@@ -240,9 +240,7 @@ def known_metrics(cfg: Config) -> list[str]:
 
 def _number(v: Any) -> bool:
     """A finite number; an integer too large for a float is not one (``float()`` would overflow)."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v.bit_length() <= 1023
-    return is_number(v)
+    return float_problem(v) is None
 
 
 def _int(v: Any) -> bool:
@@ -659,13 +657,13 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         problems.append(f"{file}: enqueue must be a list of parameter mappings (got {raw_enqueue!r})")
         raw_enqueue = []
     names = {p.path for p in params}
+    by_name = {p.path: p for p in params}
     for i, entry in enumerate(raw_enqueue):
         where = f"{file}: enqueue[{i}]"
         if not isinstance(entry, Mapping) or not entry:
             problems.append(f"{where}: expected a mapping of searched parameter -> value, got {entry!r}")
             continue
         flat = flatten(entry, where=where, problems=problems)
-        by_name = {p.path: p for p in params}
         for k, v in flat.items():
             if k not in names:
                 problems.append(f"{where}, key '{k}': not a searched parameter ({', '.join(sorted(names)) or 'none'})")

@@ -67,7 +67,7 @@ CASES: dict[str, tuple[dict[str, str | bytes], str, list[str], list[str]]] = {
     "config_nan": ({"c.yaml": "optim: {lr: .nan}\n"}, "train", FIT, ["c.yaml", "optim.lr", "finite"]),
     "config_1e400": ({"c.yaml": "optim: {lr: 1e400}\n"}, "train", FIT, ["c.yaml", "optim.lr", "finite"]),
     "config_int_too_large_for_float": ({"c.yaml": f"optim: {{lr: {HUGE}}}\n"}, "train", FIT,
-                                       ["c.yaml", "optim.lr", "finite"]),
+                                       ["c.yaml", "optim.lr", "too large for a float"]),
     "config_threads_2_70": ({"c.yaml": f"run: {{threads: {BIG}}}\n"}, "train", FIT,
                             ["c.yaml", "run.threads", "out of range"]),
     "config_threads_too_many": ({"c.yaml": "run: {threads: 100000}\n"}, "train", FIT,
@@ -106,7 +106,7 @@ CASES: dict[str, tuple[dict[str, str | bytes], str, list[str], list[str]]] = {
                               ["run.threads", "out of range"]),
     "override_float_for_int": ({}, "train", ["fit", "--run-dir", "run", "run.steps=1e400"],
                                ["run.steps", "expected an integer"]),
-    "override_huge_float": ({}, "train", ["fit", "--run-dir", "run", f"optim.lr={HUGE}"], ["optim.lr", "finite"]),
+    "override_huge_float": ({}, "train", ["fit", "--run-dir", "run", f"optim.lr={HUGE}"], ["optim.lr", "too large for a float"]),
     "override_bad_yaml": ({}, "train", ["fit", "--run-dir", "run", "rl.weight=[0.1"],
                           ["rl.weight=[0.1", "not valid YAML"]),
     "override_no_equals": ({}, "train", ["fit", "--run-dir", "run", "rl.weight"], ["rl.weight", "section.key=value"]),
@@ -127,7 +127,7 @@ CASES: dict[str, tuple[dict[str, str | bytes], str, list[str], list[str]]] = {
     "matrix_expr_huge_string": ({"m.yaml": _matrix("a: {}\n  b: {telemetry.project: \"${'ab' * 10**9}\"}")}, "lab",
                                 GRID, ["m.yaml", "arm 'b'", "key 'telemetry.project'", "too long"]),
     "matrix_expr_int_into_float": ({"m.yaml": _matrix('a: {}\n  b: {optim.lr: "${10**400}"}')}, "lab", GRID,
-                                   ["m.yaml", "arm 'b'", "key 'optim.lr'", "finite"]),
+                                   ["m.yaml", "arm 'b'", "key 'optim.lr'", "too large for a float"]),
     "matrix_expr_inf_float": ({"m.yaml": _matrix('a: {}\n  b: {rl.weight: "${1e308 * 10}"}')}, "lab", GRID,
                               ["m.yaml", "arm 'b'", "key 'rl.weight'", "finite"]),
     "matrix_var_inf": ({"m.yaml": _matrix('a: {}\n  b: {rl.weight: "${w}"}', head="vars: {w: .inf}\n")}, "lab", GRID,
@@ -379,3 +379,23 @@ def test_console_input_error_exits_2_and_internal_error_exits_1(workdir, module,
     assert "RuntimeError: injected fault" in proc.stderr
     assert ("Traceback" in proc.stderr) is traceback, proc.stderr
     assert not (workdir / "runs").exists()
+
+
+def test_the_checks_accept_what_is_valid(workdir):
+    """The bounds are where they say: valid neighbours of the refused inputs still load, and nothing is created."""
+    from harness.search_spec import ParamSpec, enqueue_problem, storage_problem
+    from twinflow_train.config import ConfigError, load_config
+
+    _write(workdir, {"c.yaml": "run: {threads: 1024, seed: 2147483647}\noptim: {lr: 1e-4, max_grad_norm: 1.0e+308}\n"
+                               "method: &m {rect_weight: 0.5}\n"}, base=False)
+    cfg = load_config("c.yaml")
+    assert cfg.run.seed == 2**31 - 1 and cfg.optim.lr == pytest.approx(1e-4) and cfg.method.rect_weight == 0.5
+    with pytest.raises(ConfigError, match="run.seed: integer 2147483648 is out of range"):
+        load_config("c.yaml", ["run.seed=2147483648"])
+    assert storage_problem("sqlite:///study.db") is None and storage_problem("runs/s/s.journal") is None
+    assert not (workdir / "study.db").exists() and not (workdir / "runs").exists()
+    grid = ParamSpec(path="rl.warmup", kind="int", low=0, high=10, step=2)
+    assert enqueue_problem(grid, 4) is None and enqueue_problem(grid, 10) is None
+    assert enqueue_problem(ParamSpec(path="rl.weight", kind="float", low=1e-3, high=1.0, log=True), 1) is None
+    assert enqueue_problem(ParamSpec(path="rl.clip", kind="categorical", choices=("none", "param")), "param") is None
+    assert enqueue_problem(ParamSpec(path="x", kind="categorical", choices=(1, 2)), True) is not None

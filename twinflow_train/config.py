@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import types
 import typing
@@ -21,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .yamlio import InputError, number_problem, parse_value, read_mapping
+from .yamlio import InputError, float_problem, number_problem, parse_value, read_mapping
 
 
 class ConfigError(InputError):
@@ -566,10 +565,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to anyone writing a config
             value = float(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            # an integer beyond float range would raise OverflowError in float()
-            value = float(value) if abs(value) <= 2**1023 else math.inf
-        problem = number_problem(value)
+        problem = float_problem(value)
         if problem is not None:
             raise ConfigError(f"{path}: {problem}")
         return float(value)

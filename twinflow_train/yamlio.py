@@ -69,6 +69,13 @@ def is_number(value: Any, *, integer: bool = False) -> bool:
     return number_problem(value, integer=integer) is None
 
 
+def float_problem(value: Any) -> str | None:
+    """Why ``value`` is not a usable float (None: it is); an integer counts if ``float()`` can hold it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value.bit_length() <= 1023 else f"number {_short(value)} is too large for a float"
+    return number_problem(value)
+
+
 def _short(value: int) -> str:
     text = str(value)
     return text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
