@@ -412,7 +412,7 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         import warnings
 
-        # an enqueued value outside the searched range (the report's weight, an absurd one) is deliberate
+        # a value enqueued outside the searched range through the Python API is deliberate (a spec's are checked)
         warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range", category=UserWarning)
         self.storage, storage_name = storage_for(self.spec, root=self.root, override=self.storage_override)
         self.storage_name = storage_name

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from harness.collect import run_statuses
 from harness.launchers import LocalLauncher
 from harness.monitor import pid_is_trainer
-from harness.search import Owner, Search, main, stale_reason, storage_for, this_process
+from harness.search import Owner, Search, main, open_study, stale_reason, storage_for, this_process
 from harness.search_spec import SearchSpecError, load_search_spec
 from harness.store import checkpoint_step, read_metrics, read_record, read_status
 
@@ -397,13 +397,14 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
         workers: 2
         pruner: {{kind: median, n_startup_trials: 2}}
         divergence: {{max_grad_norm: 1.0e4}}
-        enqueue:
-          - {{rl.weight: 1.0e6}}   # clipped updates stay finite, the pre-clip grad norm explodes
-          - {{rl.weight: 1.0e30}}  # the loss overflows: the trainer stops the run as diverged
         """))
     root = tmp_path / "runs"
     study_dir = root / "rlw"
     spec = load_search_spec(path)
+    # absurd weights, outside the searched range on purpose: a spec's enqueue refuses them, the Optuna API does not
+    study = open_study(spec, storage_for(spec, root=root)[0])
+    study.enqueue_trial({"rl.weight": 1.0e6})   # clipped updates stay finite, the pre-clip grad norm explodes
+    study.enqueue_trial({"rl.weight": 1.0e30})  # the loss overflows: the trainer stops the run as diverged
 
     def search(**kw):
         s = Search(spec, root=root, poll_s=0.1, progress=False, stream=io.StringIO(), **kw)
