@@ -33,10 +33,11 @@ import yaml
 from twinflow_train.config import Config, ConfigError, config_hash, load_config, set_dotted, to_dict
 from twinflow_train.yamlio import InputError, is_number, read_mapping
 
+from .claims import Claim, parse_claims
 from .identity import code_version as trainer_code_version
 from .identity import run_identity
 
-TOP_KEYS = ("name", "description", "base", "seeds", "vars", "overrides", "axes", "arms")
+TOP_KEYS = ("name", "description", "base", "seeds", "vars", "overrides", "axes", "arms", "claims")
 ARM_EXTENDS = "extends"
 # set by the harness for every run; an arm setting them would be silently overridden
 RESERVED_KEYS = ("run.seed", "telemetry.group", "telemetry.name")
@@ -181,6 +182,8 @@ class Grid:
     arms: tuple[ArmSpec, ...]
     runs: tuple[RunSpec, ...]
     code_version: str
+    claims: tuple[Claim, ...] = ()
+    """The ``claims:`` block (see harness/claims.py): which arm pair tests which claim."""
 
     @property
     def grid_dir(self) -> Path:
@@ -406,6 +409,7 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
     root = Path(root)
     runs: list[RunSpec] = []
     by_hash: dict[str, str] = {}
+    arm_configs: dict[str, Config] = {}
     wandb_missing = importlib.util.find_spec("wandb") is None
     for spec in arms:
         where = f"{file}: arm '{spec.name}'"
@@ -420,6 +424,7 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
                             f"(overrides {spec.overrides or '{}'}); two arms must differ")
             continue
         by_hash[canon] = spec.name
+        arm_configs[spec.name] = cfg
         if wandb_missing and cfg.telemetry.wandb in ("offline", "online"):
             problems.append(f"{where}, key 'telemetry.wandb': '{cfg.telemetry.wandb}' needs the wandb package, "
                             "which is not installed (pip install 'twinflow-lab[wandb]')")
@@ -432,10 +437,12 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
                                 config=run_cfg, config_hash=config_hash(run_cfg),
                                 identity=run_identity(run_cfg, code),
                                 run_dir=root / name / spec.name / f"seed-{seed}"))
+    claims = () if problems else parse_claims(data.get("claims"), file=file, arms=arm_configs,
+                                              evaluate=lambda v: evaluate(v, env), problems=problems)
     if problems:
         raise MatrixError(problems)
     return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(seeds),
-                arms=tuple(arms), runs=tuple(runs), code_version=code)
+                arms=tuple(arms), runs=tuple(runs), code_version=code, claims=claims)
 
 
 def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error: ConfigError) -> list[str]:

@@ -234,7 +234,7 @@ def known_metrics(cfg: Config) -> list[str]:
     out = ["val/loss", "val/best_loss"]
     if cfg.data.dataset == "digits":  # sample metrics need the evaluation network, which only digits has
         for n in cfg.eval.nfe:
-            out += [f"val/fd_nfe{n}", f"val/reward_nfe{n}", f"val/accuracy_nfe{n}"]
+            out += [f"val/{what}_nfe{n}" for what in ("fd", "reward", "accuracy", "gold", "proxy")]
     return out
 
 

@@ -19,6 +19,7 @@ from .plots import BAND_LABEL, BANDS, Band, curve_figures
 from .render import Document, Section, figures_of, to_html, to_markdown
 from .samples import sample_grid_figure
 from .stats import (
+    SAMPLE_METRICS,
     arm_table,
     compare_all,
     excludes_zero,
@@ -32,9 +33,21 @@ from .stats import (
     teacher_spread,
     teacher_values,
 )
+from .verdict import (
+    METHOD,
+    RULE,
+    evaluate_claims,
+    grid_claims,
+    load_claims,
+    verdict_csv,
+    verdict_sentences,
+    verdict_table,
+)
 
 if TYPE_CHECKING:
     import optuna
+
+    from harness.claims import Claim
 
 FEW_PAIRS = 5
 
@@ -73,8 +86,9 @@ def summary_display(summary: pd.DataFrame, *, nfe: Sequence[int], primary_nfe: i
         for n in nfe:
             row[f"FD@{n}"] = _cell(summary, arm, f"fd_nfe{n}")
         if primary_nfe is not None:
-            row[f"reward@{primary_nfe}"] = _cell(summary, arm, f"reward_nfe{primary_nfe}")
-            row[f"accuracy@{primary_nfe}"] = _cell(summary, arm, f"accuracy_nfe{primary_nfe}")
+            for what in SAMPLE_METRICS[1:]:  # reward, accuracy, and gold/proxy where the runs write them
+                if what in ("reward", "accuracy") or f"{what}_nfe{primary_nfe}" in summary.columns:
+                    row[f"{what}@{primary_nfe}"] = _cell(summary, arm, f"{what}_nfe{primary_nfe}")
         row["max pre-clip grad norm"] = _cell(summary, arm, "max_grad_norm")
         row["spikes per run"] = _cell(summary, arm, "spikes")
         row["diverged"] = f"{int(s['diverged'])}/{int(s['runs'])}" + (
@@ -107,13 +121,15 @@ def diff_display(diffs: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame:
 
 def sample_metrics_display(runs: pd.DataFrame, arms: Sequence[str], nfe: Sequence[int], teacher: dict) -> pd.DataFrame:
     rows = []
+    whats = [w for w in SAMPLE_METRICS
+             if w in ("fd", "reward", "accuracy") or any(f"{w}_nfe{n}" in runs.columns for n in nfe)]
+    names = {w: "FD" if w == "fd" else w for w in whats}
+    blank = {f"{names[w]} {which}": "—" for w in whats for which in ("final", "best")}
     tsteps = teacher.get("teacher/steps")
     rows.append({"arm": "teacher" + (f" ({int(tsteps)} steps)" if tsteps and math.isfinite(tsteps) else ""),
                  # steps, not NFE: a guided teacher step costs two evaluations
                  "NFE": f"{fmt_int(tsteps)} steps" if tsteps and math.isfinite(tsteps) else "—",
-                 "FD final": fmt_num(teacher.get("teacher/fd")), "FD best": "—",
-                 "reward final": fmt_num(teacher.get("teacher/reward")), "reward best": "—",
-                 "accuracy final": fmt_num(teacher.get("teacher/accuracy")), "accuracy best": "—"})
+                 **blank, **{f"{names[w]} final": fmt_num(teacher.get(f"teacher/{w}")) for w in whats}})
     g = runs.groupby(level="arm", observed=True, sort=False)
 
     def mean(key: str, arm: str) -> str:
@@ -125,17 +141,15 @@ def sample_metrics_display(runs: pd.DataFrame, arms: Sequence[str], nfe: Sequenc
     for n in nfe:
         euler = teacher.get(f"teacher/fd_euler{n}")
         if euler is not None and math.isfinite(euler):
-            rows.append({"arm": "teacher, Euler", "NFE": str(n), "FD final": fmt_num(euler), "FD best": "—",
-                         "reward final": "—", "reward best": "—", "accuracy final": "—", "accuracy best": "—"})
+            rows.append({"arm": "teacher, Euler", "NFE": str(n), **blank, "FD final": fmt_num(euler)})
     for arm in arms:
         if arm not in g.groups:
             continue
         for n in nfe:
             row = {"arm": arm, "NFE": str(n)}
-            for what in ("fd", "reward", "accuracy"):
-                name = "FD" if what == "fd" else what
-                row[f"{name} final"] = mean(f"{what}_nfe{n}", arm)
-                row[f"{name} best"] = mean(f"{what}_nfe{n}@best", arm)
+            for what in whats:
+                row[f"{names[what]} final"] = mean(f"{what}_nfe{n}", arm)
+                row[f"{names[what]} best"] = mean(f"{what}_nfe{n}@best", arm)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -169,6 +183,21 @@ def runs_display(runs: pd.DataFrame, primary_nfe: int | None, divergence: pd.Dat
     return out
 
 
+def verdict_section(verdicts: Sequence[Sequence], *, source: str) -> Section:
+    """The claims and their verdicts (first in the report): a sentence per claim, the table, the method."""
+    if not verdicts:
+        return Section("Verdicts", anchor="verdicts",
+                       paragraphs=[f"No claims to judge: {source or 'none given'}. A matrix declares them in a "
+                                   "'claims:' block (docs/harness.md); 'twinflow-lab report --claims MATRIX' takes "
+                                   "them from another file."])
+    return Section("Verdicts", anchor="verdicts",
+                   paragraphs=[f"Claims from {source}." if source else "Claims given to the report.", METHOD, RULE],
+                   bullets=verdict_sentences(verdicts),
+                   tables=[("One row per test; a claim of several parts has one row per part and its verdict on the "
+                            "first row. Effect: treatment vs baseline, paired by seed; (fold) = ratio of geometric "
+                            "means.", verdict_table(verdicts))])
+
+
 def _resolve_run_dirs(statuses: pd.DataFrame, grid_dir: Path | None) -> pd.DataFrame:
     def fix(rd):
         if not isinstance(rd, str) or not rd:
@@ -188,8 +217,12 @@ def _slug_ok(slug: str) -> str:
 def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = None, band: Band = "minmax",
                  n_boot: int = 10_000, boot_seed: int = 0, max_points: int = 400, primary_nfe: int | None = None,
                  sample_seed: int | None = None, studies: Sequence["optuna.Study"] = (), title_note: str = "",
-                 progress: bool = True) -> Path:
-    """Compute and write the report of ``data`` into ``out_dir``; returns the path of report.html."""
+                 claims: Sequence["Claim"] | None = None, claims_source: str = "", progress: bool = True) -> Path:
+    """Compute and write the report of ``data`` into ``out_dir``; returns the path of report.html.
+
+    ``claims``: the claims the verdict section judges; None takes them from the matrix file the runs were
+    made from (``claims_source`` says where given ones came from).
+    """
     if band not in BANDS:
         raise ValueError(f"band must be one of {BANDS} (got {band!r})")
     if n_boot < 100:
@@ -212,11 +245,14 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     diffs = compare_all(runs, arms=arms, baseline=baseline, specs=specs, n_boot=n_boot, seed=boot_seed)
     found = findings(runs, summary, arms=arms, specs=specs, primary_nfe=primary, n_boot=n_boot, seed=boot_seed)
     teacher = teacher_values(data)
+    statuses = _resolve_run_dirs(data.statuses, data.grid_dir)
+    if claims is None:
+        claims, claims_source = grid_claims(statuses)
+    verdicts = evaluate_claims(data, claims)
     bar.update(1)
 
     curves = curve_figures(data, band=band, max_points=max_points)
     bar.update(1)
-    statuses = _resolve_run_dirs(data.statuses, data.grid_dir)
     tsteps = teacher.get("teacher/steps")
     sample_figs = [f for which in ("final", "best")
                    if (f := sample_grid_figure(statuses, arms=arms, nfe=nfe, which=which, teacher_steps=tsteps,
@@ -241,7 +277,8 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
              f"percentile interval ({n_boot} resamples of the seed pairs, seed {boot_seed}); '*' marks an interval "
              f"that excludes 0, with the p-value of the exact paired sign-flip test beside it; 'significant' means "
              f"both (interval excludes 0 and p < 0.05). With fewer than 2 pairs there is no interval (n/a). "
-             f"Relative differences (%) are mean(arm)/mean(baseline) - 1."]
+             f"Relative differences (%) are mean(arm)/mean(baseline) - 1; where a ratio is beyond 10x (or below "
+             f"1/10) all three numbers are written as fold changes xR = mean(arm)/mean(baseline) instead."]
     if title_note:
         intro.insert(0, title_note)
     notes = []
@@ -275,7 +312,7 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
         summary_sec.tables.append((f"Differences against the baseline '{baseline}' (arm - baseline; "
                                    "[95% bootstrap interval]; * interval excludes 0, with the sign-flip p; "
                                    "(n=k) fewer pairs than the column's).", dd))
-    sections = [summary_sec,
+    sections = [verdict_section(verdicts, source=claims_source), summary_sec,
                 Section("Findings", anchor="findings",
                         paragraphs=["Each arm against its predecessor in the ladder, computed from the paired seeds."],
                         bullets=found or ["A single arm: nothing to compare."]),
@@ -302,6 +339,7 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     _publish_csv(summary, out_dir / "summary.csv")
     _publish_csv(runs, out_dir / "runs.csv")
     _publish_csv(diffs, out_dir / "differences.csv", index=False)
+    _publish_csv(verdict_csv(verdicts), out_dir / "verdicts.csv", index=False)
     manifest = [{"slug": f.slug, "file": names[f.slug], "title": f.title, "caption": f.caption, "meta": f.meta}
                 for f in figures_of(doc)]
     atomic_write_text(out_dir / "figures.json", json.dumps(manifest, indent=1, default=str) + "\n")
@@ -322,12 +360,16 @@ def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, bas
                  arm_order: Sequence[str] | None = None, band: Band = "minmax", n_boot: int = 10_000,
                  boot_seed: int = 0, max_points: int = 400, primary_nfe: int | None = None,
                  sample_seed: int | None = None, studies: Sequence["optuna.Study"] | None = None,
-                 progress: bool = True) -> Path:
+                 claims_from: str | Path | None = None, progress: bool = True) -> Path:
     """Report of the grid in ``grid_dir`` (default output: ``grid_dir/report``); returns report.html's path.
 
     ``studies``: Optuna studies for the study section; None looks for ``*.journal`` in the grid directory.
+    ``claims_from``: a matrix file whose claims the verdict section judges (default: the grid's own matrix).
     """
     grid_dir = Path(grid_dir)
+    claims, source = None, ""
+    if claims_from is not None:
+        claims, source = load_claims(claims_from), f"matrix file {claims_from}"
     data = load_grid(grid_dir=grid_dir, arm_order=arm_order)
     if studies is None:
         from .study import find_studies
@@ -335,4 +377,5 @@ def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, bas
         studies = find_studies(grid_dir)
     return write_report(data, out_dir=out_dir if out_dir is not None else grid_dir / "report", baseline=baseline,
                         band=band, n_boot=n_boot, boot_seed=boot_seed, max_points=max_points,
-                        primary_nfe=primary_nfe, sample_seed=sample_seed, studies=studies, progress=progress)
+                        primary_nfe=primary_nfe, sample_seed=sample_seed, studies=studies, claims=claims,
+                        claims_source=source, progress=progress)

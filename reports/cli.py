@@ -28,6 +28,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna study storage for the study section: a journal file or an SQLAlchemy URL "
                              "(default: the *.journal files at the top of GRID_DIR)")
     parser.add_argument("--study-name", default=None, help="only this study of --study-storage")
+    parser.add_argument("--claims", type=Path, default=None, metavar="MATRIX",
+                        help="judge the claims of this matrix file (default: the claims of the matrix the runs "
+                             "were made from)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,13 +80,19 @@ def run_report(args: argparse.Namespace) -> int:
                 from .study import find_studies
 
                 studies = find_studies(args.grid_dir)
+            claims, source = None, ""
+            if args.claims is not None:
+                from .verdict import load_claims
+
+                claims, source = load_claims(args.claims), f"matrix file {args.claims}"
         from .build import write_report
 
         # a run's sample files that do not load are problems of the grid's data, found while writing
         path = write_report(data, out_dir=args.out if args.out is not None else args.grid_dir / "report",
                             baseline=args.baseline, band=args.band, n_boot=args.bootstrap,
                             boot_seed=args.bootstrap_seed, max_points=args.max_points, primary_nfe=args.nfe,
-                            sample_seed=args.sample_seed, studies=studies, progress=not args.no_progress)
+                            sample_seed=args.sample_seed, studies=studies, claims=claims, claims_source=source,
+                            progress=not args.no_progress)
     except (InputError, ValueError, FileNotFoundError) as e:
         for problem in getattr(e, "problems", None) or str(e).splitlines():
             print(f"twinflow-lab report: {problem}", file=sys.stderr)

@@ -153,7 +153,8 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
     return dataclasses.replace(data, arm_order_source=source)
 
 
-def _is_matrix(path: Path) -> bool:
+def is_matrix_file(path: Path) -> bool:
+    """A file with ``arms`` (an ablation matrix), as opposed to a search spec."""
     from twinflow_train.yamlio import InputError, read_mapping
 
     try:
@@ -161,6 +162,18 @@ def _is_matrix(path: Path) -> bool:
     except InputError:
         return True  # let the matrix loader report what is wrong with it
     return "arms" in data
+
+
+def run_records(statuses: pd.DataFrame) -> dict[str, list]:
+    """Arm -> the ``harness.json`` records of its runs (runs without one are left out)."""
+    from harness.store import read_record
+
+    records: dict[str, list] = {}
+    for arm, rd in statuses[["arm", "run_dir"]].itertuples(index=False):  # one per run
+        rec = read_record(Path(rd)) if isinstance(rd, str) else None
+        if rec is not None:
+            records.setdefault(str(arm), []).append(rec)
+    return records
 
 
 def matrix_arm_order(statuses: pd.DataFrame) -> tuple[list[str] | None, str]:
@@ -172,20 +185,15 @@ def matrix_arm_order(statuses: pd.DataFrame) -> tuple[list[str] | None, str]:
     was created is used, and the returned source says why.
     """
     from harness.matrix import MatrixError, load_matrix
-    from harness.store import read_record
 
-    records: dict[str, list] = {}
-    for arm, rd in statuses[["arm", "run_dir"]].itertuples(index=False):  # one per run
-        rec = read_record(Path(rd)) if isinstance(rd, str) else None
-        if rec is not None:
-            records.setdefault(str(arm), []).append(rec)
+    records = run_records(statuses)
     if not records:
         return None, "status table order, as no run has a harness.json"
     created = sorted(records, key=lambda a: (min(r.created for r in records[a]), a))
     created += [str(a) for a in pd.unique(statuses["arm"].astype(str)) if str(a) not in created]
     matrices = sorted({r.matrix for rs in records.values() for r in rs})
     why = ""
-    if len(matrices) == 1 and Path(matrices[0]).is_file() and not _is_matrix(Path(matrices[0])):
+    if len(matrices) == 1 and Path(matrices[0]).is_file() and not is_matrix_file(Path(matrices[0])):
         # an Optuna search writes its spec here; its trials were created in trial order
         why = f"runs made from {matrices[0]}, which has no 'arms' (a search spec); "
     elif len(matrices) == 1 and Path(matrices[0]).is_file():

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .data import GridData
-from .stats import max_grad_column, teacher_values
+from .stats import SAMPLE_METRICS, max_grad_column, teacher_values
 
 Band = Literal["minmax", "ci95"]
 BANDS: tuple[str, ...] = ("minmax", "ci95")
@@ -245,7 +245,7 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
                           frames: dict[str, pd.DataFrame] | None = None) -> FigureOut | None:
     """FD, reward and accuracy against steps, one column per NFE, the teacher as a dashed reference."""
     nfe = data.nfe
-    rows = [w for w in ("fd", "reward", "accuracy") if any(data.has(f"val/{w}_nfe{n}") for n in nfe)]
+    rows = [w for w in SAMPLE_METRICS if any(data.has(f"val/{w}_nfe{n}") for n in nfe)]
     if not rows or not nfe:
         return None
     teacher = teacher_values(data)
@@ -260,7 +260,8 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
         for j, n in enumerate(nfe):
             ax = axes[i, j]
             cs = curve_stats(val, f"val/{what}_nfe{n}", kind=None, max_points=max_points, band=band)
-            _draw(ax, cs, arms, colors)
+            # FD spans decades between a good student and one pushed off the data (x30 and more): log axis
+            _draw(ax, cs, arms, colors, log=what == "fd")
             ref = teacher.get(f"teacher/{what}")
             if ref is not None and math.isfinite(ref):
                 ax.axhline(ref, color="black", linestyle="--", linewidth=1)
@@ -269,7 +270,7 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
             if euler is not None and math.isfinite(euler):  # the teacher itself given the student's budget
                 ax.axhline(euler, color="dimgray", linestyle=":", linewidth=1.2)
                 euler_refs += 1
-            ax.set_title(f"{what} @ {n} NFE", fontsize=9)
+            ax.set_title(f"{what} @ {n} NFE" + (" (log)" if what == "fd" else ""), fontsize=9)
             ax.tick_params(labelsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=8)
@@ -283,7 +284,7 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
                f"{t_label} on the same prompts"
                + ("; dotted line (FD): the teacher sampled with Euler in as many steps as the student's NFE"
                   if euler_refs else "")
-               + ". FD is lower-better, reward and accuracy higher-better.")
+               + ". FD (log axis) is lower-better; reward, accuracy, gold and proxy higher-better.")
     return FigureOut("sample_metrics", "Validation sample metrics", caption, render(fig),
                      {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs})
 

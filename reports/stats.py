@@ -19,6 +19,9 @@ import pandas as pd
 from .data import GridData
 
 RUN_KEYS = ["arm", "seed"]
+SAMPLE_METRICS = ("fd", "reward", "accuracy", "gold", "proxy")
+"""Student sample metrics per NFE (``val/<what>_nfe<n>``); gold and proxy: the preference score and its learned
+proxy, where the trainer writes them."""
 ALPHA = 0.05
 
 
@@ -64,7 +67,7 @@ def run_table(data: GridData) -> pd.DataFrame:
     out["last_step"] = _by_run(train)["step"].max().reindex(out.index)
 
     val = m[m["kind"] == "val"].sort_values("step", kind="stable")
-    sample_keys = [f"val/{what}_nfe{n}" for n in data.nfe for what in ("fd", "reward", "accuracy")]
+    sample_keys = [f"val/{what}_nfe{n}" for n in data.nfe for what in SAMPLE_METRICS]
     sample_keys = [k for k in sample_keys if k in val.columns]
     if "val/loss" in val.columns and len(val):
         last = _by_run(val).tail(1).set_index(RUN_KEYS)
@@ -143,8 +146,8 @@ def metric_specs(nfe: Sequence[int], primary_nfe: int | None) -> list[MetricSpec
              MetricSpec("final_val_loss", "final val loss", "abs", "lower")]
     specs += [MetricSpec(f"fd_nfe{n}", f"FD@{n}", "abs", "lower") for n in nfe]
     if primary_nfe is not None:
-        specs += [MetricSpec(f"reward_nfe{primary_nfe}", f"reward@{primary_nfe}", "abs", "higher"),
-                  MetricSpec(f"accuracy_nfe{primary_nfe}", f"accuracy@{primary_nfe}", "abs", "higher")]
+        specs += [MetricSpec(f"{what}_nfe{primary_nfe}", f"{what}@{primary_nfe}", "abs", "higher")
+                  for what in SAMPLE_METRICS if what != "fd"]
     specs += [MetricSpec("max_grad_norm", "max grad norm", "rel", "lower"),
               MetricSpec("spikes", "spikes", "abs", "lower"),
               MetricSpec("wall_s", "wall time", "rel", "none")]
@@ -314,10 +317,35 @@ def fmt_int(x: float | None) -> str:
     return str(int(x)) if x == int(x) else f"{x:.1f}"
 
 
+def fmt_fold(r: float) -> str:
+    """A fold change: 'x3.4', 'x21', 'x0.052', 'x3.4e14' (two significant digits)."""
+    if r is None or not math.isfinite(r):
+        return "—"
+    if r <= 0:
+        return f"x{fmt_num(r)}"
+    r = float(f"{r:.1e}")  # two significant digits first, so 9.96 becomes x10, not x10.0
+    if 1e-3 <= r < 1e4:
+        decimals = max(1 - int(math.floor(math.log10(r))), 0)
+        return f"x{r:.{decimals}f}"
+    mantissa, exp = f"{r:.1e}".split("e")
+    return f"x{mantissa}e{int(exp)}"
+
+
+FOLD_BEYOND = 10.0
+"""A ratio beyond this (or below its inverse) is written as a fold change, not a percentage."""
+
+
+def _far(ratio: float) -> bool:
+    return math.isfinite(ratio) and (ratio >= FOLD_BEYOND or ratio <= 1 / FOLD_BEYOND)
+
+
 def fmt_diff(row: pd.Series | dict) -> str:
-    """'+0.4 [-1.2, 2.0]' or '-63% [-71%, -55%]'; 'n/a' for the interval with fewer than 2 pairs."""
+    """'+0.4 [-1.2, 2.0]', '-63% [-71%, -55%]', or fold changes 'x3.4e14 [x12, x8.1e15]' when any of the three
+    ratios is beyond 10x (a percentage of +3.4e16% reads as nothing); 'n/a' for the interval with < 2 pairs."""
     est, lo, hi = row["estimate"], row["lo"], row["hi"]
-    if row["mode"] == "rel":
+    if row["mode"] == "rel" and any(v is not None and _far(1.0 + v) for v in (est, lo, hi)):
+        f = lambda v: "—" if v is None or not math.isfinite(v) else fmt_fold(1.0 + v)  # noqa: E731
+    elif row["mode"] == "rel":
         # one decimal below 10%, so that a bound of +0.4% does not print as "+0%" beside an "excludes 0" flag
         f = lambda v: ("—" if v is None or not math.isfinite(v)  # noqa: E731
                        else f"{100 * v:+.0f}%" if abs(v) >= 0.1 else f"{100 * v:+.1f}%")

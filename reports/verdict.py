@@ -1,0 +1,353 @@
+"""Verdicts on the claims a matrix declares: paired effects, 95% t-intervals, one word each.
+
+For every test of a claim (``harness.claims.ClaimTest``) each run is reduced to one
+number (the metric's final value, or its max/min/mean over a step window), runs are
+paired by seed, and the paired differences are summarised:
+
+- ``scale: diff``: d_i = treatment_i - baseline_i;
+- ``scale: log``: d_i = ln(treatment_i / baseline_i), reported back as a fold change
+  exp(mean d) (the ratio of the geometric means; grad norms and FD live on this scale).
+
+With n pairs, mean d̄ and sample SD s (ddof 1), the 95% interval is the paired
+t-interval d̄ ± t(0.975, n-1) · s/√n. The smallest effect these seeds could have
+detected is the minimum detectable effect of the two-sided paired t-test at
+alpha = 0.05 and 80% power, MDE = (t(0.975, n-1) + t(0.80, n-1)) · s/√n (the
+standard central-t approximation; a fold exp(MDE) on the log scale).
+
+Verdict of a test (the claim predicts ``direction``):
+
+- no tolerance: *supported* when the whole interval lies on the predicted side of 0,
+  *contradicted* when it lies wholly on the other side, *inconclusive* otherwise;
+- ``tolerance`` (non-inferiority, margin m = tolerance, or ln(tolerance) on the log
+  scale): with u = the effect in the "worse" direction, *supported* when the interval's
+  upper end of u is below m, *contradicted* when its lower end is above m, *inconclusive*
+  otherwise;
+- fewer than 2 pairs: *inconclusive* (no interval).
+
+A claim of several tests is supported when every test is, contradicted when any test
+is, inconclusive otherwise. A run without a value (no record in the window; no final
+value because the run diverged or failed and so has no final weights; a non-finite or,
+on the log scale, non-positive value) leaves its seed out, and the entry says which and
+why: a seed is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from harness.claims import TEACHER, Claim, ClaimTest
+
+from .data import GridData
+from .stats import fmt_fold, fmt_num
+
+Verdict = Literal["supported", "contradicted", "inconclusive"]
+LEVEL = 0.95
+POWER = 0.80
+ALPHA = 1 - LEVEL
+RULE = ("Verdict rule: with no tolerance, supported when the whole 95% interval lies on the side of 0 the claim "
+        "predicts, contradicted when it lies wholly on the other side, inconclusive when it contains 0; with a "
+        "tolerance (non-inferiority), supported when the interval's worse end stays within the margin, "
+        "contradicted when even its better end is beyond it, inconclusive otherwise; fewer than 2 paired seeds: "
+        "inconclusive. A claim of several parts is supported when every part is, contradicted when any part is.")
+METHOD = ("Each run is reduced to one number (final value, or max/min/mean over the stated step window); runs are "
+          "paired by seed. Differences: treatment - baseline (scale diff), or log(treatment/baseline) reported as "
+          "a fold change xR = exp(mean log-ratio) (scale log). Interval: the paired t-interval "
+          "mean ± t(0.975, n-1)·SD/√n. Smallest detectable effect: the minimum detectable effect of the two-sided "
+          "paired t-test at alpha 0.05 and 80% power, MDE = (t(0.975, n-1) + t(0.80, n-1))·SD/√n, from the paired "
+          "SD and n (a fold exp(MDE) on the log scale). A final value exists only for runs that were not stopped: "
+          "a diverged or failed run has no final weights.")
+
+
+@dataclass(frozen=True, slots=True)
+class PartResult:
+    claim: str
+    part: int
+    """0-based index of the test within its claim."""
+    test: ClaimTest
+    n: int
+    """Paired seeds with a value on both sides."""
+    seeds: tuple[int, ...]
+    mean: float
+    """Mean paired difference (log scale: mean log-ratio)."""
+    sd: float
+    lo: float
+    hi: float
+    mde: float
+    """Minimum detectable effect at 80% power (same scale as ``mean``)."""
+    verdict: Verdict
+    excluded: tuple[str, ...]
+    """Why each left-out seed has no pair ('rl_hard seed 2: no final value (run diverged)')."""
+
+    @property
+    def effect(self) -> float:
+        """The effect in the metric's terms: the mean difference, or the fold change on the log scale."""
+        return math.exp(self.mean) if self.test.scale == "log" and math.isfinite(self.mean) else self.mean
+
+
+# --------------------------------------------------------------------------- per-run values
+
+
+def _series(data: GridData, arm: str, key: str) -> pd.DataFrame:
+    """Records of ``arm`` holding ``key``: columns seed, step, value (sorted by step)."""
+    m = data.metrics
+    if key not in m.columns:
+        return pd.DataFrame({"seed": pd.Series(dtype=int), "step": pd.Series(dtype=np.int64),
+                             "value": pd.Series(dtype=float)})
+    rows = m[(m["arm"] == arm) & m[key].notna()]
+    return (pd.DataFrame({"seed": rows["seed"].to_numpy(), "step": rows["step"].to_numpy(),
+                          "value": rows[key].to_numpy(dtype=float)})
+            .sort_values(["seed", "step"], kind="stable").reset_index(drop=True))
+
+
+def run_values(data: GridData, *, arm: str, key: str, reduce: str, window: tuple[int, int | None] | None,
+               scale: str) -> tuple[dict[int, float], dict[int, str]]:
+    """Per seed of ``arm``: the reduced value of ``key``, or why there is none.
+
+    Returns (seed -> value, seed -> reason for the seeds without a usable value).
+    """
+    st = data.statuses[data.statuses["arm"] == arm]
+    states = dict(zip(st["seed"].astype(int), st["state"].astype(str)))
+    seeds = sorted(set(states) | set(int(s) for s in data.metrics.loc[data.metrics["arm"] == arm, "seed"].unique()))
+    s = _series(data, arm, key)
+    if window is not None:
+        start, end = window
+        s = s[(s["step"] >= start) & ((s["step"] <= end) if end is not None else True)]
+    values: dict[int, float] = {}
+    missing: dict[int, str] = {}
+    where = "" if window is None else f" in steps {window[0]}-{window[1] if window[1] is not None else 'end'}"
+    for seed in seeds:
+        v = s.loc[s["seed"] == seed, "value"].to_numpy()
+        if reduce == "final" and not key.startswith("teacher/") and states.get(seed) in ("diverged", "failed"):
+            missing[seed] = f"{arm} seed {seed}: no final value (run {states[seed]})"
+            continue
+        if v.size == 0:
+            missing[seed] = f"{arm} seed {seed}: no {key} record{where}"
+            continue
+        x = float(v[-1] if reduce == "final" else v.max() if reduce == "max" else v.min() if reduce == "min"
+                  else v.mean())
+        if not math.isfinite(x):
+            missing[seed] = f"{arm} seed {seed}: {key} {reduce} is {x}"
+        elif scale == "log" and x <= 0:
+            missing[seed] = f"{arm} seed {seed}: {key} {reduce} = {fmt_num(x)} is not positive (log scale)"
+        else:
+            values[seed] = x
+    return values, missing
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def paired_t(d: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(mean, SD, lo, hi, MDE) of paired differences ``d``: 95% t-interval, MDE at 80% power, alpha 0.05.
+
+    Fewer than 2 differences: the mean only (SD, interval and MDE are nan).
+    """
+    d = np.asarray(d, float)
+    n = d.size
+    if n == 0:
+        return (math.nan,) * 5
+    mean = float(d.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan, math.nan
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    t_half = float(sps.t.ppf(1 - ALPHA / 2, n - 1))
+    t_power = float(sps.t.ppf(POWER, n - 1))
+    return mean, sd, mean - t_half * se, mean + t_half * se, (t_half + t_power) * se
+
+
+def rule_verdict(test: ClaimTest, *, n: int, lo: float, hi: float) -> Verdict:
+    """The documented rule (module docstring) on an interval [lo, hi] of the paired effect."""
+    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    sign = 1.0 if test.direction == "increase" else -1.0
+    if test.tolerance is None:
+        if sign * lo > 0 and sign * hi > 0:
+            return "supported"
+        if sign * lo < 0 and sign * hi < 0:
+            return "contradicted"
+        return "inconclusive"
+    margin = math.log(test.tolerance) if test.scale == "log" else test.tolerance
+    worse = sorted((-sign * lo, -sign * hi))  # the interval of the effect in the "worse" direction
+    if worse[1] < margin:
+        return "supported"
+    if worse[0] > margin:
+        return "contradicted"
+    return "inconclusive"
+
+
+def claim_verdict(parts: Sequence[Verdict]) -> Verdict:
+    if parts and all(p == "supported" for p in parts):
+        return "supported"
+    if any(p == "contradicted" for p in parts):
+        return "contradicted"
+    return "inconclusive"
+
+
+def evaluate_test(data: GridData, claim: Claim, part: int) -> PartResult:
+    test = claim.tests[part]
+    treat, miss_t = run_values(data, arm=test.treatment, key=test.metric, reduce=test.reduce, window=test.window,
+                               scale=test.scale)
+    if test.baseline == TEACHER:
+        # the teacher line of the treatment's own run: every seed compares with the teacher it was distilled from
+        base, miss_b = run_values(data, arm=test.treatment, key=test.baseline_metric, reduce="final", window=None,
+                                  scale=test.scale)
+        miss_b = {s: r.replace(f"{test.treatment} seed", "teacher line of seed", 1) for s, r in miss_b.items()}
+    else:
+        base, miss_b = run_values(data, arm=test.baseline, key=test.baseline_metric, reduce=test.reduce,
+                                  window=test.window, scale=test.scale)
+    seeds = sorted(set(treat) & set(base))
+    excluded = [f"no runs of arm '{a}' in this grid" for a in dict.fromkeys((test.treatment, test.baseline))
+                if a != TEACHER and a not in data.arms]
+    excluded += [miss_t[s] for s in sorted(miss_t)] + [miss_b[s] for s in sorted(miss_b)]
+    base_name = "the teacher line" if test.baseline == TEACHER else test.baseline
+    excluded += [f"{test.treatment} seed {s}: no run of {base_name} with this seed" for s in sorted(treat)
+                 if s not in base and s not in miss_b]
+    excluded += [f"{base_name} seed {s}: no run of {test.treatment} with this seed" for s in sorted(base)
+                 if s not in treat and s not in miss_t]
+    a = np.array([treat[s] for s in seeds], float)
+    b = np.array([base[s] for s in seeds], float)
+    d = np.log(a / b) if test.scale == "log" else a - b
+    mean, sd, lo, hi, mde = paired_t(d)
+    return PartResult(claim=claim.text, part=part, test=test, n=len(seeds), seeds=tuple(seeds), mean=mean, sd=sd,
+                      lo=lo, hi=hi, mde=mde, verdict=rule_verdict(test, n=len(seeds), lo=lo, hi=hi),
+                      excluded=tuple(excluded))
+
+
+def evaluate_claims(data: GridData, claims: Sequence[Claim]) -> list[list[PartResult]]:
+    """One list of test results per claim."""
+    return [[evaluate_test(data, c, i) for i in range(len(c.tests))] for c in claims]
+
+
+# --------------------------------------------------------------------------- display
+
+
+def fmt_effect(r: PartResult) -> str:
+    """'+0.12 [+0.05, +0.19]' or 'x0.42 [x0.30, x0.59]'; '[n/a]' without an interval."""
+    if not math.isfinite(r.mean):
+        return "n/a"
+    if r.test.scale == "log":
+        est, lo, hi = fmt_fold(math.exp(r.mean)), fmt_fold(math.exp(r.lo)), fmt_fold(math.exp(r.hi))
+    else:
+        est, lo, hi = (fmt_num(v, signed=True) for v in (r.mean, r.lo, r.hi))
+    if not (math.isfinite(r.lo) and math.isfinite(r.hi)):
+        return f"{est} [n/a]"
+    return f"{est} [{lo}, {hi}]"
+
+
+def fmt_mde(r: PartResult) -> str:
+    if not math.isfinite(r.mde):
+        return "n/a"
+    return f"{fmt_fold(math.exp(r.mde))} either way" if r.test.scale == "log" else f"±{fmt_num(r.mde)}"
+
+
+def predicted(test: ClaimTest) -> str:
+    """What the test expects, in words: 'decrease' or 'at most x1.5 worse'."""
+    if test.tolerance is None:
+        return test.direction
+    worse = "higher" if test.direction == "decrease" else "lower"
+    margin = fmt_fold(test.tolerance) if test.scale == "log" else fmt_num(test.tolerance)
+    return f"not {worse} by more than {margin}"
+
+
+def verdict_table(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
+    rows = []
+    for parts in results:
+        overall = claim_verdict([r.verdict for r in parts])
+        for r in parts:
+            t = r.test
+            rows.append({
+                "claim": r.claim + (f" (part {r.part + 1}/{len(parts)})" if len(parts) > 1 else ""),
+                "verdict": overall if r.part == 0 else "",
+                "treatment vs baseline": f"{t.treatment} vs {t.baseline}",
+                "metric (per run)": t.describe(),
+                "predicted": predicted(t),
+                "effect [95% CI]": fmt_effect(r) + (" (fold)" if t.scale == "log" and math.isfinite(r.mean) else ""),
+                "n": r.n,
+                "part verdict": r.verdict,
+                "smallest detectable (80% power)": fmt_mde(r),
+                "left out": "; ".join(r.excluded) or "—",
+            })
+    return pd.DataFrame(rows)
+
+
+def verdict_sentences(results: Sequence[Sequence[PartResult]]) -> list[str]:
+    out = []
+    for parts in results:
+        overall = claim_verdict([r.verdict for r in parts])
+        bits = []
+        for r in parts:
+            t = r.test
+            seeds = f"n={r.n} paired seed{'s' if r.n != 1 else ''}"
+            mde = "" if not math.isfinite(r.mde) else f"; detectable at 80% power: {fmt_mde(r)}"
+            left = "" if not r.excluded else f"; left out: {'; '.join(r.excluded)}"
+            bits.append(f"{t.treatment} vs {t.baseline}, {t.describe()}, predicted {predicted(t)}: "
+                        f"{fmt_effect(r)} ({seeds}{mde}{left}) -> {r.verdict}")
+        out.append(f"{parts[0].claim}: {overall.upper()}. " + "; ".join(bits) + ".")
+    return out
+
+
+def verdict_csv(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
+    """Every number of the section at full precision (verdicts.csv)."""
+    rows = []
+    for parts in results:
+        overall = claim_verdict([r.verdict for r in parts])
+        for r in parts:
+            t = r.test
+            rows.append({"claim": r.claim, "part": r.part, "claim_verdict": overall, "verdict": r.verdict,
+                         "treatment": t.treatment, "baseline": t.baseline, "metric": t.metric,
+                         "baseline_metric": t.baseline_metric, "reduce": t.reduce,
+                         "window_start": t.window[0] if t.window else None,
+                         "window_end": t.window[1] if t.window else None, "direction": t.direction,
+                         "scale": t.scale, "tolerance": t.tolerance, "n": r.n,
+                         "seeds": ",".join(map(str, r.seeds)), "mean": r.mean, "sd": r.sd, "lo": r.lo, "hi": r.hi,
+                         "mde": r.mde, "effect": r.effect,
+                         "effect_lo": math.exp(r.lo) if t.scale == "log" else r.lo,
+                         "effect_hi": math.exp(r.hi) if t.scale == "log" else r.hi,
+                         "excluded": "; ".join(r.excluded)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- where the claims come from
+
+
+def load_claims(matrix: str | Path) -> tuple[Claim, ...]:
+    """The claims of a matrix file (validated with the whole matrix); raises ``ValueError`` naming the problems."""
+    from harness.matrix import MatrixError, load_matrix
+
+    try:
+        return load_matrix(matrix).claims
+    except MatrixError as e:
+        raise ValueError("\n".join(e.problems)) from None
+
+
+def grid_claims(statuses: pd.DataFrame) -> tuple[tuple[Claim, ...], str]:
+    """The claims of the matrix the grid's runs were made from (named in each run's harness.json), and a
+    sentence saying where they came from, or why there are none."""
+    from .data import is_matrix_file, run_records
+
+    records = run_records(statuses)
+    matrices = sorted({r.matrix for rs in records.values() for r in rs})
+    if not matrices:
+        return (), "no run has a harness.json naming its matrix file"
+    if len(matrices) > 1:
+        return (), f"the runs name {len(matrices)} different matrix files ({', '.join(matrices)})"
+    path = Path(matrices[0])
+    if not path.is_file():
+        return (), f"matrix file {path} is gone"
+    if not is_matrix_file(path):
+        return (), f"the runs were made from {path}, which has no arms (a search spec)"
+    try:
+        claims = load_claims(path)
+    except ValueError as e:
+        return (), f"matrix file {path} no longer loads ({str(e).splitlines()[0]})"
+    if not claims:
+        return (), f"matrix file {path} declares no claims"
+    return claims, f"matrix file {path}"
