@@ -59,6 +59,7 @@ GROUP_FILE = "trial.json"
 ATTR_OWNER, ATTR_HEARTBEAT, ATTR_GROUP = "owner", "heartbeat", "run_group"
 ATTR_RETRY_OF, ATTR_RETRIED, ATTR_FAIL, ATTR_PRUNE = "retry_of", "retried", "fail_reason", "prune_reason"
 ATTR_DIVERGED, ATTR_RUNS, ATTR_SEEDS = "diverged", "run_dirs", "seed_values"
+ATTR_RECORDED = "recorded"  # objective.record metrics: mean over seeds, same evaluation as the values
 # study user attributes
 ATTR_FINGERPRINT, ATTR_DEFINITION = "fingerprint", "definition"
 
@@ -226,15 +227,18 @@ def write_results(spec: SearchSpec, study: Any, study_dir: Path, *, storage_name
     """``trials.csv`` and the best config(s); returns the path of ``best.yaml`` when there is a best trial."""
     trials = study.get_trials(deepcopy=False)
     metrics = list(spec.objective.metrics)
+    recorded = list(spec.objective.record)
     params = [p.path for p in spec.parameters]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial", "state", *metrics, *[f"param:{p}" for p in params], "run_group", "diverged", "reason",
-                "duration_s", "last_step"])
+    w.writerow(["trial", "state", *metrics, *recorded, *[f"param:{p}" for p in params], "run_group", "diverged",
+                "reason", "duration_s", "last_step"])
     for t in trials:
         values = t.values if t.values is not None else [None] * len(metrics)
+        kept = t.user_attrs.get(ATTR_RECORDED) or {}
         reason = t.user_attrs.get(ATTR_FAIL) or t.user_attrs.get(ATTR_PRUNE) or ""
         w.writerow([t.number, t.state.name, *["" if v is None else repr(float(v)) for v in values],
+                    *["" if kept.get(m) is None else repr(float(kept[m])) for m in recorded],
                     *[t.params.get(p, "") for p in params], t.user_attrs.get(ATTR_GROUP, ""),
                     bool(t.user_attrs.get(ATTR_DIVERGED, False)), reason,
                     "" if t.duration is None else f"{t.duration.total_seconds():.1f}",
@@ -569,11 +573,14 @@ class Search:
                 state = "FAIL"
                 self._emit(f"trial {trial.number} interrupted; enqueued again, it resumes from its checkpoints")
             elif outcome.outcome == "complete":
+                if outcome.recorded:
+                    trial.set_user_attr(ATTR_RECORDED, outcome.recorded)
                 for name, violation in outcome.constraints.items():
                     trial.set_constraint(name, violation)
                 self.study.tell(trial, outcome.values)
                 state = "COMPLETE"
-                shown = ", ".join(f"{m} = {_fmt(v)}" for m, v in zip(self.spec.objective.metrics, outcome.values))
+                shown = ", ".join(f"{m} = {_fmt(v)}" for m, v in [*zip(self.spec.objective.metrics, outcome.values),
+                                                                    *outcome.recorded.items()])
                 feas = ""
                 if outcome.constraints:
                     ok = all(v <= 0 for v in outcome.constraints.values())

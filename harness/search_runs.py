@@ -123,6 +123,8 @@ class TrialResult:
     """Pruned because it diverged (not because the pruner said so)."""
     per_seed: dict[str, dict[str, float]] = field(default_factory=dict)
     """seed -> metric -> value of the evaluation used."""
+    recorded: dict[str, float] = field(default_factory=dict)
+    """Mean over seeds of each ``objective.record`` metric (complete trials), from the same evaluation."""
     run_dirs: list[str] = field(default_factory=list)
     last_step: int | None = None
 
@@ -369,18 +371,19 @@ class TrialExecutor:
     def _complete(self, runs: list[SeedRun]) -> TrialResult:
         obj = self.spec.objective
         needed = list(obj.metrics) + [c.metric for c in obj.constraints]
+        read = needed + [m for m in obj.record if m not in needed]
         per_seed: dict[str, dict[str, float]] = {}
         for r in runs:
             rec = self._pick(r)
             if rec is None:
                 return TrialResult("failed", reason=f"seed {r.spec.seed}: the run finished without a validation "
                                                     f"record in {r.spec.run_dir / METRICS_FILE}")
-            missing = [m for m in needed if m not in rec]
+            missing = [m for m in read if m not in rec]
             if missing:
                 return TrialResult("failed", reason=f"seed {r.spec.seed}: validation record of step {rec['step']} "
                                                     f"has no {', '.join(missing)}")
-            per_seed[str(r.spec.seed)] = {"step": int(rec["step"]), **{m: float(rec[m]) for m in needed}}
-        means = {m: sum(v[m] for v in per_seed.values()) / len(per_seed) for m in needed}
+            per_seed[str(r.spec.seed)] = {"step": int(rec["step"]), **{m: float(rec[m]) for m in read}}
+        means = {m: sum(v[m] for v in per_seed.values()) / len(per_seed) for m in read}
         if any(not math.isfinite(means[m]) for m in needed):
             bad = ", ".join(f"{m} = {means[m]}" for m in needed if not math.isfinite(means[m]))
             if self.spec.divergence.nonfinite:
@@ -388,8 +391,10 @@ class TrialExecutor:
                                    per_seed=per_seed)
             return TrialResult("failed", reason=f"non-finite objective at the end ({bad}) and divergence.nonfinite "
                                                 f"is off", per_seed=per_seed)
+        # a recorded metric is stored as it is (a non-finite one too): it is shown, never optimised or acted on
         return TrialResult("complete", values=[means[m] for m in obj.metrics],
                            constraints={c.name: c.violation(means[c.metric]) for c in obj.constraints},
+                           recorded={m: means[m] for m in obj.record},
                            per_seed=per_seed, last_step=max(v["step"] for v in per_seed.values()))
 
     # ----------------------------------------------------------------- stopping

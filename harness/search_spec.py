@@ -38,7 +38,7 @@ TOP_KEYS = ("name", "description", "base", "matrix", "arm", "overrides", "seeds"
             "trials", "workers", "sampler", "pruner", "divergence", "storage", "enqueue")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
 PARAM_TYPES = ("float", "int", "categorical", "log")
-OBJECTIVE_KEYS = ("metric", "direction", "metrics", "directions", "reduce", "constraints")
+OBJECTIVE_KEYS = ("metric", "direction", "metrics", "directions", "reduce", "constraints", "record")
 SAMPLER_KEYS = ("kind", "seed", "n_startup_trials")
 PRUNER_KEYS = ("kind", "percentile", "n_startup_trials", "n_warmup_steps", "interval_steps")
 DIVERGENCE_KEYS = ("nonfinite", "max_grad_norm", "max_spikes")
@@ -112,6 +112,9 @@ class ObjectiveSpec:
     reduce: Reduce = "final"
     """``final``: the run's last evaluation; ``best``: the evaluation where the first metric is best."""
     constraints: tuple[ConstraintSpec, ...] = ()
+    record: tuple[str, ...] = ()
+    """Metrics read from the same evaluation and stored with each trial (``recorded``), not optimised: e.g. the
+    gold reward beside an objective on its learned proxy."""
 
     @property
     def multi(self) -> bool:
@@ -451,10 +454,17 @@ def _parse_objective(raw: Any, file: str, problems: list[str]) -> ObjectiveSpec 
             problems.append(f"{cw}: expected a metric key and a finite number, got {c!r}")
             continue
         constraints.append(ConstraintSpec(metric=c["metric"], bound=float(c[side]), side=side))
+    record = raw.get("record") or []
+    if not isinstance(record, list) or not all(isinstance(m, str) and m for m in record):
+        problems.append(f"{where}, key 'record': expected a list of metrics.jsonl keys like [val/gold_nfe2], "
+                        f"got {record!r}")
+        record = []
+    elif set(record) & set(metrics):
+        problems.append(f"{where}, key 'record': {sorted(set(record) & set(metrics))} already an objective")
     if len(problems) > n0:
         return None
     return ObjectiveSpec(metrics=tuple(metrics), directions=tuple(directions), reduce=reduce,
-                         constraints=tuple(constraints))
+                         constraints=tuple(constraints), record=tuple(dict.fromkeys(record)))
 
 
 def _section(raw: Any, keys: Sequence[str], where: str, problems: list[str]) -> dict[str, Any]:
@@ -701,7 +711,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
             problems.extend(f"{file}: enqueue[{i}]: {_strip(p, base_path)}" for p in e.problems)
 
     valid = known_metrics(base_cfg)
-    for m in list(objective.metrics) + [c.metric for c in objective.constraints]:
+    for m in list(objective.metrics) + [c.metric for c in objective.constraints] + list(objective.record):
         if m not in valid:
             problems.append(f"{file}: objective: unknown metric '{m}'; the runs write {', '.join(valid)} "
                             f"(eval.nfe = {base_cfg.eval.nfe})")

@@ -322,11 +322,14 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
                         tables=[("Sample metrics per NFE, final and best weights (means over seeds); the teacher at "
                                  "its full step count.", sample_metrics_display(runs, arms, nfe, teacher))]),
                 Section("Runs", anchor="runs", tables=[("", runs_display(runs, primary, data.divergence))])]
+    fmt4 = lambda v: fmt_num(v, sig=4) if isinstance(v, float) else v  # noqa: E731
     for sec in study_secs:
+        tables = [("Trials.", sec.table.map(fmt4))]
+        if sec.front is not None:
+            tables.insert(0, ("Pareto-optimal trials, by the first objective; metrics beside the objectives are "
+                              "recorded from the same evaluation, not optimised.", sec.front.map(fmt4)))
         sections.append(Section(f"Optuna study '{sec.name}'", anchor=f"study-{_slug_ok(sec.name)}",
-                                paragraphs=[sec.summary], figures=sec.figures,
-                                tables=[("Trials.", sec.table.map(lambda v: fmt_num(v, sig=4)
-                                                                  if isinstance(v, float) else v))]))
+                                paragraphs=[sec.summary], figures=sec.figures, tables=tables))
     doc = Document(title=f"TwinFlow comparison report: {data.name}", intro=intro, sections=sections)
 
     # ------------------------------------------------------------------ files

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Sequence
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from harness.search import ATTR_DIVERGED, ATTR_PRUNE, ATTR_RECORDED
+
 from .plots import FigureOut, fixed_margins, new_figure, render
 
 if TYPE_CHECKING:
@@ -30,9 +32,11 @@ class StudySection:
     name: str
     figures: list[FigureOut]
     table: pd.DataFrame
-    """One row per trial: number, state, value(s), parameters, duration, last intermediate step."""
+    """One row per trial: number, state, value(s), recorded metrics, parameters, duration, last intermediate step."""
     summary: str
     """Computed sentences: trial counts by state and the best trial(s)."""
+    front: pd.DataFrame | None = None
+    """Several objectives: the Pareto-optimal trials (sorted by the first objective), else None."""
 
 
 def trials_table(study: "optuna.Study") -> pd.DataFrame:
@@ -43,7 +47,11 @@ def trials_table(study: "optuna.Study") -> pd.DataFrame:
         row = {"trial": t.number, "state": t.state.name}
         values = t.values if t.values is not None else [None] * len(names)
         row.update({n: (math.nan if v is None else float(v)) for n, v in zip(names, values)})
+        # metrics the search stored beside the objectives (objective.record), e.g. the gold reward
+        row.update({k: (math.nan if v is None else float(v)) for k, v in (t.user_attrs.get(ATTR_RECORDED) or {}).items()})
         row.update({f"param:{k}": v for k, v in t.params.items()})
+        row["diverged"] = bool(t.user_attrs.get(ATTR_DIVERGED, False))
+        row["reason"] = t.user_attrs.get(ATTR_PRUNE) or ""
         row["duration_s"] = t.duration.total_seconds() if t.duration is not None else math.nan
         row["last_step"] = max(t.intermediate_values) if t.intermediate_values else math.nan
         rows.append(row)
@@ -142,27 +150,83 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
                               "Each trial's reported validation values against its step, coloured by final state.",
                               render(fig)))
 
-    if len(names) == 2 and len(complete):
-        front = {t.number for t in study.best_trials}
-        fig = new_figure(width=5.5, height=4.2)
-        fixed_margins(fig, bottom=0.6, top=0.45)
-        ax = fig.add_subplot()
-        on = complete["trial"].isin(front)
-        ax.scatter(complete.loc[~on, names[0]], complete.loc[~on, names[1]], s=16, color="tab:gray",
-                   label="dominated")
-        pf = complete[on].sort_values(names[0])
-        ax.plot(pf[names[0]], pf[names[1]], color="tab:red", marker="o", markersize=5, label="Pareto front")
-        ax.set_xlabel(f"{names[0]} ({dirs[0]})")
-        ax.set_ylabel(f"{names[1]} ({dirs[1]})")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        figs.append(FigureOut(f"study_{study.study_name}_pareto", "Pareto front",
-                              f"Complete trials; red: the non-dominated ones ({len(front)}).", render(fig),
-                              {"front": sorted(front)}))
-        summary.append(f"Pareto front: {len(front)} trial(s): " + ", ".join(f"#{n}" for n in sorted(front)) + ".")
+    front_table = None
+    if len(names) >= 2 and len(complete):
+        front_table, fig = _pareto(study, table, complete, names, dirs, params)
+        if fig is not None:
+            figs.append(fig)
+        summary.append(f"Pareto front: {len(front_table)} trial(s): "
+                       + "; ".join(_front_entry(r, names, params) for _, r in front_table.iterrows()) + ".")
+    diverged = table[table["diverged"]] if "diverged" in table.columns else table.iloc[:0]
+    if len(diverged):
+        summary.append(f"Pruned as diverging ({len(diverged)}; no values, so not on any front): "
+                       + "; ".join(f"#{int(r['trial'])} ("
+                                   + ", ".join(f"{p.removeprefix('param:')} = {_fmt_param(r[p])}" for p in params)
+                                   + ")" for _, r in diverged.iterrows()) + ".")
     if not len(complete):
         summary.append("No complete trial yet, so no best value.")
-    return StudySection(study.study_name, figs, table, " ".join(summary))
+    return StudySection(study.study_name, figs, table, " ".join(summary), front_table)
+
+
+def _fmt_param(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _front_entry(row: pd.Series, names: Sequence[str], params: Sequence[str]) -> str:
+    ps = ", ".join(f"{p.removeprefix('param:')} = {_fmt_param(row[p])}" for p in params)
+    vals = ", ".join(f"{n} = {row[n]:.4g}" for n in names)
+    return f"#{int(row['trial'])} ({ps}: {vals})"
+
+
+def _pareto(study: "optuna.Study", table: pd.DataFrame, complete: pd.DataFrame, names: Sequence[str],
+            dirs: Sequence[str], params: Sequence[str]) -> tuple[pd.DataFrame, FigureOut | None]:
+    """The Pareto-optimal trials and, for two objectives, the front drawn with every complete trial.
+
+    Points are coloured by the first metric the search recorded beside the objectives (e.g. the gold reward
+    when the proxy is optimised), so an over-optimised proxy shows as a front whose colour does not follow it;
+    each front point is labelled with its parameter values.
+    """
+    front_ids = {t.number for t in study.best_trials}
+    on = complete["trial"].isin(front_ids)
+    recorded = [c for c in table.columns if c not in names and not c.startswith("param:")
+                and c not in ("trial", "state", "duration_s", "last_step", "diverged", "reason")]
+    front = complete[on].sort_values(names[0])[["trial", *names, *recorded, *params]].reset_index(drop=True)
+    if len(names) != 2:
+        return front, None
+    fig = new_figure(width=6.5, height=4.6)
+    fixed_margins(fig, bottom=0.6, top=0.45, right=0.9)
+    ax = fig.add_subplot()
+    colour_by = recorded[0] if recorded and complete[recorded[0]].notna().any() else None
+    kw = {}
+    if colour_by is not None:
+        kw = {"c": complete[colour_by], "cmap": "viridis", "vmin": complete[colour_by].min(),
+              "vmax": complete[colour_by].max()}
+    sc = ax.scatter(complete.loc[~on, names[0]], complete.loc[~on, names[1]], s=22, marker="o", alpha=0.8,
+                    edgecolors="none", label="dominated",
+                    **({**kw, "c": complete.loc[~on, colour_by]} if colour_by else {"color": "tab:gray"}))
+    ax.plot(front[names[0]], front[names[1]], color="tab:red", linewidth=1, zorder=1)
+    sc = ax.scatter(front[names[0]], front[names[1]], s=60, marker="D", edgecolors="tab:red", linewidths=1.2,
+                    label="Pareto front", zorder=2,
+                    **({**kw, "c": front[colour_by]} if colour_by else {"color": "tab:red"}))
+    for _, r in front.iterrows():
+        label = ", ".join(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params)
+        ax.annotate(label, (r[names[0]], r[names[1]]), textcoords="offset points", xytext=(5, -3), fontsize=7)
+    if colour_by is not None:
+        fig.colorbar(sc, ax=ax, label=colour_by, fraction=0.05, pad=0.03)
+    if complete[names[0]].gt(0).all() and complete[names[0]].max() / complete[names[0]].min() > 10:
+        ax.set_xscale("log")  # FD of a run pushed off the data is orders of magnitude above a good one
+    ax.set_xlabel(f"{names[0]} ({dirs[0]})" + (" (log)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(f"{names[1]} ({dirs[1]})")
+    ax.set_title(f"Pareto front; labels: {', '.join(p.removeprefix('param:') for p in params)}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    caption = (f"Complete trials; diamonds joined in red: the non-dominated ones ({len(front)}), labelled with "
+               f"their {', '.join(p.removeprefix('param:') for p in params)}"
+               + (f"; colour: {colour_by}, recorded from the same evaluation but not optimised" if colour_by else "")
+               + ". Trials pruned as diverging have no values and are not drawn (listed in the text).")
+    return front, FigureOut(f"study_{study.study_name}_pareto", "Pareto front", caption, render(fig),
+                            {"front": sorted(front_ids), "colour": colour_by,
+                             "labels": [[_fmt_param(r[p]) for p in params] for _, r in front.iterrows()]})
 
 
 def find_studies(grid_dir: str | Path) -> list["optuna.Study"]:

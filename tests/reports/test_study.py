@@ -78,3 +78,37 @@ def test_load_studies_by_path_or_url(tmp_path):
         load_studies(str(path), name="zzz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_studies(str(tmp_path / "missing.journal"))
+
+
+def test_pareto_front_names_the_weights_and_shows_the_recorded_gold_reward():
+    # the search's shape: FD down, proxy reward up, the gold reward recorded beside them; large weights diverge
+    study = optuna.create_study(study_name="trade", directions=["minimize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    study.set_metric_names(["val/fd_nfe2", "val/proxy_nfe2"])
+    gold = {}
+    for _ in range(12):
+        t = study.ask()
+        w = t.suggest_float("rl.weight", 0.1, 300.0, log=True)
+        if w > 100:
+            t.set_user_attr("diverged", True)
+            t.set_user_attr("prune_reason", "seed 0: pre-clip grad norm 1e15 > 1000 at step 300")
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+            continue
+        fd, proxy = 20 + w ** 1.5, 1 - 1 / (1 + w)
+        gold[t.number] = proxy - 0.002 * w ** 2  # the gold reward turns down where the proxy is over-optimised
+        t.set_user_attr("recorded", {"val/gold_nfe2": gold[t.number]})
+        study.tell(t, [fd, proxy])
+    sec = study_section(study)
+    pareto = next(f for f in sec.figures if f.slug == "study_trade_pareto")
+    front = sorted(t.number for t in study.best_trials)
+    assert pareto.meta["front"] == front and pareto.meta["colour"] == "val/gold_nfe2"
+    assert list(sec.front["trial"]) == sorted(front, key=lambda n: study.trials[n].values[0])
+    assert sec.front["val/gold_nfe2"].tolist() == [gold[n] for n in sec.front["trial"]]
+    assert sec.table.loc[sec.table["trial"] == front[0], "val/gold_nfe2"].item() == gold[front[0]]
+    for n in front:  # every weight on the front is named in the summary, with its objective values
+        w = study.trials[n].params["rl.weight"]
+        assert f"#{n} (rl.weight = {w:.4g}: val/fd_nfe2 = {study.trials[n].values[0]:.4g}" in sec.summary
+    diverged = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert diverged, "the seed must produce a diverging weight for this test to mean anything"
+    assert f"Pruned as diverging ({len(diverged)}; no values" in sec.summary
+    assert all(f"#{t.number} (rl.weight = {t.params['rl.weight']:.4g})" in sec.summary for t in diverged)
