@@ -126,10 +126,10 @@ def _parse_test(raw: Mapping[str, Any], *, where: str, arms: Mapping[str, "Confi
     for k in raw:
         if k not in TEST_KEYS:
             problems.append(f"{where}: unknown key '{k}'; valid keys: {', '.join(TEST_KEYS)}")
-    for k in ("baseline", "treatment", "metric"):
-        if not isinstance(raw.get(k), str) or not raw.get(k):
-            problems.append(f"{where}, key '{k}': missing or not a string (got {raw.get(k)!r})")
-    if len(problems) > n0:
+    absent = [k for k in ("baseline", "treatment", "metric") if not isinstance(raw.get(k), str) or not raw.get(k)]
+    for k in absent:
+        problems.append(f"{where}, key '{k}': missing or not a string (got {raw.get(k)!r})")
+    if absent:
         return None
     baseline, treatment, metric = raw["baseline"], raw["treatment"], raw["metric"]
     arm_list = ", ".join(arms)

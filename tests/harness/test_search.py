@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -108,7 +109,9 @@ def test_example_spec_and_matrix_arm_base_load():
     spec = load_search_spec(REPO / "ablations" / "search-rl-weight.yaml")
     assert [p.path for p in spec.parameters] == ["rl.weight"] and spec.parameters[0].log
     assert spec.config({"rl.weight": 0.01}).rl.weight == 0.01
-    assert spec.objective.metrics == ("val/fd_nfe2",)
+    assert spec.objective.metrics == ("val/fd_nfe2", "val/proxy_nfe2")
+    assert spec.objective.directions == ("minimize", "maximize") and spec.objective.record == ("val/gold_nfe2",)
+    assert spec.pruner.kind == "none" and (spec.parameters[0].low, spec.parameters[0].high) == (0.1, 300.0)
 
 
 def test_matrix_arm_as_base(tmp_path):
@@ -159,7 +162,8 @@ def test_stale_rules(tmp_path):
 
 # Reads the launch config like the trainer and writes the run-directory contract:
 # FD = |log10 w| + 1 + 0.1*seed + 1/step (so lower w-distance to 1 is better, seeds differ),
-# reward = log10 w; w >= 1e3 crashes at step 3. It also starts a grandchild that only a
+# reward = proxy = log10 w, gold = r - r^2 (+ 0.01*seed: over-optimised beyond w = 10^0.5),
+# pre-clip grad norm = w; w >= 1e3 crashes at step 3. It also starts a grandchild that only a
 # process-group stop ends.
 STANDIN = """\
 import json, math, os, subprocess, sys, time
@@ -183,12 +187,14 @@ with open(d / "metrics.jsonl", "a") as f:
             status("failed", "RuntimeError: stand-in crash at step 3", step)
             child.kill()
             sys.exit(1)
-        f.write(json.dumps({"step": step, "kind": "train", "loss/total": 1.0, "grad_norm/total": 1.0,
+        f.write(json.dumps({"step": step, "kind": "train", "loss/total": 1.0, "grad_norm/total": w,
                             "count/nonfinite": 0, "count/spikes": 0}) + "\\n")
         if step % every == 0 or step == n:
             fd = abs(math.log10(w)) + 1 + 0.1 * seed + 1.0 / step
+            r = math.log10(w)
             f.write(json.dumps({"step": step, "kind": "val", "val/loss": fd, "val/fd_nfe1": fd,
-                                "val/reward_nfe1": math.log10(w)}) + "\\n")
+                                "val/reward_nfe1": r, "val/proxy_nfe1": r, "val/gold_nfe1": r - r * r + 0.01 * seed})
+                    + "\\n")
         f.flush()
 child.kill()
 status("done", None, n)
@@ -487,3 +493,52 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
     section = study_section(found)
     assert len(section.table) == 6 and "val/fd_nfe1" in section.table.columns
     assert math.isfinite(float(section.table["val/fd_nfe1"].min()))
+
+
+def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tmp_path, standin):
+    """The trade-off search end to end: FD down, proxy up, gold recorded; a diverging weight pruned with no values;
+    the report of the study directory draws the front coloured by gold and names the weights on it."""
+    from reports.build import build_report
+
+    root = tmp_path / "runs"
+    path = _spec(tmp_path, RL + textwrap.dedent("""\
+        seeds: [0, 1]
+        parameters: {rl.weight: {low: 1.0e-2, high: 1.0e3, log: true}}
+        objective:
+          metrics: [val/fd_nfe1, val/proxy_nfe1]
+          directions: [minimize, maximize]
+          record: [val/gold_nfe1]
+        trials: 4
+        workers: 2
+        divergence: {max_grad_norm: 50.0}
+        enqueue: [{rl.weight: 1.0}, {rl.weight: 10.0}, {rl.weight: 0.01}, {rl.weight: 200.0}]
+        """), name="mo")
+    search, result = _search(path, root, standin)
+    assert result.exit_code == 0, search.stream.getvalue()
+    trials = {t.params["rl.weight"]: t for t in search.study.get_trials(deepcopy=False)}
+    div = trials[200.0]
+    assert div.state == TrialState.PRUNED and div.values is None and div.user_attrs["diverged"]
+    assert "pre-clip grad norm 200 > 50" in div.user_attrs["prune_reason"]
+    for w in (1.0, 10.0, 0.01):  # gold: mean over seeds of each run's final value, read back from the files
+        t = trials[w]
+        finals = [[r for r in read_metrics(root / "mo" / t.user_attrs["run_group"] / f"seed-{k}" / "metrics.jsonl")
+                   if r["kind"] == "val"][-1] for k in (0, 1)]
+        assert t.state == TrialState.COMPLETE
+        assert t.user_attrs["recorded"]["val/gold_nfe1"] == pytest.approx(sum(f["val/gold_nfe1"] for f in finals) / 2)
+        assert t.values[1] == pytest.approx(sum(f["val/proxy_nfe1"] for f in finals) / 2)
+    front = {t.params["rl.weight"] for t in search.study.best_trials}
+    assert front == {1.0, 10.0}  # w = 0.01: worse FD and worse proxy than w = 1
+    table = (root / "mo" / "trials.csv").read_text().splitlines()
+    assert table[0].split(",")[:5] == ["trial", "state", "val/fd_nfe1", "val/proxy_nfe1", "val/gold_nfe1"]
+
+    out = tmp_path / "report"
+    build_report(grid_dir=root / "mo", out_dir=out, n_boot=200, progress=False)
+    figs = {f["slug"]: f for f in json.loads((out / "figures.json").read_text())}
+    meta = figs["study_mo_pareto"]["meta"]
+    assert meta["colour"] == "val/gold_nfe1"
+    assert meta["front"] == sorted(trials[w].number for w in front) and sorted(meta["labels"]) == [["1"], ["10"]]
+    md = (out / "report.md").read_text()
+    for w in (1.0, 10.0):
+        assert f"#{trials[w].number} (rl.weight = {w:.4g}: val/fd_nfe1 = {trials[w].values[0]:.4g}" in md
+    assert f"Pruned as diverging (1; no values, so not on any front): #{div.number} (rl.weight = 200)" in md
+    assert "Pareto-optimal trials" in md

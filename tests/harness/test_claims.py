@@ -1,0 +1,127 @@
+"""The ``claims:`` block of a matrix: parsed with the matrix, every problem named by file, entry and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.claims import TEACHER, ClaimTest
+from harness.cli import main
+from harness.matrix import load_matrix
+
+REPO = Path(__file__).resolve().parents[2]
+
+ARMS = """\
+base: base.yaml
+seeds: [0, 1]
+vars: {steps: 30}
+overrides: {run.steps: "${steps}"}
+arms:
+  vanilla: {}
+  rl_hard: {rl.enabled: true, rl.reward: digits, rl.warmup: "${steps // 3}"}
+"""
+
+
+def test_claims_parse_with_vars_parts_and_the_teacher_baseline(tiny_base, write, tmp_path):
+    m = write("m.yaml", ARMS + """\
+claims:
+  - claim: the hard switch causes grad-norm spikes
+    baseline: vanilla
+    treatment: rl_hard
+    metric: grad_norm/max
+    reduce: max
+    window: ["${steps // 3 + 1}", null]
+    direction: increase
+    scale: log
+  - claim: RL lifts the reward above the teacher's without costing fidelity
+    tests:
+      - {baseline: teacher, treatment: rl_hard, metric: val/reward_nfe1, baseline_metric: teacher/reward,
+         direction: increase}
+      - {baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease, scale: log,
+         tolerance: 1.5}
+""")
+    grid = load_matrix(m, root=tmp_path / "runs")
+    spikes, lift = grid.claims
+    assert spikes.text == "the hard switch causes grad-norm spikes"
+    assert spikes.tests == (ClaimTest(baseline="vanilla", treatment="rl_hard", metric="grad_norm/max",
+                                      baseline_metric="grad_norm/max", reduce="max", window=(11, None),
+                                      direction="increase", scale="log"),)
+    assert spikes.tests[0].describe() == "grad_norm/max (max over steps 11-end)"
+    part1, part2 = lift.tests
+    assert (part1.baseline, part1.baseline_metric, part1.reduce, part1.scale) == (TEACHER, "teacher/reward",
+                                                                                   "final", "diff")
+    assert part2.tolerance == 1.5 and part2.window is None
+    assert not (tmp_path / "runs").exists()
+
+
+BAD = {
+    "unknown_treatment": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hardd, metric: val/fd_nfe1, direction: decrease}
+""", ["claims[0], key 'treatment': no arm named 'rl_hardd'; arms: vanilla, rl_hard"]),
+    "unknown_baseline": ("""\
+  - {claim: c, baseline: vanila, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease}
+""", ["claims[0], key 'baseline': no arm named 'vanila'"]),
+    "unknown_metric": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe2, direction: decrease}
+""", ["claims[0], key 'metric': arm 'rl_hard' writes no 'val/fd_nfe2'"]),
+    # per-term gradients exist in RL runs only: the vanilla baseline has none to compare with
+    "metric_missing_in_baseline": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: grad_norm/rl, direction: decrease}
+""", ["claims[0], key 'metric': arm 'vanilla' writes no 'grad_norm/rl'"]),
+    "teacher_needs_teacher_key": ("""\
+  - claim: c
+    tests:
+      - {baseline: teacher, treatment: rl_hard, metric: val/reward_nfe1, direction: increase}
+""", ["claims[0], tests[0], key 'baseline_metric': the teacher baseline needs a teacher key"]),
+    "bad_window": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: grad_norm/max, reduce: max, window: [20, 5],
+     direction: increase}
+""", ["claims[0], key 'window': expected [start, end] steps"]),
+    "window_var": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: grad_norm/max, reduce: max,
+     window: ["${stepz}", null], direction: increase}
+""", ["claims[0], key 'window': unknown variable 'stepz'"]),
+    "log_tolerance_is_a_fold": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease, scale: log,
+     tolerance: 0.5}
+""", ["claims[0], key 'tolerance': on the log scale the margin is a fold"]),
+    "unknown_key_and_values": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: down, reduce: last,
+     scal: log}
+""", ["claims[0]: unknown key 'scal'", "key 'direction': unknown value 'down'",
+      "key 'reduce': unknown value 'last'"]),
+    "no_claim_text": ("""\
+  - {baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease}
+""", ["claims[0], key 'claim': the claim's sentence is missing"]),
+    "second_entry": ("""\
+  - {claim: ok, baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease}
+  - {claim: c, baseline: vanilla, treatment: rl_hard, metric: val/fid, direction: decrease}
+""", ["claims[1], key 'metric': arm 'rl_hard' writes no 'val/fid'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_claims_are_refused_naming_file_entry_and_key(case, tiny_base, write, tmp_path, capsys):
+    body, needles = BAD[case]
+    m = write(f"{case}.yaml", ARMS + "claims:\n" + body)
+    root = tmp_path / "runs"
+    rc = main(["grid", "run", str(m), "--root", str(root)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for needle in needles:
+        assert f"{m}: {needle}" in err or needle in err, f"{needle!r} not in:\n{err}"
+    assert str(m) in err
+    assert not root.exists(), "a refused matrix must create nothing"
+
+
+def test_shipped_ladders_declare_claims_that_validate():
+    digits = load_matrix(REPO / "ablations" / "blog-digits.yaml")
+    texts = [c.text for c in digits.claims]
+    assert len(texts) == 6
+    lift = digits.claims[-1]
+    assert [t.metric for t in lift.tests] == ["val/gold_nfe2", "val/fd_nfe2"]
+    assert lift.tests[0].baseline == TEACHER and lift.tests[0].baseline_metric == "teacher/gold"
+    assert lift.tests[1].tolerance is not None
+    qwen = load_matrix(REPO / "ablations" / "blog-qwen.yaml")
+    assert qwen.claims and all(t.treatment in {a.name for a in qwen.arms} for c in qwen.claims for t in c.tests)
