@@ -318,15 +318,18 @@ def fmt_int(x: float | None) -> str:
 
 
 def fmt_fold(r: float) -> str:
-    """A fold change: 'x3.4', 'x21', 'x0.052', 'x3.4e14' (two significant digits)."""
+    """A fold change: 'x1.02', 'x3.4', 'x21', 'x0.052', 'x3.4e14' (three significant digits near 1, where a
+    2% change matters; two elsewhere)."""
     if r is None or not math.isfinite(r):
         return "—"
     if r <= 0:
         return f"x{fmt_num(r)}"
-    r = float(f"{r:.1e}")  # two significant digits first, so 9.96 becomes x10, not x10.0
-    if 1e-3 <= r < 1e4:
-        decimals = max(1 - int(math.floor(math.log10(r))), 0)
-        return f"x{r:.{decimals}f}"
+    if 0.1 <= r < 10:
+        return f"x{r:.3g}"
+    if 10 <= r < 1e4:
+        return f"x{float(f'{r:.2g}'):.0f}"
+    if 1e-3 <= r < 0.1:
+        return f"x{r:.2g}"
     mantissa, exp = f"{r:.1e}".split("e")
     return f"x{mantissa}e{int(exp)}"
 

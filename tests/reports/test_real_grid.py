@@ -10,6 +10,7 @@ real and checkable, not good.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reports.build import build_report
+import pandas as pd
+from scipy.stats import t as t_dist
 
-from .checks import check_report
+from reports.build import build_report
+from reports.stats import fmt_fold, fmt_num
+
+from .checks import check_report, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +63,44 @@ arms:
     rl.reward: digits
     rl.schedule: hard
     rl.warmup: 8
+claims:
+  - claim: the RL switch raises the peak grad norm
+    baseline: vanilla
+    treatment: rl_hard
+    metric: grad_norm/max
+    reduce: max
+    window: [9, null]
+    direction: increase
+    scale: log
+  - claim: RL lifts the reward above the teacher's without costing fidelity
+    tests:
+      - {{baseline: teacher, treatment: rl_hard, metric: val/reward_nfe2, baseline_metric: teacher/reward,
+          direction: increase}}
+      - {{baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe2, scale: log, direction: decrease,
+          tolerance: 1.5}}
+  - claim: RL lowers the validation loss in mid-run
+    baseline: vanilla
+    treatment: rl_hard
+    metric: val/loss
+    reduce: mean
+    window: [5, 15]
+    direction: decrease
 """
+# (claim, part) -> the test, as plain data for the independent check below
+CLAIMS = [
+    ("the RL switch raises the peak grad norm", 0,
+     dict(base="vanilla", metric="grad_norm/max", base_metric="grad_norm/max", reduce="max", window=(9, None),
+          direction=1, log=True, tol=None)),
+    ("RL lifts the reward above the teacher's without costing fidelity", 0,
+     dict(base="teacher", metric="val/reward_nfe2", base_metric="teacher/reward", reduce="final", window=None,
+          direction=1, log=False, tol=None)),
+    ("RL lifts the reward above the teacher's without costing fidelity", 1,
+     dict(base="vanilla", metric="val/fd_nfe2", base_metric="val/fd_nfe2", reduce="final", window=None,
+          direction=-1, log=True, tol=1.5)),
+    ("RL lowers the validation loss in mid-run", 0,
+     dict(base="vanilla", metric="val/loss", base_metric="val/loss", reduce="mean", window=(5, 15),
+          direction=-1, log=False, tol=None)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +135,64 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert {"grad_norm/twinflow", "grad_norm/rl"} <= set(figs["grad_terms"]["meta"]["keys"])
     assert figs["sample_metrics"]["meta"]["teacher_refs"] == 9
     assert html.stat().st_size > 50_000
+
+
+def _reduced(run_dir: Path, key: str, reduce: str, window) -> float:
+    """One run's number for a claim, from its metrics.jsonl and status.json (plain json, no reports code)."""
+    recs = sorted((r for r in read_jsonl(run_dir / "metrics.jsonl") if key in r), key=lambda r: r["step"])
+    if window is not None:
+        recs = [r for r in recs if r["step"] >= window[0] and (window[1] is None or r["step"] <= window[1])]
+    values = [float(r[key]) for r in recs]
+    state = json.loads((run_dir / "status.json").read_text())["state"]
+    if reduce == "final":
+        return values[-1] if state == "done" or key.startswith("teacher/") else math.nan
+    return max(values) if reduce == "max" else sum(values) / len(values)
+
+
+def test_verdicts_of_a_real_grid_match_the_run_directories(real_grid, tmp_path):
+    build_report(grid_dir=real_grid, out_dir=tmp_path, n_boot=1000, progress=False)
+    got = pd.read_csv(tmp_path / "verdicts.csv")
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Summary")
+    assert f"Claims from matrix file {real_grid.parent.parent / 'tiny.yaml'}." in md
+    assert len(got) == len(CLAIMS)
+    parts: dict[str, list[str]] = {}
+    for claim, part, t in CLAIMS:
+        row = got[(got["claim"] == claim) & (got["part"] == part)].iloc[0]
+        diffs = []
+        for seed in (0, 1):
+            treat = _reduced(real_grid / "rl_hard" / f"seed-{seed}", t["metric"], t["reduce"], t["window"])
+            base_dir = real_grid / ("rl_hard" if t["base"] == "teacher" else t["base"]) / f"seed-{seed}"
+            base = _reduced(base_dir, t["base_metric"], t["reduce"], t["window"])
+            diffs.append(math.log(treat / base) if t["log"] else treat - base)
+        n = len(diffs)
+        mean = sum(diffs) / n
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = t_dist.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        mde = (t_dist.ppf(0.975, n - 1) + t_dist.ppf(0.8, n - 1)) * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+        if t["tol"] is None:
+            want = ("supported" if t["direction"] * lo > 0 and t["direction"] * hi > 0 else
+                    "contradicted" if t["direction"] * lo < 0 and t["direction"] * hi < 0 else "inconclusive")
+        else:
+            worse = sorted([-t["direction"] * lo, -t["direction"] * hi])
+            margin = math.log(t["tol"]) if t["log"] else t["tol"]
+            want = "supported" if worse[1] < margin else "contradicted" if worse[0] > margin else "inconclusive"
+        assert row["n"] == n and row["seeds"] == "0,1"
+        for key, value in (("mean", mean), ("sd", sd), ("lo", lo), ("hi", hi), ("mde", mde)):
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (claim, part, key)
+        assert row["verdict"] == want, (claim, part)
+        parts.setdefault(claim, []).append(want)
+        # the Markdown table prints the same numbers
+        if t["log"]:
+            effect = f"{fmt_fold(math.exp(mean))} [{fmt_fold(math.exp(lo))}, {fmt_fold(math.exp(hi))}] (fold)"
+            smallest = f"{fmt_fold(math.exp(mde))} either way"
+        else:
+            effect = f"{fmt_num(mean, signed=True)} [{fmt_num(lo, signed=True)}, {fmt_num(hi, signed=True)}]"
+            smallest = f"±{fmt_num(mde)}"
+        assert f"| {effect} | {n} | {want} | {smallest} |" in md, (claim, part, effect)
+    for claim, verdicts in parts.items():
+        overall = ("supported" if all(v == "supported" for v in verdicts) else
+                   "contradicted" if "contradicted" in verdicts else "inconclusive")
+        assert (got.loc[got["claim"] == claim, "claim_verdict"] == overall).all()
+        assert f"- {claim}: {overall.upper()}." in md
