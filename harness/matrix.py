@@ -11,6 +11,7 @@ A matrix file (see docs/harness.md for the full format)::
     arms:                              # arm = base + overrides + its own dotted keys
       vanilla: {}
       renoise: {extends: vanilla, renoise.schedule: blog_linear}
+    claims: [...]                      # optional: which arm pair tests which claim (harness/claims.py)
 
 Everything is resolved with ``twinflow_train.config.load_config`` (the trainer's own
 resolution) before any file is written; every problem found is reported at once,
