@@ -206,7 +206,11 @@ def evaluate_test(data: GridData, claim: Claim, part: int) -> PartResult:
     seeds = sorted(set(treat) & set(base))
     excluded = [f"no runs of arm '{a}' in this grid" for a in dict.fromkeys((test.treatment, test.baseline))
                 if a != TEACHER and a not in data.arms]
-    excluded += [miss_t[s] for s in sorted(miss_t)] + [miss_b[s] for s in sorted(miss_b)]
+    unlogged = [k for k in dict.fromkeys((test.metric, test.baseline_metric)) if not data.has(k)]
+    # a key no run logged (a grid run before the trainer wrote it): one line, not one per seed
+    excluded += [f"no run of this grid logged {k}" for k in unlogged]
+    excluded += [miss_t[s] for s in sorted(miss_t) if test.metric not in unlogged]
+    excluded += [miss_b[s] for s in sorted(miss_b) if test.baseline_metric not in unlogged]
     base_name = "the teacher line" if test.baseline == TEACHER else test.baseline
     excluded += [f"{test.treatment} seed {s}: no run of {base_name} with this seed" for s in sorted(treat)
                  if s not in base and s not in miss_b]

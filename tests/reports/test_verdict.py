@@ -105,6 +105,11 @@ def test_paired_effects_against_an_arm_and_against_the_teacher():
     # seed 2 of b diverged: no final gold, so no pair; the others: 0.2 - 0.15, 0.4 - 0.15
     assert r.n == 2 and r.mean == pytest.approx(((0.2 - 0.15) + (0.4 - 0.15)) / 2)
     assert r.excluded == ("b seed 2: no final value (run diverged)",)
+    # a key no run logged (a grid older than the metric): said once, and no verdict can be reached
+    gold = Claim("gold", (_test(baseline="teacher", treatment="b", metric="val/gold_nfe4",
+                                baseline_metric="teacher/gold"),))
+    r = evaluate_test(data, gold, 0)
+    assert r.n == 0 and r.verdict == "inconclusive" and r.excluded == ("no run of this grid logged val/gold_nfe4",)
 
 
 def test_fold_changes_beyond_ten_times():
