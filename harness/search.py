@@ -270,6 +270,8 @@ def write_results(spec: SearchSpec, study: Any, study_dir: Path, *, storage_name
         header = (f"Pareto-optimal trial {t.number} of search '{spec.name}' (storage: {storage_name}):\n"
                   + "".join(f"  {m} = {_fmt(v)} ({d})\n" for m, v, d in zip(metrics, t.values,
                                                                              spec.objective.directions))
+                  + "".join(f"  {m} = {_fmt(v)} (recorded)\n"
+                            for m, v in (t.user_attrs.get(ATTR_RECORDED) or {}).items())
                   + "".join(f"  {k} = {_fmt(v)}\n" for k, v in t.params.items())
                   + f"Run it: {run.format(path=out / name, name=spec.name, tag=f'trial-{t.number:04d}')}")
         atomic_write_text(out / name, _config_text(spec, t, header=header))

@@ -286,7 +286,8 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
                   if euler_refs else "")
                + ". FD (log axis) is lower-better; reward, accuracy, gold and proxy higher-better.")
     return FigureOut("sample_metrics", "Validation sample metrics", caption, render(fig),
-                     {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs})
+                     {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs,
+                      "log_rows": [w for i, w in enumerate(rows) if axes[i, 0].get_yscale() == "log"]})
 
 
 def curve_figures(data: GridData, *, band: Band = "minmax", max_points: int = 400) -> list[FigureOut]:

@@ -66,6 +66,12 @@ def _objective_names(study: "optuna.Study") -> list[str]:
     return ["value"] if n == 1 else [f"value{i}" for i in range(n)]
 
 
+def _fd_log(ax, name: str, values: pd.Series) -> None:
+    """FD on a log axis (a run pushed off the data sits decades above a good one), when every value is positive."""
+    if "fd" in name.split("/")[-1] and len(values) and bool((values > 0).all()):
+        ax.set_yscale("log")
+
+
 def _is_log(study: "optuna.Study", param: str) -> bool:
     for t in study.get_trials(deepcopy=False):
         if param in t.distributions:
@@ -96,6 +102,7 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
         ax.step(c["trial"], best, where="post", color="black", linewidth=1.2, label="best so far")
         ax.set_xlabel("trial")
         ax.set_ylabel(name)
+        _fd_log(ax, name, c[name])
         ax.set_title(f"Optimisation history ({d})", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -124,6 +131,7 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
                     ax.set_xticks(range(len(cats)), cats, fontsize=7)
                 ax.set_xlabel(p.removeprefix("param:"), fontsize=8)
                 ax.set_ylabel(name, fontsize=8)
+                _fd_log(ax, name, c[name])
                 ax.grid(True, alpha=0.3)
             fig.suptitle(f"{name} against each parameter (colour: trial number)", fontsize=9)
             figs.append(FigureOut(f"study_{study.study_name}_slice{i}", f"Objective {name} against parameters",
@@ -213,7 +221,7 @@ def _pareto(study: "optuna.Study", table: pd.DataFrame, complete: pd.DataFrame, 
         ax.annotate(label, (r[names[0]], r[names[1]]), textcoords="offset points", xytext=(5, -3), fontsize=7)
     if colour_by is not None:
         fig.colorbar(sc, ax=ax, label=colour_by, fraction=0.05, pad=0.03)
-    if complete[names[0]].gt(0).all() and complete[names[0]].max() / complete[names[0]].min() > 10:
+    if "fd" in names[0].split("/")[-1] and complete[names[0]].gt(0).all():
         ax.set_xscale("log")  # FD of a run pushed off the data is orders of magnitude above a good one
     ax.set_xlabel(f"{names[0]} ({dirs[0]})" + (" (log)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(f"{names[1]} ({dirs[1]})")

@@ -69,6 +69,7 @@ def test_every_figure_is_drawn_with_what_it_claims(built):
     assert figs["sample_metrics"]["meta"]["nfe"] == [1, 2, 4]
     assert figs["sample_metrics"]["meta"]["teacher_refs"] == 9  # a teacher line on every FD/reward/accuracy panel
     assert figs["sample_metrics"]["meta"]["teacher_euler_refs"] == 3  # and its n-step Euler FD on each FD panel
+    assert figs["sample_metrics"]["meta"]["log_rows"] == ["fd"]  # FD spans decades: log axis
     for which in ("final", "best"):
         meta = figs[f"samples_{which}"]["meta"]
         assert meta["rows"][0] == "teacher (28 steps)"
