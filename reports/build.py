@@ -40,6 +40,7 @@ from .verdict import (
     grid_claims,
     load_claims,
     verdict_csv,
+    verdict_figure,
     verdict_sentences,
     verdict_table,
 )
@@ -190,8 +191,10 @@ def verdict_section(verdicts: Sequence[Sequence], *, source: str) -> Section:
                        paragraphs=[f"No claims to judge: {source or 'none given'}. A matrix declares them in a "
                                    "'claims:' block (docs/harness.md); 'twinflow-lab report --claims MATRIX' takes "
                                    "them from another file."])
+    fig = verdict_figure(verdicts)
     return Section("Verdicts", anchor="verdicts",
                    paragraphs=[f"Claims from {source}." if source else "Claims given to the report.", METHOD, RULE],
+                   figures=[fig] if fig is not None else [],
                    bullets=verdict_sentences(verdicts),
                    tables=[("One row per test; a claim of several parts has one row per part and its verdict on the "
                             "first row. Effect: treatment vs baseline, paired by seed; (fold) = ratio of geometric "

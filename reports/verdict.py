@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ from harness.claims import TEACHER, Claim, ClaimTest
 
 from .data import GridData
 from .stats import fmt_fold, fmt_num
+
+if TYPE_CHECKING:
+    from .plots import FigureOut
 
 Verdict = Literal["supported", "contradicted", "inconclusive"]
 LEVEL = 0.95
@@ -355,3 +358,63 @@ def grid_claims(statuses: pd.DataFrame) -> tuple[tuple[Claim, ...], str]:
     if not claims:
         return (), f"matrix file {path} declares no claims"
     return claims, f"matrix file {path}"
+
+
+# --------------------------------------------------------------------------- figure
+
+VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
+
+
+def verdict_figure(results: Sequence[Sequence[PartResult]]) -> "FigureOut | None":
+    """One row per test: the paired effect and its 95% interval against no effect, the band of effects these
+    seeds could not have detected (±MDE), and the non-inferiority margin where there is one."""
+    from .plots import FigureOut, fixed_margins, new_figure, render
+
+    parts = [r for claim in results for r in claim if math.isfinite(r.mean)]
+    n_parts = {r.claim: len(claim) for claim in results for r in claim}
+    if not parts:
+        return None
+    fig = new_figure(width=7.5, height=0.75 + 0.62 * len(parts))
+    fixed_margins(fig, left=0.3, right=0.3, top=0.3, bottom=0.45, hspace=1.6)
+    axes = fig.subplots(len(parts), 1, squeeze=False)[:, 0]
+    for ax, r in zip(axes, parts):
+        log = r.test.scale == "log"
+        null = 1.0 if log else 0.0
+        to_axis = math.exp if log else (lambda v: v)
+        est = to_axis(r.mean)
+        has_ci = math.isfinite(r.lo) and math.isfinite(r.hi)
+        if math.isfinite(r.mde):
+            ax.axvspan(to_axis(-r.mde), to_axis(r.mde), color="0.9", zorder=0)
+        ax.axvline(null, color="black", linewidth=0.8)
+        if r.test.tolerance is not None:
+            sign = 1.0 if r.test.direction == "increase" else -1.0
+            margin = -sign * (math.log(r.test.tolerance) if log else r.test.tolerance)
+            ax.axvline(to_axis(margin), color="tab:red", linestyle="--", linewidth=1)
+        color = VERDICT_COLORS[r.verdict]
+        if has_ci:
+            ax.errorbar([est], [0], xerr=[[est - to_axis(r.lo)], [to_axis(r.hi) - est]], fmt="o", color=color,
+                        capsize=3, markersize=5)
+        else:
+            ax.plot([est], [0], "o", color=color, markersize=5)
+        if log:
+            from matplotlib.ticker import FuncFormatter, LogLocator
+
+            ax.set_xscale("log")
+            lo, hi = ax.get_xlim()
+            # a narrow range (folds near 1) needs ticks between the powers of ten to be readable
+            subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if hi / lo < 30 else (1.0,)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_fold(v)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        part = f" (part {r.part + 1}/{n_parts[r.claim]})" if n_parts[r.claim] > 1 else ""
+        ax.set_title(f"{r.claim[:70]}{part}: "
+                     f"{r.test.treatment} vs {r.test.baseline}, {r.test.metric} "
+                     f"({'fold' if log else 'difference'}), n={r.n} -> {r.verdict}", fontsize=7, loc="left")
+    caption = ("Each test's paired effect (dot) with its 95% t-interval; black line: no effect; grey band: effects "
+               "smaller than these seeds could detect at 80% power (±MDE); dashed red: the non-inferiority margin; "
+               "colour: the test's verdict (green supported, red contradicted, grey inconclusive). Fold changes on "
+               "a log axis.")
+    return FigureOut("verdicts", "Claims: paired effects", caption, render(fig),
+                     {"tests": [[r.claim, r.part, r.verdict] for r in parts]})

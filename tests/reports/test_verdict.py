@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -141,3 +142,7 @@ def test_verdict_section_opens_both_reports(tmp_path):
     fd = csv[(csv["claim"] == "lift without cost") & (csv["part"] == 1)].iloc[0]
     assert fd["effect"] == pytest.approx(2.0) and fd["verdict"] == "contradicted" and fd["n"] == 2
     assert "| spikes | supported | b vs a | grad_norm/max (max over steps 4-end) | increase |" in md
+    figs = {f["slug"]: f for f in json.loads((tmp_path / "figures.json").read_text())}
+    assert figs["verdicts"]["meta"]["tests"] == [["spikes", 0, "supported"], ["lift without cost", 0, "inconclusive"],
+                                                 ["lift without cost", 1, "contradicted"]]
+    assert md.index("![Claims: paired effects]") < md.index("## Summary")
