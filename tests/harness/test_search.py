@@ -495,6 +495,7 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
     assert math.isfinite(float(section.table["val/fd_nfe1"].min()))
 
 
+@pytest.mark.slow
 def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tmp_path, standin):
     """The trade-off search end to end: FD down, proxy up, gold recorded; a diverging weight pruned with no values;
     the report of the study directory draws the front coloured by gold and names the weights on it."""
