@@ -117,7 +117,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v > 0
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _parse_test(raw: Mapping[str, Any], *, where: str, arms: Mapping[str, "Config"],
