@@ -326,13 +326,11 @@ def verdict_csv(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
 
 
 def load_claims(matrix: str | Path) -> tuple[Claim, ...]:
-    """The claims of a matrix file (validated with the whole matrix); raises ``ValueError`` naming the problems."""
-    from harness.matrix import MatrixError, load_matrix
+    """The claims of a matrix file, validated with the whole matrix; raises ``harness.matrix.MatrixError`` (a
+    ``ValueError``) listing every problem, each naming the file and key."""
+    from harness.matrix import load_matrix
 
-    try:
-        return load_matrix(matrix).claims
-    except MatrixError as e:
-        raise ValueError("\n".join(e.problems)) from None
+    return load_matrix(matrix).claims
 
 
 def grid_claims(statuses: pd.DataFrame) -> tuple[tuple[Claim, ...], str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -146,3 +147,26 @@ def test_verdict_section_opens_both_reports(tmp_path):
     assert figs["verdicts"]["meta"]["tests"] == [["spikes", 0, "supported"], ["lift without cost", 0, "inconclusive"],
                                                  ["lift without cost", 1, "contradicted"]]
     assert md.index("![Claims: paired effects]") < md.index("## Summary")
+
+
+def test_claims_from_another_matrix_file_on_the_command_line(disk_grid, tmp_path, capsys):
+    from reports.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (f"base: {repo / 'configs' / 'digits.yaml'}\nseeds: [0]\narms:\n  vanilla: {{}}\n"
+            "  rl_hard: {rl.enabled: true, rl.reward: digits}\nclaims:\n"
+            "  - {claim: RL spikes, baseline: vanilla, treatment: rl_hard, metric: grad_norm/max, reduce: max,"
+            " window: [100, null], direction: increase, scale: log}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(text)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("treatment: rl_hard", "treatment: rl_hardd"))
+    out = tmp_path / "bad-report"
+    assert main([str(disk_grid), "--out", str(out), "--claims", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: claims[0], key 'treatment': no arm named 'rl_hardd'" in err and not out.exists()
+    out = tmp_path / "report"
+    assert main([str(disk_grid), "--out", str(out), "--claims", str(good), "--no-progress", "--bootstrap", "200"]) == 0
+    md = (out / "report.md").read_text()
+    assert f"Claims from matrix file {good}." in md and "- RL spikes: " in md
+    assert pd.read_csv(out / "verdicts.csv").loc[0, "n"] == 3  # the synthetic grid's 3 seeds, all with a max
