@@ -64,8 +64,8 @@ METHOD = ("Each run is reduced to one number (final value, or max/min/mean over 
           "a fold change xR = exp(mean log-ratio) (scale log). Interval: the paired t-interval "
           "mean ± t(0.975, n-1)·SD/√n. Smallest detectable effect: the minimum detectable effect of the two-sided "
           "paired t-test at alpha 0.05 and 80% power, MDE = (t(0.975, n-1) + t(0.80, n-1))·SD/√n, from the paired "
-          "SD and n (a fold exp(MDE) on the log scale). A final value exists only for runs that were not stopped: "
-          "a diverged or failed run has no final weights.")
+          "SD and n (a fold exp(MDE) on the log scale). A final value (to the end of the run) exists only for runs "
+          "that were not stopped: a diverged or failed run has no final weights.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +127,9 @@ def run_values(data: GridData, *, arm: str, key: str, reduce: str, window: tuple
     where = "" if window is None else f" in steps {window[0]}-{window[1] if window[1] is not None else 'end'}"
     for seed in seeds:
         v = s.loc[s["seed"] == seed, "value"].to_numpy()
-        if reduce == "final" and not key.startswith("teacher/") and states.get(seed) in ("diverged", "failed"):
+        to_end = window is None or window[1] is None  # a window that closes earlier has its last value either way
+        if reduce == "final" and to_end and not key.startswith("teacher/") and states.get(seed) in ("diverged",
+                                                                                                     "failed"):
             missing[seed] = f"{arm} seed {seed}: no final value (run {states[seed]})"
             continue
         if v.size == 0:

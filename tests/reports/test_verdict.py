@@ -88,6 +88,9 @@ def test_run_values_reduce_windows_and_leave_out_runs_with_a_reason():
     assert v[1] == pytest.approx(2.0 * (2 + 3) / 2)
     v, miss = run_values(data, arm="b", key="val/fd_nfe2", reduce="final", window=None, scale="log")
     assert v == {0: 2.0 * 16, 1: 2.0 * 17} and miss == {2: "b seed 2: no final value (run diverged)"}
+    # the last value of a window that closes before the end exists for a run that diverged later
+    v, miss = run_values(data, arm="b", key="val/fd_nfe2", reduce="final", window=(0, 4), scale="log")
+    assert v == {0: 2.0 * 13, 1: 2.0 * 14, 2: 2.0 * 15} and miss == {}
     v, miss = run_values(data, arm="a", key="grad_norm/max", reduce="max", window=(7, 9), scale="diff")
     assert v == {} and miss[0] == "a seed 0: no grad_norm/max record in steps 7-9"
 
