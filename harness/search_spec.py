@@ -459,8 +459,9 @@ def _parse_objective(raw: Any, file: str, problems: list[str]) -> ObjectiveSpec 
         problems.append(f"{where}, key 'record': expected a list of metrics.jsonl keys like [val/gold_nfe2], "
                         f"got {record!r}")
         record = []
-    elif set(record) & set(metrics):
-        problems.append(f"{where}, key 'record': {sorted(set(record) & set(metrics))} already an objective")
+    elif set(record) & set(map(str, metrics)):
+        problems.append(f"{where}, key 'record': {sorted(set(record) & set(map(str, metrics)))} is already an "
+                        f"objective")
     if len(problems) > n0:
         return None
     return ObjectiveSpec(metrics=tuple(metrics), directions=tuple(directions), reduce=reduce,

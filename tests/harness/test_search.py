@@ -73,6 +73,12 @@ OBJ = "objective: {metric: val/fd_nfe1, direction: minimize}\n"
      "'rl.weight': the base config has rl.enabled false"),
     (RL + "objective: {metrics: [val/fd_nfe1, val/reward_nfe1], directions: [minimize, maximize]}\n"
      "pruner: {kind: median}", "cannot prune on intermediate values of a study with several objectives"),
+    (RL + "objective: {metric: val/fd_nfe1, direction: minimize, record: [val/gold_nfe2]}",
+     "objective: unknown metric 'val/gold_nfe2'"),
+    (RL + "objective: {metric: val/fd_nfe1, direction: minimize, record: val/gold_nfe1}",
+     "objective, key 'record': expected a list of metrics.jsonl keys"),
+    (RL + "objective: {metric: val/fd_nfe1, direction: minimize, record: [val/fd_nfe1]}",
+     "objective, key 'record': ['val/fd_nfe1'] is already an objective"),
 ])
 def test_bad_spec_fails_before_anything_is_written(tmp_path, capsys, body, expected):
     path = _spec(tmp_path, body)
