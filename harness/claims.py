@@ -173,8 +173,9 @@ def _parse_test(raw: Mapping[str, Any], *, where: str, arms: Mapping[str, "Confi
         problems.append(f"{where}, key 'reduce': unknown value {reduce!r}; valid: {', '.join(REDUCES)}")
     direction = raw.get("direction")
     if direction not in DIRECTIONS:
-        problems.append(f"{where}, key 'direction': {'missing' if direction is None else f'unknown value {direction!r}'}"
-                        f"; valid: {', '.join(DIRECTIONS)} (the effect the claim predicts, treatment vs baseline)")
+        what = "missing" if direction is None else f"unknown value {direction!r}"
+        problems.append(f"{where}, key 'direction': {what}; valid: {', '.join(DIRECTIONS)} "
+                        f"(the effect the claim predicts, treatment vs baseline)")
     scale = raw.get("scale", "diff")
     if scale not in SCALES:
         problems.append(f"{where}, key 'scale': unknown value {scale!r}; valid: {', '.join(SCALES)}")

@@ -48,7 +48,8 @@ def trials_table(study: "optuna.Study") -> pd.DataFrame:
         values = t.values if t.values is not None else [None] * len(names)
         row.update({n: (math.nan if v is None else float(v)) for n, v in zip(names, values)})
         # metrics the search stored beside the objectives (objective.record), e.g. the gold reward
-        row.update({k: (math.nan if v is None else float(v)) for k, v in (t.user_attrs.get(ATTR_RECORDED) or {}).items()})
+        recorded = t.user_attrs.get(ATTR_RECORDED) or {}
+        row.update({k: (math.nan if v is None else float(v)) for k, v in recorded.items()})
         row.update({f"param:{k}": v for k, v in t.params.items()})
         row["diverged"] = bool(t.user_attrs.get(ATTR_DIVERGED, False))
         row["reason"] = t.user_attrs.get(ATTR_PRUNE) or ""
@@ -196,8 +197,8 @@ def _pareto(study: "optuna.Study", table: pd.DataFrame, complete: pd.DataFrame, 
     """
     front_ids = {t.number for t in study.best_trials}
     on = complete["trial"].isin(front_ids)
-    recorded = [c for c in table.columns if c not in names and not c.startswith("param:")
-                and c not in ("trial", "state", "duration_s", "last_step", "diverged", "reason")]
+    recorded = list(dict.fromkeys(k for t in study.get_trials(deepcopy=False)
+                                  for k in (t.user_attrs.get(ATTR_RECORDED) or {})))
     front = complete[on].sort_values(names[0])[["trial", *names, *recorded, *params]].reset_index(drop=True)
     if len(names) != 2:
         return front, None
@@ -209,7 +210,7 @@ def _pareto(study: "optuna.Study", table: pd.DataFrame, complete: pd.DataFrame, 
     if colour_by is not None:
         kw = {"c": complete[colour_by], "cmap": "viridis", "vmin": complete[colour_by].min(),
               "vmax": complete[colour_by].max()}
-    sc = ax.scatter(complete.loc[~on, names[0]], complete.loc[~on, names[1]], s=22, marker="o", alpha=0.8,
+    ax.scatter(complete.loc[~on, names[0]], complete.loc[~on, names[1]], s=22, marker="o", alpha=0.8,
                     edgecolors="none", label="dominated",
                     **({**kw, "c": complete.loc[~on, colour_by]} if colour_by else {"color": "tab:gray"}))
     ax.plot(front[names[0]], front[names[1]], color="tab:red", linewidth=1, zorder=1)
