@@ -133,7 +133,10 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert {"grad_norm", "grad_terms", "loss_terms", "val_loss", "sample_metrics", "schedules"} <= set(figs)
     assert {"renoise/bias", "rl/weight"} <= set(figs["schedules"]["meta"]["keys"])
     assert {"grad_norm/twinflow", "grad_norm/rl"} <= set(figs["grad_terms"]["meta"]["keys"])
-    assert figs["sample_metrics"]["meta"]["teacher_refs"] == 9
+    meta = figs["sample_metrics"]["meta"]
+    # a teacher line on every panel: FD, reward, accuracy (and gold, proxy where the trainer writes them) per NFE
+    assert {"fd", "reward", "accuracy"} <= set(meta["rows"]) and meta["teacher_refs"] == len(meta["rows"]) * len(NFE)
+    assert meta["log_rows"] == ["fd"]
     assert html.stat().st_size > 50_000
 
 
