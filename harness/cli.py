@@ -91,6 +91,8 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
                    help="submitit backend: a Slurm cluster, or submitit's local executor")
     p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
+                   "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
     p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
                    "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")
 
@@ -112,6 +114,8 @@ def grid_run(args: argparse.Namespace) -> int:
     except InputError as e:
         problems += e.problems
     grid = _load(args, problems)
+    if args.dry_run:
+        return _dry_run(grid, retries=args.retries)
     with reading_input("twinflow-lab grid run: launcher"):  # e.g. submitit missing, an unknown --slurm-param
         launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
                                  nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
@@ -119,6 +123,19 @@ def grid_run(args: argparse.Namespace) -> int:
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error")
     return result.exit_code
+
+
+def _dry_run(grid: Any, *, retries: int) -> int:
+    """Exit 0 when every run that would launch passes preflight, 2 otherwise (each problem printed)."""
+    from .grid import dry_run_grid
+
+    checks = dry_run_grid(grid, retries=retries)
+    width = max(len(c.key) for c in checks)
+    for c in checks:
+        print(f"{c.key:<{width}}  {c.action:<9}  {'ok' if c.problem is None else 'PROBLEM: ' + c.problem}")
+    bad = [c for c in checks if c.problem is not None]
+    print(f"grid {grid.name}: {len(checks)} runs checked, {len(bad)} with problems (dry run: nothing written)")
+    return 2 if bad else 0
 
 
 def grid_status_args(p: argparse.ArgumentParser) -> None:

@@ -68,7 +68,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
     from .teacher import get_teacher
     path = get_teacher(cfg, progress=not args.no_progress)
-    print(path)
+    from .teacher import base_weights_in_model
+    if base_weights_in_model(cfg):
+        print(f"base weights come from the model ({path or 'random init'}); no teacher to train")
+    else:
+        print(path)
     return 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -438,6 +439,40 @@ def materialize_qwen_image(model: QwenImageFlowModel, *, device: torch.device | 
     load_transformer_weights(tr, pretrained)
     tr.init_target_time_embedding(tt_init, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     return model
+
+
+@dataclass
+class ShardedCopies:
+    student: QwenImageFlowModel
+    teacher: QwenImageFlowModel
+    """The frozen base model (also the target under ``method.target: frozen``)."""
+    ema: QwenImageFlowModel | None
+    """The EMA target (``method.target: ema``), else None."""
+
+
+def build_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device | str,
+                         latent_shape: tuple[int, int, int], with_ema: bool) -> ShardedCopies:
+    """Student, frozen base and EMA target, each built on the meta device, sharded, then materialised from
+    ``model.qwen.pretrained``: every rank reads only its slices of each tensor from the memory-mapped
+    safetensors, so host memory per rank is O(params / world) per copy and no full copy of the base model
+    ever exists on a host (a 20B model is 80 GB in fp32; three host copies per rank would not fit)."""
+    pretrained = cfg.model.qwen.pretrained
+    if pretrained is None:
+        raise ValueError("build_sharded_copies needs model.qwen.pretrained (the weights to materialise from)")
+
+    def one(*, frozen: bool) -> QwenImageFlowModel:
+        model = build_qwen_image(cfg, latent_shape=latent_shape, device="meta")
+        if frozen:
+            model = place_frozen(model, mesh, cfg.parallel)  # type: ignore[assignment]
+        else:
+            model = parallelize_qwen_image(model, mesh, cfg.parallel)
+        model = materialize_qwen_image(model, device=device, pretrained=pretrained, tt_init=cfg.model.tt_init,
+                                       seed=cfg.run.seed)
+        return model.eval() if frozen else model
+
+    teacher = one(frozen=True)
+    student = one(frozen=False)
+    return ShardedCopies(student=student, teacher=teacher, ema=one(frozen=True) if with_ema else None)
 
 
 # --------------------------------------------------------------------------- placement
