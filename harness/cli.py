@@ -185,6 +185,42 @@ def grid_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_plan_args(p: argparse.ArgumentParser) -> None:
+    from twinflow_train.plan import add_plan_arguments
+
+    _matrix_args(p)
+    add_plan_arguments(p)
+
+
+def grid_plan(args: argparse.Namespace) -> int:
+    """The memory plan of every arm (one seed each: seeds do not change memory); exit 3 when one does not fit."""
+    import json
+
+    from twinflow_train.plan import plan_from_args
+
+    grid = _load(args)
+    plans, seen = {}, set()
+    for spec in grid.runs:
+        if spec.arm in seen:
+            continue
+        seen.add(spec.arm)
+        try:
+            plans[spec.arm] = plan_from_args(spec.config, args)
+        except ValueError as e:
+            _err(f"arm '{spec.arm}': {e}")
+            return 2
+    if args.json:
+        print(json.dumps({arm: p.as_dict() for arm, p in plans.items()}, indent=1))
+    else:
+        for arm, p in plans.items():
+            print(f"== {grid.name} / {arm}\n{p.table()}\n")
+        width = max(len(a) for a in plans)
+        print(f"{'arm':<{width}}  {'GiB/rank':>9}  {'budget':>7}  fits")
+        for arm, p in plans.items():
+            print(f"{arm:<{width}}  {p.total / 2**30:>9.1f}  {p.budget / 2**30:>7.1f}  {'yes' if p.fits else 'NO'}")
+    return 0 if all(p.fits for p in plans.values()) else 3
+
+
 COMMANDS: dict[str, Command | str] = {
     "grid run": Command("launch every run of a matrix that is not done (resumes, retries, skips)",
                         grid_run_args, grid_run),
@@ -192,6 +228,8 @@ COMMANDS: dict[str, Command | str] = {
                            grid_status_args, grid_status),
     "grid collect": Command("gather every run's metrics into Parquet and print the divergence summary",
                             grid_collect_args, grid_collect),
+    "grid plan": Command("per-rank GPU memory of every arm (Qwen-Image; meta tensors, no GPU) and whether it fits",
+                         grid_plan_args, grid_plan),
     "report": "reports.cli",
     "search": "harness.search",
 }
