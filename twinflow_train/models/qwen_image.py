@@ -555,6 +555,15 @@ def parallelize_qwen_image(model: QwenImageFlowModel, mesh: DeviceMesh, cfg: Par
     return model
 
 
+def compile_blocks(model: QwenImageFlowModel, **compile_kwargs: Any) -> QwenImageFlowModel:
+    """``torch.compile`` every transformer block in place (``nn.Module.compile``: the module object, its FSDP2
+    hooks and activation checkpointing stay outside the compiled region). Numerics equal the eager blocks
+    (tested with the ``aot_eager`` backend on CPU)."""
+    for block in model.transformer.transformer_blocks:
+        block.compile(**compile_kwargs)
+    return model
+
+
 def _reshard_last_block(model: QwenImageFlowModel) -> None:
     from torch.distributed.fsdp import FSDPModule
 
