@@ -190,12 +190,15 @@ def grid_plan_args(p: argparse.ArgumentParser) -> None:
 
     _matrix_args(p)
     add_plan_arguments(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied to every arm, e.g. --set data.batch_size=32 (repeatable)")
 
 
 def grid_plan(args: argparse.Namespace) -> int:
     """The memory plan of every arm (one seed each: seeds do not change memory); exit 3 when one does not fit."""
     import json
 
+    from twinflow_train.config import Config, deep_merge, from_dict, parse_overrides, to_dict
     from twinflow_train.plan import plan_from_args
 
     grid = _load(args)
@@ -205,7 +208,10 @@ def grid_plan(args: argparse.Namespace) -> int:
             continue
         seen.add(spec.arm)
         try:
-            plans[spec.arm] = plan_from_args(spec.config, args)
+            cfg = spec.config
+            if args.overrides:
+                cfg = from_dict(Config, deep_merge(to_dict(cfg), parse_overrides(args.overrides)))
+            plans[spec.arm] = plan_from_args(cfg, args)
         except ValueError as e:
             _err(f"arm '{spec.arm}': {e}")
             return 2

@@ -78,6 +78,7 @@ class MemoryPlan:
     items: list[PlanItem]
     activations: dict[str, int] = field(default_factory=dict)
     """Grad-forward activations with and without checkpointing (``ckpt``, ``no_ckpt``), for the table."""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -96,7 +97,8 @@ class MemoryPlan:
                 "params": self.params, "trainable": self.trainable, "micro_batch": self.micro_batch,
                 "image": f"{self.image[0]}x{self.image[1]}", "text_tokens": self.text_tokens,
                 "checkpointing": self.checkpointing, "items": {i.name: i.bytes for i in self.items},
-                "activations": self.activations, "total": self.total, "budget": self.budget, "fits": self.fits}
+                "activations": self.activations, "total": self.total, "budget": self.budget, "fits": self.fits,
+                "warnings": self.warnings}
 
     def table(self) -> str:
         lines = [f"params {self.params / 1e9:.2f} B ({self.trainable / 1e9:.2f} B trainable); world {self.world}; "
@@ -110,6 +112,7 @@ class MemoryPlan:
         other = "no_ckpt" if self.checkpointing else "ckpt"
         lines.append(f"(grad-forward activations with checkpointing {'off' if self.checkpointing else 'on'}: "
                      f"{self.activations[other] / GIB:.2f} GiB)")
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -302,8 +305,9 @@ def _rl_items(cfg: Config, *, micro: int, image: tuple[int, int]) -> list[PlanIt
     if cfg.rl.hpsv2_arch != "ViT-H-14":
         raise ConfigError(f"rl.hpsv2_arch: the memory plan knows 'ViT-H-14' only (got {cfg.rl.hpsv2_arch!r})")
     vae = _vae(cfg)
-    ratios = cfg.method.group_ratios
-    e2e_rows = micro if cfg.method.layout == "tutorial" else max(1, round(micro * ratios[0] / sum(ratios)))
+    from .method import group_sizes
+
+    e2e_rows = micro if cfg.method.layout == "tutorial" else group_sizes(batch=micro, ratios=cfg.method.group_ratios)[0]
     items = [PlanItem("reward model (HPSv2 ViT-H-14, fp32)", 4 * vit_params(**VIT_H_14), "replicated"),
              PlanItem("VAE (fp32)", 4 * sum(p.numel() for p in vae.parameters()), "replicated")]
     reward_act = vit_activation_bytes(rows=e2e_rows, **VIT_H_14)
@@ -402,10 +406,20 @@ def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int
     ]
     if cfg.rl.enabled:
         items += _rl_items(cfg, micro=micro, image=image)
+    warnings = []
+    if cfg.method.layout == "partitioned":
+        from .method import GROUPS, group_sizes
+
+        empty = [g for g, n, r in zip(GROUPS, group_sizes(batch=micro, ratios=cfg.method.group_ratios),
+                                      cfg.method.group_ratios) if n == 0 and r > 0]
+        if empty:  # each rank partitions its own micro-batch: too few rows drop whole TwinFlow terms
+            warnings.append(f"a micro-batch of {micro} row(s) per rank leaves the {', '.join(empty)} group(s) empty; "
+                            f"raise data.batch_size to {world * cfg.data.grad_accum * len(GROUPS)} or more")
     return MemoryPlan(world=world, gpu_mem_gib=gpu_mem_gib, headroom=headroom,
                       params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
                       micro_batch=micro, image=image, text_tokens=text_tokens,
-                      checkpointing=par.activation_checkpointing, items=items, activations=act)
+                      checkpointing=par.activation_checkpointing, items=items, activations=act,
+                      warnings=warnings)
 
 
 def parse_image(text: str) -> tuple[int, int]:

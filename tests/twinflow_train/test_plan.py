@@ -140,3 +140,10 @@ def test_plan_commands(tmp_path):
     assert sorted(rows) == sorted(["vanilla", "renoise", "rl_hard", "rl_sigmoid", "rl_clip", "spike_decay"])
     assert grid.returncode == (0 if all(v == "yes" for v in rows.values()) else 3), grid.stdout[-2000:]
     assert not math.isnan(float(grid.stdout.splitlines()[-1].split()[1]))
+
+
+def test_a_micro_batch_too_small_for_the_row_groups_is_a_warning():
+    assert _plan(world=4).warnings == []
+    small = _plan(world=8)  # 16 rows over 8 ranks: 2 rows per rank for 4 row groups
+    assert len(small.warnings) == 1 and "any, adv" in small.warnings[0] and "32" in small.warnings[0]
+    assert "WARNING" in small.table()
