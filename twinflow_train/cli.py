@@ -66,9 +66,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
-    from .teacher import get_teacher
+    from .teacher import base_weights_in_model, get_teacher
     path = get_teacher(cfg, progress=not args.no_progress)
-    from .teacher import base_weights_in_model
     if base_weights_in_model(cfg):
         print(f"base weights come from the model ({path or 'random init'}); no teacher to train")
     else:
@@ -100,10 +99,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from .plan import plan_from_args
     try:
-        plan = plan_from_args(_load(args), args)
-    except ValueError as e:  # ConfigError included: a bad value for the plan
+        plan = plan_from_args(cfg, args)
+    except ValueError as e:  # ConfigError included: a value the plan cannot use
         print(f"twinflow-train: plan: {e}", file=sys.stderr)
         return 2
     print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())

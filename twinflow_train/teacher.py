@@ -53,7 +53,8 @@ def check_base_model_dir(cfg: Config) -> Path | None:
     pretrained = cfg.model.qwen.pretrained
     if pretrained is None:
         return None
-    key = "teacher.checkpoint / model.qwen.pretrained" if cfg.teacher.checkpoint != "auto" else "model.qwen.pretrained"
+    named_twice = cfg.teacher.checkpoint != "auto" and base_weights_in_model(cfg)
+    key = "teacher.checkpoint / model.qwen.pretrained" if named_twice else "model.qwen.pretrained"
     root = Path(pretrained).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{key}: {pretrained} is not a directory (a diffusers model directory with "

@@ -147,3 +147,33 @@ def test_the_ladder_runs_end_to_end_on_two_processes(ladder_root, tmp_path):
             assert "renoise/bias" in train[0]
         if arm in RL_ARMS:  # the reward term switched on within the steps
             assert any(r.get("rl/weight", 0) > 0 for r in train)
+
+
+def _qwen_cfg(model_dir: Path, teacher: str):
+    from twinflow_train.config import load_config
+    return load_config(None, ["model.family=qwen_image", "codec.kind=qwen_vae", f"model.qwen.pretrained={model_dir}",
+                              f"teacher.checkpoint={teacher}"])
+
+
+def test_preflight_takes_base_weights_from_the_model_directory(tmp_path):
+    from twinflow_train.config import ConfigError
+    from twinflow_train.teacher import base_weights_in_model, get_teacher
+    from twinflow_train.trainer import preflight_teacher
+
+    from .test_qwen_fixtures import tiny_transformer
+
+    model = tmp_path / "model"
+    tiny_transformer().save_pretrained(str(model / "transformer"))
+    for teacher in (str(model), str(model) + "/", "auto"):
+        cfg = _qwen_cfg(model, teacher)
+        assert base_weights_in_model(cfg) and preflight_teacher(cfg) is None
+        assert get_teacher(cfg) == model / "transformer"  # nothing trained: the directory, checked
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ConfigError, match="teacher.checkpoint: .* is a directory"):
+        preflight_teacher(_qwen_cfg(model, str(other)))
+    with pytest.raises(ConfigError, match="model.qwen.pretrained: .* is not a directory"):
+        preflight_teacher(_qwen_cfg(tmp_path / "missing", "auto"))
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no .safetensors weights"):
+        preflight_teacher(_qwen_cfg(model, str(model)))
