@@ -27,6 +27,7 @@ def _plan(*extra: str, world: int = 4, gpu: float = 131.3, image=(1328, 1328), *
     return plan_memory(_cfg(*extra), world=world, gpu_mem_gib=gpu, image=image, arch="qwen-image", **kw)
 
 
+@pytest.mark.slow
 def test_the_real_configuration_is_qwen_image_at_20b_parameters():
     m = meta_transformer(_cfg(), arch="qwen-image")
     tf = m.transformer
@@ -41,6 +42,7 @@ def test_the_real_configuration_is_qwen_image_at_20b_parameters():
     assert plan.params - plan.trainable == sum(p.numel() for p in m.parameters() if not p.requires_grad) > 0
 
 
+@pytest.mark.slow
 def test_sharding_divides_by_world_with_dim0_padding():
     ts = [torch.empty(10, 3, device="meta"), torch.empty(7, device="meta"), torch.empty((), device="meta")]
     assert sharded_bytes(ts, world=1, bytes_per=4) == 4 * (30 + 7 + 1)
@@ -55,6 +57,7 @@ def test_sharding_divides_by_world_with_dim0_padding():
     assert p8.micro_batch == 2 and p4.micro_batch == 4  # data.batch_size 16 over the ranks
 
 
+@pytest.mark.slow
 def test_checkpointing_reduces_activations_and_they_scale_with_rows():
     plan = _plan()
     assert plan.activations["ckpt"] < plan.activations["no_ckpt"] / 10
@@ -91,6 +94,7 @@ def test_meta_counting_equals_counting_real_tensors():
     assert counts[0] == counts[1] > 0
 
 
+@pytest.mark.slow
 def test_fits_follows_the_budget_and_rl_arms_hold_reward_and_vae():
     plan = _plan()
     assert plan.fits == (plan.total <= plan.budget)
@@ -110,6 +114,7 @@ def test_fits_follows_the_budget_and_rl_arms_hold_reward_and_vae():
     assert ema.total - plan.total == next(i.bytes for i in plan.items if i.name.startswith("parameters"))
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ConfigError, match="data.batch_size"):
         _plan(world=3)
@@ -142,6 +147,7 @@ def test_plan_commands(tmp_path):
     assert not math.isnan(float(grid.stdout.splitlines()[-1].split()[1]))
 
 
+@pytest.mark.slow
 def test_a_micro_batch_too_small_for_the_row_groups_is_a_warning():
     assert _plan(world=4).warnings == []
     small = _plan(world=8)  # 16 rows over 8 ranks: 2 rows per rank for 4 row groups
