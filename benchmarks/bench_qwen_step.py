@@ -14,10 +14,18 @@ master weights, bf16 compute, fp32 reductions, as the trainer runs it. Two step 
 * ``twinflow``: the project's full TwinFlow step (``twinflow_train.method.TwinFlow``,
   partitioned layout, target = the student under no_grad) + AdamW.
 
-Reported: image tokens/s, step time, MFU (model matmul FLOPs of the grad forward x 3,
-plus the no-grad forwards for ``twinflow``; recomputation under checkpointing not
-counted), peak allocated memory. Without CUDA (and without ``--smoke``) it prints a
-SKIP line and exits 0.
+Reported: image tokens/s, step time, MFU and peak allocated memory. Model FLOPs are the
+matmul FLOPs of one forward per row (``flops_per_token``) times the rows the step really
+forwards: 3 x the rows with grad (forward + backward) plus the no-grad rows, both as the
+method itself counts them (``TwinFlowOutput.forward_rows``) on every timed step; the
+recomputation under checkpointing is not counted (the usual MFU convention).
+
+Optimisations: AdamW is fused on CUDA, attention is diffusers' ``native`` backend (torch
+SDPA, which picks flash attention on the GPU; ``--attention`` names another), bf16 compute
+under FSDP2 with fp32 master weights and reductions, ``--compile`` compiles each block
+(``compile_blocks``). Each is tested on CPU for equal numerics
+(tests/twinflow_train/test_qwen_optimisations.py). Without CUDA (and without ``--smoke``)
+it prints a SKIP line and exits 0.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="rows per step")
     p.add_argument("--kind", choices=("fm", "twinflow"), default="fm")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--attention", default="native", help="diffusers attention backend (default: native = torch SDPA)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
@@ -84,6 +94,9 @@ def build(args: argparse.Namespace, device: torch.device):
     model = QwenImageFlowModel(tf, null_prompt_embeds=torch.zeros(4, text_dim))
     par = ParallelConfig(mixed_precision="bf16", activation_checkpointing=args.checkpointing)
     model = parallelize_qwen_image(model, mesh, par)
+    if args.compile:
+        from twinflow_train.models.qwen_image import compile_blocks
+        compile_blocks(model)
     return model, arch
 
 
@@ -122,42 +135,53 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--kind twinflow needs --batch >= 4 (four row groups)")
         method = TwinFlow(MethodConfig(target="student"), time_samplers=build_time_samplers(RenoiseConfig()))
 
-    def step(k: int) -> None:
+    rows = {"grad": 0, "no_grad": 0}
+
+    def step(k: int) -> dict[str, int]:
         if method is None:
             t = torch.rand(args.batch, generator=gen, device=device)
             z = torch.randn(x.shape, generator=gen, device=device)
             x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x
             loss = (model(x_t, t, t * 0.9, cond) - (z - x)).square().mean()
+            forwarded = {"grad": args.batch, "no_grad": 0}
         else:
             out = method.loss(model=model, target=model, x=x, cond=cond, generator=gen, step=k)
-            loss = out.loss
+            loss, forwarded = out.loss, out.forward_rows
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return forwarded
+
+    from diffusers.models.attention_dispatch import attention_backend
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for k in range(args.warmup):
-        step(k + 1)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for k in range(args.steps):
-        step(args.warmup + k + 1)
-    sync()
+    with attention_backend(args.attention):
+        for k in range(args.warmup):
+            step(k + 1)
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for k in range(args.steps):
+            for key, n in step(args.warmup + k + 1).items():
+                rows[key] += n
+        sync()
     step_s = (time.perf_counter() - t0) / args.steps
 
     fwd_per_row = flops_per_token({**model.transformer.config}, image_tokens=tokens,
                                   text_tokens=args.text_tokens) * tokens
-    # grad forward + backward = 3 forwards; TwinFlow adds ~4.75 no-grad forwards per row (SPEC 2, N = 2)
-    forwards = 3.0 if method is None else 3.0 + 4.75
-    flops = forwards * fwd_per_row * args.batch
+    # forward + backward of the grad rows = 3 forwards; the no-grad rows as the method counted them
+    forwards = 3 * rows["grad"] + rows["no_grad"]
+    flops = forwards * fwd_per_row / args.steps
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     peak = args.peak_tflops or (peak_for(name) if device.type == "cuda" else None)
     result = {
         "device": name, "kind": args.kind, "layers": args.layers, "params": param_count(model),
         "image": f"{args.height}x{args.width}", "image_tokens": tokens, "text_tokens": args.text_tokens,
-        "batch": args.batch, "checkpointing": args.checkpointing, "step_s": round(step_s, 4),
+        "batch": args.batch, "checkpointing": args.checkpointing, "compile": args.compile,
+        "attention": args.attention, "step_s": round(step_s, 4),
+        "rows_per_step": {k: v / args.steps for k, v in rows.items()},
+        "forwards_per_row": round(forwards / (args.steps * args.batch), 4),
         "tokens_per_s": round(args.batch * tokens / step_s, 1),
         "tflops_per_s": round(flops / step_s / 1e12, 2),
         "mfu": round(flops / step_s / (peak * 1e12), 4) if peak else None,

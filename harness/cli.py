@@ -91,6 +91,8 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
                    help="submitit backend: a Slurm cluster, or submitit's local executor")
     p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
+                   "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
     p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
                    "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")
 
@@ -112,6 +114,8 @@ def grid_run(args: argparse.Namespace) -> int:
     except InputError as e:
         problems += e.problems
     grid = _load(args, problems)
+    if args.dry_run:
+        return _dry_run(grid, retries=args.retries)
     with reading_input("twinflow-lab grid run: launcher"):  # e.g. submitit missing, an unknown --slurm-param
         launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
                                  nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
@@ -119,6 +123,19 @@ def grid_run(args: argparse.Namespace) -> int:
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error")
     return result.exit_code
+
+
+def _dry_run(grid: Any, *, retries: int) -> int:
+    """Exit 0 when every run that would launch passes preflight, 2 otherwise (each problem printed)."""
+    from .grid import dry_run_grid
+
+    checks = dry_run_grid(grid, retries=retries)
+    width = max(len(c.key) for c in checks)
+    for c in checks:
+        print(f"{c.key:<{width}}  {c.action:<9}  {'ok' if c.problem is None else 'PROBLEM: ' + c.problem}")
+    bad = [c for c in checks if c.problem is not None]
+    print(f"grid {grid.name}: {len(checks)} runs checked, {len(bad)} with problems (dry run: nothing written)")
+    return 2 if bad else 0
 
 
 def grid_status_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +185,48 @@ def grid_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_plan_args(p: argparse.ArgumentParser) -> None:
+    from twinflow_train.plan import add_plan_arguments
+
+    _matrix_args(p)
+    add_plan_arguments(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied to every arm, e.g. --set data.batch_size=32 (repeatable)")
+
+
+def grid_plan(args: argparse.Namespace) -> int:
+    """The memory plan of every arm (one seed each: seeds do not change memory); exit 3 when one does not fit."""
+    import json
+
+    from twinflow_train.config import Config, deep_merge, from_dict, parse_overrides, to_dict
+    from twinflow_train.plan import plan_from_args
+
+    grid = _load(args)
+    plans, seen = {}, set()
+    for spec in grid.runs:
+        if spec.arm in seen:
+            continue
+        seen.add(spec.arm)
+        try:
+            cfg = spec.config
+            if args.overrides:
+                cfg = from_dict(Config, deep_merge(to_dict(cfg), parse_overrides(args.overrides)))
+            plans[spec.arm] = plan_from_args(cfg, args)
+        except ValueError as e:
+            _err(f"arm '{spec.arm}': {e}")
+            return 2
+    if args.json:
+        print(json.dumps({arm: p.as_dict() for arm, p in plans.items()}, indent=1))
+    else:
+        for arm, p in plans.items():
+            print(f"== {grid.name} / {arm}\n{p.table()}\n")
+        width = max(len(a) for a in plans)
+        print(f"{'arm':<{width}}  {'GiB/rank':>9}  {'budget':>7}  fits")
+        for arm, p in plans.items():
+            print(f"{arm:<{width}}  {p.total / 2**30:>9.1f}  {p.budget / 2**30:>7.1f}  {'yes' if p.fits else 'NO'}")
+    return 0 if all(p.fits for p in plans.values()) else 3
+
+
 COMMANDS: dict[str, Command | str] = {
     "grid run": Command("launch every run of a matrix that is not done (resumes, retries, skips)",
                         grid_run_args, grid_run),
@@ -175,6 +234,8 @@ COMMANDS: dict[str, Command | str] = {
                            grid_status_args, grid_status),
     "grid collect": Command("gather every run's metrics into Parquet and print the divergence summary",
                             grid_collect_args, grid_collect),
+    "grid plan": Command("per-rank GPU memory of every arm (Qwen-Image; meta tensors, no GPU) and whether it fits",
+                         grid_plan_args, grid_plan),
     "report": "reports.cli",
     "search": "harness.search",
 }

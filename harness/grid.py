@@ -209,6 +209,32 @@ def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[P
     return plans
 
 
+@dataclass
+class RunCheck:
+    key: str
+    action: Action
+    problem: str | None
+    """What the trainer's preflight refuses (paths, weights, reward), or None: the run would start."""
+
+
+def dry_run_grid(grid: Grid, *, retries: int = 0) -> list[RunCheck]:
+    """What ``run_grid`` would do with every run, and the trainer's own preflight for each run it would
+    launch (weights and data paths, reward model, existing run directory). Reads only; writes nothing."""
+    from twinflow_train.config import ConfigError
+    from twinflow_train.trainer import preflight
+
+    checks = []
+    for p in plan_grid(grid, retries=retries):
+        problem = p.note if p.action == "changed" else None
+        if p.action in LAUNCH_ACTIONS:
+            try:
+                preflight(p.spec.config, p.spec.run_dir)
+            except ConfigError as e:
+                problem = str(e)
+        checks.append(RunCheck(key=p.spec.key, action=p.action, problem=problem))
+    return checks
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -348,7 +374,16 @@ def _supersede(grid: Grid, spec: RunSpec) -> None:
 
 
 def _prepare_teacher(grid: Grid, spec: RunSpec, launcher: Launcher, display: LiveDisplay) -> float:
-    """``twinflow-train teacher`` once, with the first run's resolved config (the cache is process-safe)."""
+    """``twinflow-train teacher`` once, with the first run's resolved config (the cache is process-safe).
+
+    Nothing to do where the base weights come from the model directory (Qwen-Image ``from_pretrained``
+    layout): there is no teacher to train, and the runs' preflight checks the directory."""
+    from twinflow_train.teacher import base_weights_in_model
+
+    if base_weights_in_model(spec.config):
+        display.stream.write("base weights come from the model directory; no teacher preparation step\n")
+        display.stream.flush()
+        return 0.0
     hdir = grid.grid_dir / HARNESS_DIR
     cfg_path = hdir / "teacher.yaml"
     atomic_write_text(cfg_path, to_yaml(spec.config))

@@ -1,4 +1,4 @@
-"""``twinflow-train teacher | fit | sample | eval | encode | export``."""
+"""``twinflow-train teacher | fit | sample | eval | plan | encode | export``."""
 
 from __future__ import annotations
 
@@ -66,9 +66,12 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
-    from .teacher import get_teacher
+    from .teacher import base_weights_in_model, get_teacher
     path = get_teacher(cfg, progress=not args.no_progress)
-    print(path)
+    if base_weights_in_model(cfg):
+        print(f"base weights come from the model ({path or 'random init'}); no teacher to train")
+    else:
+        print(path)
     return 0
 
 
@@ -95,6 +98,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from .plan import plan_from_args
+    try:
+        plan = plan_from_args(cfg, args)
+    except ValueError as e:  # ConfigError included: a value the plan cannot use
+        print(f"twinflow-train: plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twinflow-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--nfe", type=int, nargs="+", default=None, help="step counts (default: eval.nfe)")
             p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/samples)")
         p.set_defaults(func=func)
+    p = sub.add_parser("plan", help="per-rank GPU memory of a Qwen-Image run (meta tensors; no weights, no GPU)")
+    _common(p, run_dir=False)
+    from .plan import add_plan_arguments
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="pre-encode images + captions into latent shards (scale path)",
                        add_help=False)
     p.set_defaults(func=None)

@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -76,8 +76,12 @@ class LatentShardData:
     """The ``TrainData`` protocol over a shard directory."""
 
     def __init__(self, root: str | Path, *, batch_size: int, grad_accum: int, seed: int, val_fraction: float,
-                 split_seed: int, device: torch.device | str = "cpu"):
+                 split_seed: int, device: torch.device | str = "cpu",
+                 caption_tokens: tuple[str, Callable[[list[str]], torch.Tensor]] | None = None):
+        """``caption_tokens``: (condition key, tokenizer) adding each row's tokenised caption to its condition
+        (the HPSv2 reward scores the prompt's text: ``hps_tokens``)."""
         self.root = Path(root)
+        self.caption_tokens = caption_tokens
         self.manifest = _manifest(self.root)
         self.seed = seed
         self.device = torch.device(device)
@@ -149,7 +153,11 @@ class LatentShardData:
             padded[j, : e.shape[0]] = e.float()
             mask[j, : e.shape[0]] = True
         x = torch.cat(latents).float()
-        return x.to(self.device), {"prompt_embeds": padded.to(self.device), "prompt_mask": mask.to(self.device)}
+        cond = {"prompt_embeds": padded.to(self.device), "prompt_mask": mask.to(self.device)}
+        if self.caption_tokens is not None:
+            key, tokenize = self.caption_tokens
+            cond[key] = tokenize([bucket.captions[r] for r in rows.tolist()]).to(self.device)
+        return x.to(self.device), cond
 
     # ---- training order
 
@@ -213,7 +221,12 @@ class LatentShardData:
         for j, c in enumerate(conds):
             m = c["prompt_embeds"].shape[1]
             embeds[j, :m], mask[j, :m] = c["prompt_embeds"][0], c["prompt_mask"][0]
-        return [b.captions[r] for b, r in picks], {"prompt_embeds": embeds, "prompt_mask": mask}
+        captions = [b.captions[r] for b, r in picks]
+        cond = {"prompt_embeds": embeds, "prompt_mask": mask}
+        if self.caption_tokens is not None:
+            key, tokenize = self.caption_tokens
+            cond[key] = tokenize(captions).to(self.device)
+        return captions, cond
 
 
 def build_shard_setup(cfg, *, device: torch.device):
@@ -223,9 +236,15 @@ def build_shard_setup(cfg, *, device: torch.device):
 
     if cfg.codec.kind != "qwen_vae":
         raise ValueError(f"codec.kind must be 'qwen_vae' for data.dataset 'latent_shards' (got {cfg.codec.kind!r})")
+    caption_tokens = None
+    if cfg.rl.enabled and cfg.rl.reward == "hpsv2":  # HPSv2 scores the caption's own text
+        from functools import partial
+
+        from .rewards import HPS_TOKENS_KEY, hpsv2_tokenize
+        caption_tokens = (HPS_TOKENS_KEY, partial(hpsv2_tokenize, arch=cfg.rl.hpsv2_arch))
     data = LatentShardData(cfg.data.shards, batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum,
                            seed=cfg.run.seed, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed,
-                           device=device)
+                           device=device, caption_tokens=caption_tokens)
     vae_path = cfg.codec.path if cfg.codec.path is not None else data.manifest["pipeline"]
     ref = next(b for b in data.manifest["buckets"] if b["name"] == data.reference.name)
     codec = QwenVAECodec.from_pretrained(vae_path, image_size=(ref["height"], ref["width"])).to(device).eval()

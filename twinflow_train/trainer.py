@@ -46,22 +46,21 @@ class Diverged(Exception):
 # --------------------------------------------------------------------------- preflight
 
 
-def base_weights_in_model(cfg: Config) -> bool:
-    """Qwen-Image with ``teacher.checkpoint: auto`` takes its base weights from ``model.qwen.pretrained``
-    (loaded by the model builder), not from a teacher file."""
-    return cfg.model.family == "qwen_image" and cfg.teacher.checkpoint == "auto"
-
-
 def preflight_teacher(cfg: Config) -> Path | None:
-    """The base weights' file, checked; None where the model builder loads them itself."""
-    from .teacher import teacher_path
+    """The base weights' file, checked; None where the model builder loads them itself (a Qwen-Image model
+    directory, ``teacher.base_weights_in_model``)."""
+    from .teacher import base_weights_in_model, check_base_model_dir, teacher_path
 
-    if cfg.model.family == "qwen_image" and cfg.model.qwen.pretrained is not None \
-            and not Path(cfg.model.qwen.pretrained).exists():
-        raise ConfigError(f"model.qwen.pretrained: {cfg.model.qwen.pretrained} does not exist")
     if base_weights_in_model(cfg):
+        check_base_model_dir(cfg)
         return None
+    if cfg.model.family == "qwen_image" and cfg.model.qwen.pretrained is not None:
+        check_base_model_dir(cfg)
     tpath = teacher_path(cfg)
+    if tpath.is_dir():
+        hint = ("a Qwen-Image model directory is the base model only when model.qwen.pretrained names the same "
+                "directory" if cfg.model.family == "qwen_image" else "expected a weights file")
+        raise ConfigError(f"teacher.checkpoint: {tpath} is a directory ({hint})")
     if not tpath.is_file():
         hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
                 else "the path does not exist")
@@ -139,8 +138,9 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
     return base
 
 
-def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
-    setup = build_setup(cfg, device=d.device)
+def _host_copies(cfg: Config, d: Dist, setup: Setup,
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+    """Student, frozen base and EMA target from one base model on the host (models that fit a host)."""
     base = build_base(cfg, setup, teacher_weights)
     # the base model never trained E2 (its gate is zero at tt = t): initialise it as the student's, so a
     # frozen-teacher target sees the teacher's own field at tt != t instead of a random perturbation
@@ -149,12 +149,32 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     for p in base.parameters():
         p.requires_grad_(False)
     teacher = _shard(cfg, d, base, frozen=True).eval()
+    ema = None
     if cfg.method.target == "ema":
         ema = copy.deepcopy(student)
         for p in ema.parameters():
             p.requires_grad_(False)
-    model = _shard(cfg, d, student)
-    target = {"ema": lambda: _shard(cfg, d, ema, frozen=True).eval(), "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
+        ema = _shard(cfg, d, ema, frozen=True).eval()
+    return _shard(cfg, d, student), teacher, ema
+
+
+def build_copies(cfg: Config, d: Dist, setup: Setup,
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+    """(student, frozen base, EMA target or None); a Qwen-Image model directory is read sharded, never whole."""
+    from .teacher import base_weights_in_model
+
+    if base_weights_in_model(cfg) and cfg.model.qwen.pretrained is not None:
+        from .models.qwen_image import build_sharded_copies
+        c = build_sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
+                                 with_ema=cfg.method.target == "ema")
+        return c.student, c.teacher, c.ema
+    return _host_copies(cfg, d, setup, teacher_weights)
+
+
+def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
+    setup = build_setup(cfg, device=d.device)
+    model, teacher, ema = build_copies(cfg, d, setup, teacher_weights)
+    target = {"ema": lambda: ema, "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]  # adapters may freeze dead parameters
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)

@@ -36,6 +36,26 @@ def test_smoke_run_reports_throughput(capsys):
             dist.destroy_process_group()
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert result["tokens_per_s"] > 0 and result["layers"] == 1 and result["image_tokens"] == 24
+    assert result["rows_per_step"] == {"grad": 1, "no_grad": 0} and result["forwards_per_row"] == 3
+
+
+@pytest.mark.slow
+def test_twinflow_flops_come_from_the_methods_own_forward_counts(capsys):
+    """The step's FLOPs use the rows the method forwarded, not a fixed multiple of the batch."""
+    import torch.distributed as dist
+
+    try:
+        assert _bench().main(["--smoke", "--kind", "twinflow", "--batch", "8", "--layers", "1", "--warmup", "1",
+                              "--steps", "2"]) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    rows = result["rows_per_step"]
+    assert rows["grad"] == 8 and 0 < rows["no_grad"]
+    assert result["forwards_per_row"] == pytest.approx(3 + rows["no_grad"] / 8, abs=1e-4)
+    # SPEC 2's 4.75 no-grad rows per row is an upper bound (every row in the enhanced range, N = 2)
+    assert rows["no_grad"] / 8 <= 4.75
 
 
 @pytest.mark.gpu

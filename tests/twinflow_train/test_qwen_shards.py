@@ -193,3 +193,24 @@ def test_the_trainer_cli_routes_encode(encoded, tmp_path, capsys):
     assert main(["encode", "--images", str(tmp_path / "missing"), "--pipeline", str(encoded / "pipe"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_caption_tokens_follow_their_rows(encoded):
+    """The reward's prompt tokens (``hps_tokens`` for HPSv2) are the tokenised captions of the very rows served."""
+    def tokenize(captions):  # a stand-in tokenizer: one row per caption, its characters' codes
+        return torch.tensor([[ord(c) for c in cap.ljust(24)[:24]] for cap in captions])
+
+    plain = LatentShardData(encoded / "shards", batch_size=4, grad_accum=1, seed=0, val_fraction=0.2, split_seed=0)
+    data = LatentShardData(encoded / "shards", batch_size=4, grad_accum=1, seed=0, val_fraction=0.2, split_seed=0,
+                           caption_tokens=("hps_tokens", tokenize))
+    for step in (1, 2, 3):
+        bucket = data.step_bucket(step)
+        x, cond = data.micro_batch(step=step, index=1, count=2)
+        x0, cond0 = plain.micro_batch(step=step, index=1, count=2)
+        assert torch.equal(x, x0) and torch.equal(cond["prompt_embeds"], cond0["prompt_embeds"])
+        # the rows are identified by their latents; their captions are in the bucket's list
+        rows = [next(r for r in range(len(bucket.captions)) if torch.equal(data.rows(bucket, torch.tensor([r]))[0][0],
+                                                                            xi)) for xi in x]
+        assert torch.equal(cond["hps_tokens"], tokenize([bucket.captions[r] for r in rows]))
+    captions, cond = data.val_prompts(5)
+    assert torch.equal(cond["hps_tokens"], tokenize(captions))
