@@ -77,7 +77,7 @@ def bench_grid(args: argparse.Namespace, root: Path) -> dict:
 
 def bench_telemetry(records: list[dict], *, ckpt_every: int, repeats: int) -> float:
     """Seconds per record written by the trainer's writer (flush per record, fsync per checkpoint)."""
-    from twinflow_train.telemetry import MetricsWriter
+    from twinflow_train.rundir import MetricsWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         writer = MetricsWriter(Path(tmp) / "metrics.jsonl")

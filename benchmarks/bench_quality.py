@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twinflow_train.telemetry import iter_metrics
+from twinflow_train.rundir import iter_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from twinflow_train.telemetry import iter_metrics
+from twinflow_train.rundir import iter_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

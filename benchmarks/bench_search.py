@@ -46,10 +46,9 @@ import yaml
 args = sys.argv[1:]
 cfg = yaml.safe_load(open(args[args.index("--config") + 1]))
 d = Path(args[args.index("--run-dir") + 1])
+from twinflow_train.rundir import write_status
 def status(state, step=0):
-    (d / ".st").write_text(json.dumps({"state": state, "reason": None, "step": step, "updated": time.time(),
-                                       "pid": os.getpid(), "config_hash": None}))
-    os.replace(d / ".st", d / "status.json")
+    write_status(d, state, step=step)
 w, n, every = cfg["rl"]["weight"], cfg["run"]["steps"], cfg["run"]["val_every"]
 pause = float(os.environ["BENCH_RUN_S"]) / n
 status("running")

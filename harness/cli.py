@@ -93,6 +93,8 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
                    help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
                    "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
+    p.add_argument("--restart-on-corrupt", action="store_true", help="a run whose checkpoints all fail to verify "
+                   "starts again from step 0 (default: it fails, naming them)")
     p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
                    "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")
 
@@ -121,7 +123,8 @@ def grid_run(args: argparse.Namespace) -> int:
                                  nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
                                  slurm_parameters=params)
     result = run_grid(grid, launcher=launcher, retries=args.retries,
-                      on_changed="supersede" if args.supersede_changed else "error")
+                      on_changed="supersede" if args.supersede_changed else "error",
+                      restart_on_corrupt=args.restart_on_corrupt)
     return result.exit_code
 
 
@@ -173,7 +176,7 @@ def grid_collect(args: argparse.Namespace) -> int:
     if not grid.grid_dir.is_dir():
         _err(f"grid {grid.name} has no runs yet ({grid.grid_dir} does not exist)")
         return 1
-    df = collect_grid(grid.grid_dir)
+    df = collect_grid(grid.grid_dir, on_bad_line="skip")  # a damaged file marks its run, not the whole grid
     summary = divergence_summary(df, rise_k=args.rise_k)
     statuses = run_statuses(grid.grid_dir)
     table = statuses[["arm", "seed", "state", "step", "reason"]].merge(
@@ -182,6 +185,12 @@ def grid_collect(args: argparse.Namespace) -> int:
         print(f"{len(df)} records from {df['run_dir'].nunique() if len(df) else 0} runs -> "
               f"{grid.grid_dir / '.harness' / CACHE_NAME}")
         print(table.to_string(index=False))
+    problems = dict(df.attrs.get("problems", {}))
+    for run_dir, problem in zip(statuses["run_dir"], statuses["problem"]):
+        if problem and run_dir not in problems:
+            problems[run_dir] = problem
+    for run_dir, problem in problems.items():
+        print(f"problem in {Path(run_dir).parent.name}/{Path(run_dir).name}: {problem} (its other records are shown)")
     return 0
 
 

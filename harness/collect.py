@@ -2,20 +2,27 @@
 
 Three functions with stable signatures (the reports package imports them):
 
-``collect_grid(grid_dir, *, use_cache=True) -> DataFrame``
-    One row per metrics record of every run. Columns: ``grid``, ``arm``, ``seed``
+``collect_grid(grid_dir, *, use_cache=True, on_bad_line="raise") -> DataFrame``
+    One row per metrics record of every run (``event`` records, which are not
+    metrics, are left out). Columns: ``grid``, ``arm``, ``seed``
     (int), ``run_dir`` (str), ``kind`` (``train`` | ``val`` | ``teacher``), ``step``
     (int), then every metric key of the records (float; NaN where a record lacks
     the key, and where the trainer logged a non-finite value it stays non-finite).
     Sorted by arm, seed, step, kind. Cached in ``<grid>/.harness/metrics.parquet``; the
     cache holds the size and mtime of every metrics.jsonl it was built from and is
     rebuilt when any of them changes (or a run appears or disappears).
+    A line that does not parse, other than a torn last line, raises naming it;
+    with ``on_bad_line="skip"`` it is left out and listed in ``df.attrs["problems"]``
+    (run_dir -> the first bad line), so one damaged file does not hide the grid.
 
 ``run_statuses(grid_dir) -> DataFrame``
     One row per run: ``arm``, ``seed``, ``state``, ``reason``, ``step``, ``wall_s``,
-    ``run_dir``, plus ``attempts`` and ``identity``. ``state`` is status.json's, except a
-    ``running`` run that no harness and no live process is running, shown as
-    ``interrupted``; ``wall_s`` is the run's last ``time/wall_s`` (summed over resumes).
+    ``run_dir``, plus ``attempts``, ``identity`` and ``problem``. ``state`` is status.json's,
+    except a ``running`` run that no harness and no live process is running, shown as
+    ``interrupted``; ``step`` and ``wall_s`` (the last ``time/wall_s``, summed over resumes)
+    come from the end of metrics.jsonl, read from the end of the file. ``problem`` names a
+    file of the run that could not be read (status.json, harness.json, a bad metrics line
+    in the part read); such a run is still listed.
 
 ``divergence_summary(df, *, rise_k=3) -> DataFrame``
     One row per run of a ``collect_grid`` table: ``grid``, ``arm``, ``seed``,
@@ -27,17 +34,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from .store import HARNESS_FILE, METRICS_FILE, iter_run_dirs, read_json, read_metrics, read_status
+from twinflow_train.rundir import atomic_path, read_metrics, record_kind, tail_metrics
+
+from .store import HARNESS_FILE, METRICS_FILE, RunDirError, iter_run_dirs, read_json, read_status
 
 ID_COLUMNS = ["grid", "arm", "seed", "run_dir", "kind", "step"]
-STATUS_COLUMNS = ["arm", "seed", "state", "reason", "step", "wall_s", "run_dir", "attempts", "identity"]
+STATUS_COLUMNS = ["arm", "seed", "state", "reason", "step", "wall_s", "run_dir", "attempts", "identity", "problem"]
 SUMMARY_COLUMNS = ["grid", "arm", "seed", "run_dir", "first_nonfinite_step", "n_spikes", "max_grad_norm",
                    "val_rise_step", "val_rise_k"]
 CACHE_NAME = "metrics.parquet"
@@ -59,21 +67,19 @@ def _manifest(grid_dir: Path) -> dict[str, Any]:
     return {"version": _CACHE_VERSION, "files": files}
 
 
-def _kind(record: dict[str, Any]) -> str:
-    kind = record.get("kind")
-    if kind in ("train", "val", "teacher"):
-        return kind
-    if kind is not None:
-        raise ValueError(f"unknown record kind {kind!r} (expected train, val or teacher)")
-    return "val" if any(k.startswith("val/") for k in record) else "train"
-
-
-def _build(grid_dir: Path) -> pd.DataFrame:
+def _build(grid_dir: Path, *, strict: bool) -> tuple[pd.DataFrame, dict[str, str]]:
     grid = _grid_name(grid_dir)
     rows: list[dict[str, Any]] = []
+    problems: dict[str, str] = {}
     for arm, seed, run_dir in iter_run_dirs(grid_dir):
-        for rec in read_metrics(run_dir / METRICS_FILE):
-            row = {"grid": grid, "arm": arm, "seed": seed, "run_dir": str(run_dir), "kind": _kind(rec),
+        read = read_metrics(run_dir / METRICS_FILE, strict=strict)
+        if read.problem:
+            problems[str(run_dir)] = read.problem
+        for rec in read.records:
+            kind = record_kind(rec)
+            if kind == "event":
+                continue
+            row = {"grid": grid, "arm": arm, "seed": seed, "run_dir": str(run_dir), "kind": kind,
                    "step": int(rec["step"])}
             for k, v in rec.items():
                 if k in ("kind", "step"):
@@ -82,7 +88,7 @@ def _build(grid_dir: Path) -> pd.DataFrame:
             rows.append(row)
     if not rows:
         return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("seed", "step") else "object")
-                             for c in ID_COLUMNS})
+                             for c in ID_COLUMNS}), problems
     df = pd.DataFrame.from_records(rows)
     metric_cols = [c for c in df.columns if c not in ID_COLUMNS]
     for c in metric_cols:
@@ -97,11 +103,14 @@ def _build(grid_dir: Path) -> pd.DataFrame:
     kind_order = {"teacher": 0, "train": 1, "val": 2}
     df = df.assign(_k=df["kind"].map(kind_order)).sort_values(["arm", "seed", "step", "_k"], kind="stable")
     df = df.drop(columns="_k").reset_index(drop=True)
-    return df[ID_COLUMNS + sorted(metric_cols)]
+    return df[ID_COLUMNS + sorted(metric_cols)], problems
 
 
-def collect_grid(grid_dir: str | Path, *, use_cache: bool = True) -> pd.DataFrame:
+def collect_grid(grid_dir: str | Path, *, use_cache: bool = True,
+                 on_bad_line: Literal["raise", "skip"] = "raise") -> pd.DataFrame:
     """All metrics records of a grid as one table (see the module docstring for the columns)."""
+    if on_bad_line not in ("raise", "skip"):
+        raise ValueError(f"on_bad_line must be 'raise' or 'skip' (got {on_bad_line!r})")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -112,19 +121,25 @@ def collect_grid(grid_dir: str | Path, *, use_cache: bool = True) -> pd.DataFram
     manifest = _manifest(grid_dir)
     if use_cache and cache.is_file():
         meta = pq.read_schema(cache).metadata or {}
-        if meta.get(_MANIFEST_KEY) and json.loads(meta[_MANIFEST_KEY]) == manifest:
-            return pq.read_table(cache).to_pandas()
-    df = _build(grid_dir)
+        cached = json.loads(meta[_MANIFEST_KEY]) if meta.get(_MANIFEST_KEY) else None
+        if cached is not None and cached.get("files") == manifest["files"] and cached.get("version") == _CACHE_VERSION:
+            problems = cached.get("problems", {})
+            if problems and on_bad_line == "raise":
+                raise RunDirError(next(iter(problems.values())) + " (only a torn last line is tolerated)")
+            df = pq.read_table(cache).to_pandas()
+            df.attrs["problems"] = problems
+            return df
+    # with a cache, read leniently once and keep the problems with it; raise afterwards if asked to
+    df, problems = _build(grid_dir, strict=on_bad_line == "raise" and not use_cache)
     if use_cache:
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               _MANIFEST_KEY: json.dumps(manifest).encode()})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:  # the same atomic rule as every other file: fsync, then rename
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
+                                               _MANIFEST_KEY: json.dumps({**manifest, "problems": problems}).encode()})
+        with atomic_path(cache) as tmp:
+            pq.write_table(table, tmp)
+        if problems and on_bad_line == "raise":
+            raise RunDirError(next(iter(problems.values())) + " (only a torn last line is tolerated)")
+    df.attrs["problems"] = problems
     return df
 
 
@@ -137,18 +152,31 @@ def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
     live = grid_is_live(grid_dir)
     rows = []
     for arm, seed, run_dir in iter_run_dirs(grid_dir):
-        status = read_status(run_dir) or {}
-        record = read_json(run_dir / HARNESS_FILE) or {}
-        state = status.get("state", "new")
+        problems: list[str] = []
+        status: dict[str, Any] = {}
+        record: dict[str, Any] = {}
+        try:
+            status = read_status(run_dir) or {}
+        except RunDirError as e:
+            problems.append(str(e))
+        try:
+            record = read_json(run_dir / HARNESS_FILE) or {}
+        except RunDirError as e:
+            problems.append(str(e))
+        state = status.get("state", "new" if not problems else "queued")
         if state == "running" and not live and not pid_is_trainer(status.get("pid")):
             state = "interrupted"
-        records = read_metrics(run_dir / METRICS_FILE)
-        train_steps = [int(r["step"]) for r in records if _kind(r) == "train"]
-        walls = [r["time/wall_s"] for r in records if isinstance(r.get("time/wall_s"), (int, float))]
-        step = max(train_steps + [int(status.get("step") or 0)]) if (train_steps or status) else 0
+        tail = tail_metrics(run_dir / METRICS_FILE)
+        problems += tail.problems[:1]
+        train, val = tail.last.get("train"), tail.last.get("val")
+        step = max([int(r["step"]) for r in (train,) if r] + [int(status.get("step") or 0)])
+        # the newest record carries the latest wall clock (a val record follows the train record of its step)
+        newest = max((r for r in (train, val) if r), key=lambda r: (int(r["step"]), r is val), default={})
+        wall = newest.get("time/wall_s")
         rows.append({"arm": arm, "seed": seed, "state": state, "reason": status.get("reason"), "step": step,
-                     "wall_s": float(walls[-1]) if walls else float("nan"), "run_dir": str(run_dir),
-                     "attempts": len(record.get("attempts", [])), "identity": record.get("identity")})
+                     "wall_s": float(wall) if isinstance(wall, (int, float)) else float("nan"),
+                     "run_dir": str(run_dir), "attempts": len(record.get("attempts", [])),
+                     "identity": record.get("identity"), "problem": "; ".join(problems) or None})
     df = pd.DataFrame(rows, columns=STATUS_COLUMNS)
     df["seed"] = df["seed"].astype("int64")
     df["step"] = df["step"].astype("int64")

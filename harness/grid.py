@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
 from twinflow_train.config import to_dict, to_yaml
+from twinflow_train.rundir import EXIT_STATES, RESTART_FLAG
 
 from .identity import wandb_run_id
 from .launchers import TRAINER_MODULE, Handle, Launcher, LaunchJob, LocalLauncher, SubmititHandle
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, pid_is_trainer, render_table
-from .store import (LAUNCH_CONFIG, LOG_DIR, Attempt, RunRecord, atomic_write_text, checkpoint_step,
-                    read_record, read_status, write_record, write_status)
+from .store import (LAUNCH_CONFIG, LOG_DIR, Attempt, RunDirError, RunRecord, atomic_write_text, read_record,
+                    read_status, resume_step, write_record, write_status)
 
 Action = Literal["new", "resume", "retry", "skip", "exhausted", "changed"]
 LAUNCH_ACTIONS = ("new", "resume", "retry")
@@ -187,7 +188,12 @@ def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[P
         if record.identity != spec.identity:
             plans.append(PlannedRun(spec, "changed", _changed_note(spec, record, grid.code_version)))
             continue
-        status = read_status(d)
+        try:
+            status = read_status(d)
+        except RunDirError as e:  # this run alone: resume it from its newest checkpoint, which the trainer verifies
+            step = resume_step(d)
+            plans.append(PlannedRun(spec, "resume" if step else "new", f"{e}; resumes from step {step}"))
+            continue
         state = status["state"] if status else None
         if state == "done":
             plans.append(PlannedRun(spec, "skip", "done"))
@@ -203,7 +209,7 @@ def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[P
             raise GridError([f"{d}: run {spec.key} is still running (pid {status.get('pid')}); "
                              "wait for it or stop it before re-running the grid"])
         else:
-            step = checkpoint_step(d)
+            step = resume_step(d)
             note = f"interrupted; resumes from step {step}" if step else "interrupted before a checkpoint"
             plans.append(PlannedRun(spec, "resume" if step else "new", note))
     return plans
@@ -293,11 +299,13 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
              on_changed: Literal["error", "supersede"] = "error",
              run_env: Mapping[str, Mapping[str, str]] | None = None,
              stream: TextIO | None = None, tty: bool | None = None, poll_s: float = 0.1,
-             prepare_teacher: bool = True) -> GridResult:
+             prepare_teacher: bool = True, restart_on_corrupt: bool = False) -> GridResult:
     """Launch every run of ``grid`` that is not done, watch them, record what happened.
 
     ``run_env``: extra environment per arm name or per run key (``arm/seed-k``), e.g.
     ``{"crash": {"TWINFLOW_FAULT_AT_STEP": "5"}}`` (tests inject faults this way).
+    ``restart_on_corrupt``: passed to the trainer (a run whose checkpoints all fail to verify
+    starts again from step 0 instead of failing).
     Raises ``GridError`` before anything is launched when a run changed identity
     (``on_changed="error"``), is still alive, or the teacher cannot be prepared.
     """
@@ -338,7 +346,7 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
         for p in plans:
             if p.action not in LAUNCH_ACTIONS:
                 result.skipped.append(p.spec.key)
-                result.outcomes[p.spec.key] = (read_status(p.spec.run_dir) or {}).get("state", "?")
+                result.outcomes[p.spec.key] = (_status_or_none(p.spec.run_dir) or {}).get("state", "?")
         todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
         display = LiveDisplay(stream, tty=tty)
         stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
@@ -349,7 +357,7 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
         for p in todo:
             _prepare_run_dir(grid, p.spec)
         _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result)
+                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
         monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
         stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
                                   title=f"grid {grid.name}: finished") + "\n")
@@ -417,9 +425,17 @@ def _prepare_run_dir(grid: Grid, spec: RunSpec) -> None:
         last.ended = max((p.stat().st_mtime for p in traces), default=time.time())  # its last sign of life
         last.outcome, last.reason = "interrupted", "the harness was killed while the run was in flight"
         write_record(d, record)
-    status = read_status(d)
-    write_status(d, "queued", step=int(status.get("step") or 0) if status else checkpoint_step(d),
+    status = _status_or_none(d)
+    write_status(d, "queued", step=int(status.get("step") or 0) if status else resume_step(d),
                  config_hash=spec.config_hash)
+
+
+def _status_or_none(run_dir: Path) -> dict[str, Any] | None:
+    """status.json where the harness is about to rewrite it: an unreadable one counts as none."""
+    try:
+        return read_status(run_dir)
+    except RunDirError:
+        return None
 
 
 def _env_for(spec: RunSpec, run_env: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
@@ -429,19 +445,20 @@ def _env_for(spec: RunSpec, run_env: Mapping[str, Mapping[str, str]]) -> dict[st
     return {k: str(v) for k, v in env.items()}
 
 
-def _start(spec: RunSpec, launcher: Launcher, run_env: Mapping[str, Mapping[str, str]]) -> _Active:
+def _start(spec: RunSpec, launcher: Launcher, run_env: Mapping[str, Mapping[str, str]], *,
+           restart_on_corrupt: bool = False) -> _Active:
     d = spec.run_dir
     record = read_record(d)
     assert record is not None, d
     number = len(record.attempts) + 1
     log_rel = f"{LOG_DIR}/attempt-{number}.log"
     attempt = Attempt(number=number, launcher=launcher.kind, started=time.time(), log=log_rel,
-                      start_step=checkpoint_step(d))
+                      start_step=resume_step(d))
     record.attempts.append(attempt)
     write_record(d, record)
     job = LaunchJob(name=spec.key, log_path=d / log_rel, env=_env_for(spec, run_env),
                     argv=["fit", "--config", str((d / LAUNCH_CONFIG).resolve()), "--run-dir", str(d.resolve()),
-                          "--no-progress"])
+                          "--no-progress", *([RESTART_FLAG] if restart_on_corrupt else [])])
     handle = launcher.start(job)
     return _Active(spec=spec, handle=handle, record=record, attempt=attempt)
 
@@ -449,10 +466,10 @@ def _start(spec: RunSpec, launcher: Launcher, run_env: Mapping[str, Mapping[str,
 def _finish(active: _Active, rc: int) -> str:
     """Record the attempt's outcome from status.json (and the exit code when the trainer could not write it)."""
     spec, attempt, d = active.spec, active.attempt, active.spec.run_dir
-    status = read_status(d) or {}
+    status = _status_or_none(d) or {}
     state = status.get("state")
     fresh = float(status.get("updated") or 0) >= attempt.started - 1.0
-    expected = {0: "done", 3: "diverged", 1: "failed"}.get(rc)
+    expected = EXIT_STATES.get(rc)
     if state in ("done", "failed", "diverged") and fresh and (expected is None or expected == state):
         outcome, reason = state, status.get("reason")
     else:
@@ -465,7 +482,7 @@ def _finish(active: _Active, rc: int) -> str:
             reason = f"exited 0 but status.json says {state!r}"
         else:
             reason = "; ".join(x for x in (_exit_text(rc), scheduler, tail) if x)
-        write_status(d, "failed", step=max(int(status.get("step") or 0), checkpoint_step(d)), reason=reason,
+        write_status(d, "failed", step=max(int(status.get("step") or 0), resume_step(d)), reason=reason,
                      config_hash=spec.config_hash)
     attempt.ended, attempt.exit_code, attempt.outcome, attempt.reason = time.time(), rc, outcome, reason
     write_record(d, active.record)
@@ -486,9 +503,9 @@ def _interrupt(actives: list[_Active], display: LiveDisplay, why: str, grace_s: 
             kill()
     for a in actives:
         d = a.spec.run_dir
-        status = read_status(d) or {}
+        status = _status_or_none(d) or {}
         if status.get("state") not in ("done", "failed", "diverged"):
-            write_status(d, "queued", step=checkpoint_step(d), config_hash=a.spec.config_hash,
+            write_status(d, "queued", step=resume_step(d), config_hash=a.spec.config_hash,
                          reason=f"interrupted ({why}); re-run the grid to resume")
         a.attempt.ended, a.attempt.outcome, a.attempt.reason = time.time(), "interrupted", why
         write_record(d, a.record)
@@ -497,7 +514,7 @@ def _interrupt(actives: list[_Active], display: LiveDisplay, why: str, grace_s: 
 
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
               run_env: Mapping[str, Mapping[str, str]], display: LiveDisplay, poll_s: float,
-              result: GridResult) -> None:
+              result: GridResult, restart_on_corrupt: bool = False) -> None:
     queue = [p.spec for p in todo]
     active: list[_Active] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
@@ -506,7 +523,7 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
         while queue or active:
             while queue and len(active) < launcher.slots:
                 spec = queue.pop(0)
-                a = _start(spec, launcher, run_env)
+                a = _start(spec, launcher, run_env, restart_on_corrupt=restart_on_corrupt)
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)

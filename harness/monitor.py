@@ -1,8 +1,10 @@
 """Watching a grid from its files alone: per-run rows, the table, the ETA.
 
 The trainer updates ``status.json`` when a run starts and ends; progress in between
-comes from the tail of ``metrics.jsonl`` (read incrementally, so a refresh costs
-only the new lines).
+comes from the end of ``metrics.jsonl``: the first look seeks from the end of the
+file (``rundir.tail_metrics``), later refreshes read only the lines appended since.
+A file of one run that cannot be read (a bad metrics line, a corrupt status.json)
+marks that run's row with the problem; it never stops the table.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .store import METRICS_FILE, MetricsTail, read_record, read_status
-
-TERMINAL = ("done", "failed", "diverged")
+from .store import METRICS_FILE, MetricsTail, RunDirError, read_record, read_status
+from twinflow_train.rundir import TERMINAL
 
 
 def pid_is_trainer(pid: Any) -> bool:
@@ -52,6 +53,8 @@ class RunRow:
     wall_s: float | None = None
     attempts: int = 0
     eta_s: float | None = None
+    problem: str | None = None
+    """A file of the run that could not be read (shown under the table)."""
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -82,15 +85,24 @@ class GridMonitor:
 
     def __init__(self, runs: Sequence[tuple[str, int, Path, int | None]]):
         self.runs = list(runs)
-        self._tails = {run_dir: MetricsTail(run_dir / METRICS_FILE) for _, _, run_dir, _ in self.runs}
+        self._tails = {run_dir: MetricsTail(run_dir / METRICS_FILE, from_end=True) for _, _, run_dir, _ in self.runs}
 
     def rows(self, *, harness_live: bool) -> list[RunRow]:
         out = []
         for arm, seed, run_dir, steps in self.runs:
-            status = read_status(run_dir) if run_dir.is_dir() else None
-            record = read_record(run_dir) if run_dir.is_dir() else None
+            problems: list[str] = []
+            status = record = None
+            if run_dir.is_dir():
+                for what, read in (("status", read_status), ("record", read_record)):
+                    try:
+                        value = read(run_dir)
+                    except (RunDirError, TypeError) as e:
+                        problems.append(str(e))
+                        continue
+                    status, record = (value, record) if what == "status" else (status, value)
             tail = self._tails[run_dir]
             tail.poll()
+            problems += tail.problems[:1]
             last = tail.last
             state = status["state"] if status else ("new" if record is None else "queued")
             if state == "running" and not harness_live and not pid_is_trainer(status.get("pid")):
@@ -102,7 +114,8 @@ class GridMonitor:
                          reason=status.get("reason") if status else None, step=step,
                          grad_norm=_num(last.get("grad_norm/total")), val_loss=_num(last.get("val/loss")),
                          step_s=_num(last.get("time/step_s")), wall_s=_num(last.get("time/wall_s")),
-                         attempts=len(record.attempts) if record else 0)
+                         attempts=len(record.attempts) if record else 0,
+                         problem="; ".join(problems) or None)
             out.append(row)
         _estimate(out)
         return out
@@ -164,6 +177,9 @@ def render_table(rows: Sequence[RunRow], *, slots: int, title: str = "") -> str:
     failed = [r for r in rows if r.state in ("failed", "diverged") and r.reason]
     for r in failed:
         lines.append(f"  {r.arm}/seed-{r.seed} {r.state}: {r.reason}")
+    for r in rows:
+        if r.problem:
+            lines.append(f"  {r.arm}/seed-{r.seed} problem: {r.problem}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from .launchers import Handle, LaunchJob, Launcher, LocalLauncher, ProcessHandle
 from .matrix import Grid, RunSpec
 from .monitor import pid_is_trainer
 from .search_spec import SearchSpec
-from .store import METRICS_FILE, MetricsTail, checkpoint_step, read_record, read_status, write_record, write_status
+from .store import METRICS_FILE, MetricsTail, read_record, read_status, resume_step, write_record, write_status
 
 TrialOutcome = Literal["complete", "pruned", "failed", "interrupted"]
 STOP_GRACE_S = 15.0
@@ -424,7 +424,7 @@ class TrialExecutor:
                 # it ended by itself before the stop reached it: its own verdict stands
                 r.outcome = _finish(a, rc if rc is not None else -int(signal.SIGTERM))
             else:
-                step = max(int(status.get("step") or 0), checkpoint_step(d), r.step)
+                step = max(int(status.get("step") or 0), resume_step(d), r.step)
                 write_status(d, state, step=step, reason=reason, config_hash=r.spec.config_hash)
                 a.attempt.ended, a.attempt.exit_code = time.time(), rc
                 a.attempt.outcome, a.attempt.reason = outcome, reason

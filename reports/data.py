@@ -16,13 +16,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from twinflow_train.rundir import NONFINITE_TEXT
 
 METRIC_ID_COLUMNS = ("grid", "arm", "seed", "run_dir", "kind", "step")
 STATUS_COLUMNS = ("arm", "seed", "state", "reason", "step", "wall_s", "run_dir")
 KINDS = ("train", "val", "teacher")
 _NFE_KEY = re.compile(r"^val/fd_nfe(\d+)$")
-_NONFINITE_TEXT = {"nan": np.nan, "NaN": np.nan, "inf": np.inf, "Infinity": np.inf, "-inf": -np.inf,
-                   "-Infinity": -np.inf}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +64,7 @@ def _numeric(df: pd.DataFrame, columns: Sequence[str], *, table: str) -> pd.Data
             out[c] = s.astype(float)
             continue
         try:
-            out[c] = pd.to_numeric(s.replace(_NONFINITE_TEXT), errors="raise").astype(float)
+            out[c] = pd.to_numeric(s.replace(NONFINITE_TEXT), errors="raise").astype(float)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{table}: column {c!r} holds a non-numeric value ({e})") from None
     return df.assign(**out) if out else df

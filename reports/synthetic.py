@@ -9,7 +9,6 @@ result of training; reports built from it say "synthetic" in their title.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write_text
+from twinflow_train.rundir import atomic_write_text, encode_record, write_status
 
 
 def _run_frames(*, grid: str, arm: str, index: int, seed: int, steps: int, log_every: int, val_every: int,
@@ -167,12 +166,10 @@ def write_synthetic_grid(grid_dir: str | Path, *, arms: Sequence[str], seeds: Se
                     v = str(v)
                 clean[k] = v
             clean["step"] = int(clean["step"])
-            lines.append(json.dumps(clean, separators=(",", ":")))
-        atomic_write_text(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+            lines.append(encode_record(clean))
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(lines))
         st = statuses[(statuses.arm == arm) & (statuses.seed == sd)].iloc[0]
-        atomic_write_text(run_dir / "status.json", json.dumps(
-            {"state": st.state, "reason": st.reason, "step": int(st.step), "updated": 0.0, "pid": 0,
-             "config_hash": "synthetic"}) + "\n")
+        write_status(run_dir, st.state, step=int(st.step), reason=st.reason, pid=0, config_hash="synthetic")
         i = list(arms).index(arm)
         samples = run_dir / "samples"
         samples.mkdir(parents=True, exist_ok=True)

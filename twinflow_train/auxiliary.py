@@ -10,24 +10,22 @@ Cache entries are shared by concurrent runs. :func:`train_or_load_file` is the
 one way to fill an entry (the teacher uses it too): the first process to ask
 takes an ``fcntl.flock`` lock and builds, the others block on the lock and then
 load. A payload becomes visible only by ``os.replace`` of a fsynced temp file,
-and only counts as complete once a checksum record written after it exists; a
-payload that does not match its record raises :class:`CacheCorruptError`
-instead of loading.
+and only counts as complete once a checksum record written after it exists. A
+payload that does not match its record is never loaded: ``train_or_load_file``
+sets it aside (``<name>.corrupt-<time>``, with its record, kept as evidence) and
+builds the entry again, saying so on stderr.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -35,7 +33,7 @@ from torch.nn import functional as F
 
 from .codecs import Codec, DigitsAutoencoder, IdentityCodec, fit_autoencoder, reconstruction_mse, single_thread
 from .config import Config, config_hash, to_dict
-from .telemetry import fsync_dir
+from .rundir import atomic_path, file_digest
 from .digits import NUM_CLASSES, DigitsSplit, load_digits_split
 from .models.base import Cond
 
@@ -93,36 +91,7 @@ def cache_entry(cfg: Config, *, kind: CacheKind, key: Mapping[str, Any]) -> Path
     return cache_root(cfg) / f"{kind}-{digest}"
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is fsynced and renamed onto ``path``.
-
-    On an exception the temp file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if not tmp.is_file():
-            raise RuntimeError(f"nothing was written to the temp file of {path}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# --------------------------------------------------------------------------- entries
 
 
 def record_path(path: Path) -> Path:
@@ -143,17 +112,23 @@ def _is_complete(path: Path) -> bool:
         meta = json.loads(rec.read_text())
         expected, size = meta["sha256"], int(meta["bytes"])
     except (ValueError, KeyError, TypeError) as e:
-        raise CacheCorruptError(f"cache record {rec} is unreadable ({e}); "
-                                f"delete {path.parent} to rebuild the entry") from None
+        raise CacheCorruptError(f"cache record {rec} is unreadable ({e})") from None
     if not path.is_file():
-        raise CacheCorruptError(f"cache record {rec} exists but its payload {path} is missing; "
-                                f"delete {path.parent} to rebuild the entry")
+        raise CacheCorruptError(f"cache record {rec} exists but its payload {path} is missing")
     actual_size = path.stat().st_size
-    if actual_size != size or _sha256(path) != expected:
+    if actual_size != size or file_digest(path) != expected:
         raise CacheCorruptError(f"cache payload {path} does not match its record {rec} "
-                                f"({actual_size} bytes, expected {size} with sha256 {expected[:12]}...); "
-                                f"delete {path.parent} to rebuild the entry")
+                                f"({actual_size} bytes, expected {size} with sha256 {expected[:12]}...)")
     return True
+
+
+def _set_aside(path: Path, *, why: str) -> None:
+    """Move a corrupt payload and its record out of the way (kept, not deleted), under the entry's lock."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for p in (path, record_path(path)):
+        if p.exists():
+            os.replace(p, p.with_name(f"{p.name}.corrupt-{stamp}"))
+    print(f"{why}; set aside as {path.name}.corrupt-{stamp} and rebuilding the entry", file=sys.stderr, flush=True)
 
 
 def entry_record(path: str | Path) -> dict[str, Any]:
@@ -174,11 +149,14 @@ def train_or_load_file(path: str | Path, make: Callable[[Path], Mapping[str, Any
     processes asking for the same ``path`` at once, exactly one runs ``make``;
     the others wait on the lock file ``<path>.lock`` and then use its result.
     Build exceptions propagate and leave no payload behind. A payload that does
-    not match its record raises :class:`CacheCorruptError`.
+    not match its record is set aside and rebuilt, never loaded.
     """
     path = Path(path)
-    if _is_complete(path):  # records are written last and never rewritten: safe without the lock
-        return path
+    try:
+        if _is_complete(path):  # records are written last and never rewritten: safe without the lock
+            return path
+    except CacheCorruptError:
+        pass  # set aside and rebuilt below, under the lock
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "a") as lock:
@@ -188,18 +166,21 @@ def train_or_load_file(path: str | Path, make: Callable[[Path], Mapping[str, Any
             print(f"waiting for another process to build {path}", file=sys.stderr, flush=True)
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            if _is_complete(path):
-                return path
+            try:
+                if _is_complete(path):
+                    return path
+            except CacheCorruptError as e:
+                _set_aside(path, why=str(e))
             started = time.time()
-            with atomic_output(path) as tmp:
+            with atomic_path(path) as tmp:
                 info = make(tmp)
                 if not tmp.is_file() or tmp.stat().st_size == 0:
                     raise RuntimeError(f"the builder of {path} wrote nothing to {tmp}")
-                digest, size = _sha256(tmp), tmp.stat().st_size
+                digest, size = file_digest(tmp), tmp.stat().st_size
             record = {"sha256": digest, "bytes": size, "created": time.time(), "build_seconds": time.time() - started,
                       "pid": os.getpid(), "host": socket.gethostname(),
                       "key": dict(key) if key is not None else None, "info": dict(info) if info else None}
-            with atomic_output(record_path(path)) as tmp:
+            with atomic_path(record_path(path)) as tmp:
                 tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

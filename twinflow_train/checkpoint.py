@@ -1,13 +1,16 @@
-"""Checkpoints: atomic, resumable, full (rank-0 file) or sharded (torch.distributed.checkpoint).
+"""Checkpoints: atomic, verifiable, resumable, full (rank-0 file) or sharded (torch.distributed.checkpoint).
 
-A checkpoint directory holds the training state plus ``meta.json``; it is
-written under a temporary name and renamed into place, so ``latest`` is always
-either the previous or the new complete checkpoint.
+A checkpoint directory holds the training state plus ``meta.json`` (the step, the
+format and the size and sha256 of every file, written last; see
+``rundir.write_checkpoint_meta``). It is written under a temporary name and
+renamed into place, so ``latest`` is always either the previous or the new
+complete checkpoint; a write that fails (a full disk) removes its temporary
+directory and leaves ``latest`` as it was. The replaced ``latest`` becomes
+``step-<k>`` when ``checkpoint.keep_latest_k`` > 0.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .parallel import barrier, reshard_all
-from .telemetry import fsync_dir
+from . import rundir
+from .rundir import atomic_path, fsync_dir
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -42,22 +46,45 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary checkpoint directory into place (rank 0)."""
+def _publish(tmp: Path, final: Path, *, keep_as: Path | None = None) -> None:
+    """Swap a finished temporary checkpoint directory into place (rank 0); the one it replaces is
+    moved to ``keep_as`` when given, else deleted."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
+    if keep_as is not None and keep_as.exists():
+        shutil.rmtree(keep_as)
     if final.exists():
-        os.replace(final, old)
+        os.replace(final, keep_as if keep_as is not None else old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
 
+def _prune_kept(checkpoints: Path, keep: int) -> None:
+    for p in rundir.kept_checkpoints(checkpoints.parent)[keep:]:
+        shutil.rmtree(p)
+
+
+def _save_payload(payload: Any, path: Path) -> None:
+    """``torch.save`` to a file, fsynced (the one call a disk-full test fails)."""
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    extra_modules: dict[str, nn.Module], state: dict[str, Any], step: int) -> None:
-    """Save on all ranks (collective). ``state`` is small picklable trainer state."""
+                    extra_modules: dict[str, nn.Module], state: dict[str, Any], step: int,
+                    keep_latest_k: int = 0) -> None:
+    """Save on all ranks (collective). ``state`` is small picklable trainer state.
+
+    ``keep_latest_k`` > 0: the checkpoint this one replaces is kept as ``step-<k>`` beside it,
+    and only the newest ``keep_latest_k`` of those are kept.
+    """
+    if fmt not in ("full", "dcp"):
+        raise ValueError(f"unknown checkpoint.format {fmt!r}; valid: 'full', 'dcp'")
     _resharded(model, *extra_modules.values())
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -66,39 +93,63 @@ def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    if fmt == "full":
-        payload = {"model": get_model_state_dict(model, options=FULL),
-                   "extra": {k: get_model_state_dict(m, options=FULL) for k, m in extra_modules.items()},
-                   "state": state}
-        if optimizer is not None:
-            payload["optimizer"] = get_optimizer_state_dict(model, optimizer, options=FULL)
+    try:
+        if fmt == "full":
+            payload = {"model": get_model_state_dict(model, options=FULL),
+                       "extra": {k: get_model_state_dict(m, options=FULL) for k, m in extra_modules.items()},
+                       "state": state}
+            if optimizer is not None:
+                payload["optimizer"] = get_optimizer_state_dict(model, optimizer, options=FULL)
+            if _is_main():
+                _save_payload(payload, tmp / "state.pt")
+        else:
+            sharded = {"model": get_model_state_dict(model),
+                       "extra": {k: get_model_state_dict(m) for k, m in extra_modules.items()}}
+            if optimizer is not None:
+                sharded["optimizer"] = get_optimizer_state_dict(model, optimizer)
+            dcp.save(sharded, checkpoint_id=str(tmp / "shards"))
+            if _is_main():
+                _save_payload({"state": state}, tmp / "state.pt")
+        barrier()
         if _is_main():
-            with open(tmp / "state.pt", "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-    elif fmt == "dcp":
-        sharded = {"model": get_model_state_dict(model),
-                   "extra": {k: get_model_state_dict(m) for k, m in extra_modules.items()}}
-        if optimizer is not None:
-            sharded["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.save(sharded, checkpoint_id=str(tmp / "shards"))
+            rundir.write_checkpoint_meta(tmp, step=step, fmt=fmt)  # last: it is what makes the checkpoint complete
+            previous = rundir.checkpoint_step(path) if keep_latest_k > 0 else None
+            keep_as = path.with_name(rundir.kept_name(previous)) if previous is not None else None
+            _publish(tmp, path, keep_as=keep_as)
+            _prune_kept(path.parent, keep_latest_k)
+    except BaseException:
         if _is_main():
-            torch.save({"state": state}, tmp / "state.pt")
-    else:
-        raise ValueError(f"unknown checkpoint.format {fmt!r}; valid: 'full', 'dcp'")
-    barrier()
-    if _is_main():
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "format": fmt}) + "\n")
-        _publish(tmp, path)
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space; the previous checkpoint is untouched
+        raise
     barrier()
 
 
-def checkpoint_step(path: Path) -> int | None:
-    meta = Path(path) / "meta.json"
-    if not meta.is_file():
-        return None
-    return int(json.loads(meta.read_text())["step"])
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run directory verifies and the run may not start again from step 0."""
+
+
+def choose_resume_point(run_dir: Path, *, restart_on_corrupt: bool) -> tuple[rundir.ResumePoint, list[dict[str, Any]]]:
+    """The newest checkpoint that verifies (rank 0 checks, every rank follows) and the event records to log.
+
+    Passing over a checkpoint is an ``event`` record (``checkpoint_fallback``) at the step resumed from;
+    with checkpoints present but none valid the run fails with ``CheckpointError`` naming each and why,
+    unless ``restart_on_corrupt``, which starts from step 0 with a ``restart`` event.
+    """
+    box = [rundir.find_resume_point(run_dir) if _is_main() else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    point: rundir.ResumePoint = box[0]
+    events: list[dict[str, Any]] = []
+    if point.rejected and point.path is not None:
+        events.append({"step": point.step, "kind": "event", "event": "checkpoint_fallback",
+                       "checkpoint": f"{rundir.CHECKPOINTS_DIR}/{point.path.name}", "reason": point.rejected_text()})
+    elif point.rejected:
+        if not restart_on_corrupt:
+            raise CheckpointError(f"{run_dir}: no checkpoint verifies ({point.rejected_text()}); nothing was "
+                                  f"loaded or changed. Pass {rundir.RESTART_FLAG} to start again from step 0")
+        events.append({"step": 0, "kind": "event", "event": "restart", "checkpoint": None,
+                       "reason": point.rejected_text()})
+    return point, events
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -106,7 +157,9 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     """Restore in place on all ranks; returns the trainer ``state`` dict."""
     _resharded(model, *extra_modules.values())
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = rundir.read_json(path / rundir.META_FILE)
+    if meta is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no {rundir.META_FILE})")
     if meta["format"] == "full":
         payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         set_model_state_dict(model, payload["model"], options=StateDictOptions(full_state_dict=True))
@@ -136,14 +189,8 @@ def save_weights(path: Path, model: nn.Module) -> None:
     _resharded(model)
     sd = get_model_state_dict(model, options=FULL)
     if _is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(sd, tmp)
     barrier()
 
 
@@ -159,5 +206,13 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     tmp = Path(dst).with_name(Path(dst).name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
+    try:
+        shutil.copytree(src, tmp)  # meta.json and its checksums travel with the files
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, Path(dst))

@@ -78,7 +78,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from .trainer import fit
-    return fit(cfg, args.run_dir, progress=not args.no_progress)
+    return fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher)
     p = sub.add_parser("fit", help="TwinFlow distillation into a run directory (resumes automatically)")
     _common(p, run_dir=True)
+    p.add_argument("--restart-on-corrupt", action="store_true", help="when the run directory holds checkpoints "
+                   "but none verifies, start again from step 0 (default: fail, naming them)")
     p.set_defaults(func=cmd_fit)
     for name, func, text in (("sample", cmd_sample, "fixed-noise samples (.npz + .png) from a run's weights"),
                              ("eval", cmd_eval, "deterministic validation of a run's weights")):

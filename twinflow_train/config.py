@@ -475,6 +475,12 @@ class CheckpointConfig:
     """``full``: one file gathered on rank 0; ``dcp``: sharded torch.distributed.checkpoint directory."""
     keep_last_good: bool = True
     """Keep a copy of the last checkpoint taken before any non-finite step."""
+    keep_latest_k: int = 1
+    """Earlier checkpoints kept besides ``latest`` (``checkpoints/step-<k>/``), the last fallbacks of a
+    resume whose newer checkpoints do not verify; 0 keeps none."""
+
+    def __post_init__(self) -> None:
+        _require(self.keep_latest_k >= 0, f"keep_latest_k must be >= 0 (got {self.keep_latest_k})")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -135,6 +135,7 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
 def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema"]) -> nn.Module:
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
     from . import checkpoint as ckpt
+    from .rundir import checkpoint_step
     from .models.qwen_image import build_qwen_image
 
     shape = None
@@ -154,7 +155,7 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
         ckpt.load_weights(path, model)
     elif which in ("final", "ema"):
         latest = run_dir / "checkpoints" / "latest"
-        if ckpt.checkpoint_step(latest) is None:
+        if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         if which == "final":
             ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .auxiliary import atomic_output
+from .rundir import atomic_path
 
 
 def _as_array(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def save_grid_png(images: torch.Tensor | np.ndarray, path: str | Path, *, nrow: 
     """Write a PNG grid of ``images`` ([N, C, H, W] on the [-1, 1] scale) to ``path`` atomically."""
     path = Path(path)
     canvas = grid_rgb(images, nrow=nrow, scale=scale)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
     return path
 
@@ -83,7 +83,7 @@ def save_samples(path_stem: str | Path, images: torch.Tensor | np.ndarray, label
         raise ValueError(f"labels must be integers (got dtype {lab.dtype})")
     stem = Path(path_stem)
     npz, png = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
-    with atomic_output(npz) as tmp:
+    with atomic_path(npz) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
             np.savez(f, images=arr, labels=lab.astype(np.int64))
     save_grid_png(arr, png, nrow=nrow if nrow is not None else _default_nrow(lab), scale=scale)

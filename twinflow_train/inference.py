@@ -11,7 +11,7 @@ from .evaluate import Evaluator
 from .imaging import save_samples
 from .parallel import init_distributed, shutdown
 from .setup import build_setup
-from .telemetry import atomic_write_text
+from .rundir import atomic_write_text, checkpoint_step
 
 
 def _student(cfg: Config, run_dir: Path, which: str):
@@ -30,7 +30,7 @@ def _student(cfg: Config, run_dir: Path, which: str):
         ckpt.load_weights(path, model)
     elif which == "final":
         latest = run_dir / "checkpoints" / "latest"
-        if ckpt.checkpoint_step(latest) is None:
+        if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
     else:

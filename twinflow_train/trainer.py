@@ -33,11 +33,10 @@ from .models import build_model, parallelize
 from .models.base import FlowModel
 from .parallel import Dist, all_agree_bad, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown
 from .setup import Setup, build_setup
-from .telemetry import MetricsWriter, WandbMirror, atomic_write_text, truncate_metrics, write_status
+from .rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
+                     atomic_write_text, truncate_metrics, write_status)
+from .telemetry import WandbMirror
 from .timesamplers import build_time_samplers
-
-EXIT_DONE, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
-
 
 class Diverged(Exception):
     """The run cannot go on: non-finite values under the configured policy."""
@@ -65,6 +64,13 @@ def preflight_teacher(cfg: Config) -> Path | None:
         hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
                 else "the path does not exist")
         raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath} ({hint})")
+    if cfg.teacher.checkpoint == "auto":
+        from .auxiliary import CacheCorruptError, entry_record
+        try:
+            entry_record(tpath)  # the checksum: a corrupt cached teacher is never loaded
+        except (CacheCorruptError, FileNotFoundError) as e:
+            raise ConfigError(f"teacher.checkpoint: the cached teacher {tpath.parent} is not usable ({e}); "
+                              "`twinflow-train teacher` with the same config rebuilds it") from None
     return tpath
 
 
@@ -298,8 +304,12 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 # --------------------------------------------------------------------------- fit
 
 
-def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
-    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged)."""
+def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False) -> int:
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
+
+    ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
+    (an event in metrics.jsonl) instead of failing.
+    """
     run_dir = Path(run_dir)
     tpath = preflight(cfg, run_dir)  # raises before anything is written
     if cfg.run.threads:
@@ -315,13 +325,17 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
-        run.step = _resume(run, run_dir)
+        run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt)
         if d.is_main:
             mirror = None
             if cfg.telemetry.wandb != "off":
                 mirror = WandbMirror(mode=cfg.telemetry.wandb, project=cfg.telemetry.project, group=cfg.telemetry.group,
                                      name=cfg.telemetry.name, run_dir=run_dir, config=to_dict(cfg))
             writer = MetricsWriter(run_dir / "metrics.jsonl", mirror=mirror)
+            for event in events:
+                print(f"twinflow-train: {event['event']} at step {event['step']}"
+                      f"{' from ' + event['checkpoint'] if event['checkpoint'] else ''}: {event['reason']}", flush=True)
+                writer.write(event)
         _loop(run, run_dir, writer, start=run.step, progress=progress)
         if d.is_main:
             write_status(run_dir, "done", step=run.step, config_hash=chash)
@@ -333,9 +347,15 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
         return EXIT_DIVERGED
     except Exception as e:  # recorded for the harness, then re-raised for the traceback
         if d.is_main and run_dir.is_dir():
-            write_status(run_dir, "failed", step=run.step if run else 0, reason=f"{type(e).__name__}: {e}",
-                         config_hash=chash)
-        traceback.print_exc()
+            try:
+                write_status(run_dir, "failed", step=run.step if run else 0, reason=f"{type(e).__name__}: {e}",
+                             config_hash=chash)
+            except OSError as status_error:  # a full disk may refuse this too; the log and exit code still say it
+                print(f"twinflow-train: could not record the failure in status.json: {status_error}", flush=True)
+        if isinstance(e, ckpt.CheckpointError):
+            print(f"twinflow-train: {e}", flush=True)
+        else:
+            traceback.print_exc()
         return EXIT_FAILED
     finally:
         if writer is not None:
@@ -343,13 +363,15 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True) -> int:
         shutdown()
 
 
-def _resume(run: Run, run_dir: Path) -> int:
-    latest = run_dir / "checkpoints" / "latest"
-    if ckpt.checkpoint_step(latest) is None:
+def _resume(run: Run, run_dir: Path, *, restart_on_corrupt: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest checkpoint that verifies; returns its step and the event records to log."""
+    point, events = ckpt.choose_resume_point(run_dir, restart_on_corrupt=restart_on_corrupt)
+    if point.path is None:
         if run.dist.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run that never checkpointed starts clean
-        return 0
-    state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer, extra_modules=run.extra_modules())
+            truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run with no checkpoint starts clean
+        return 0, events
+    state = ckpt.load_checkpoint(point.path, model=run.model, optimizer=run.optimizer,
+                                 extra_modules=run.extra_modules())
     run.counters = Counters(**state["counters"])
     run.policy.load_state_dict(state["policy"])
     if run.guidance is not None and "guidance" in state:
@@ -357,7 +379,7 @@ def _resume(run: Run, run_dir: Path) -> int:
     step = int(state["step"])
     if run.dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", last_step=step)
-    return step
+    return step, events
 
 
 def _save(run: Run, run_dir: Path, step: int) -> None:
@@ -368,7 +390,8 @@ def _save(run: Run, run_dir: Path, step: int) -> None:
         state["guidance"] = run.guidance.state_dict()
     latest = run_dir / "checkpoints" / "latest"
     ckpt.save_checkpoint(latest, fmt=run.cfg.checkpoint.format, model=run.model, optimizer=run.optimizer,
-                         extra_modules=run.extra_modules(), state=state, step=step)
+                         extra_modules=run.extra_modules(), state=state, step=step,
+                         keep_latest_k=run.cfg.checkpoint.keep_latest_k)
     if run.cfg.checkpoint.keep_last_good and c.nonfinite_since_ckpt == 0:
         ckpt.copy_checkpoint(latest, run_dir / "checkpoints" / "last_good")
     c.nonfinite_since_ckpt = 0

@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from twinflow_train.rundir import write_status
+
 
 def _status(run_dir: Path, state: str, reason: str | None = None) -> None:
-    tmp = run_dir / ".status.tmp"
-    tmp.write_text(json.dumps({"state": state, "reason": reason, "step": 3, "updated": time.time(),
-                               "pid": os.getpid(), "config_hash": None}))
-    os.replace(tmp, run_dir / "status.json")
+    write_status(run_dir, state, step=3, reason=reason)
 
 
 def main() -> int:

@@ -60,7 +60,7 @@ def grid(tmp_path: Path) -> Path:
 
 def test_metrics_reader_skips_a_torn_last_line_only(tmp_path):
     text = '{"step":1,"a":1}\n{"step":2,"a":"nan"}\n{"step":3,"a'
-    recs = parse_metrics_lines(text, where="x", complete=True)
+    recs = parse_metrics_lines(text, where="x", complete=True).records
     assert [r["step"] for r in recs] == [1, 2]
     assert math.isnan(recs[1]["a"])
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):

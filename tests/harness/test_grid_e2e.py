@@ -27,7 +27,8 @@ from harness.grid import run_grid
 from harness.launchers import LocalLauncher, SlurmLauncher, TorchrunLauncher
 from harness.matrix import load_matrix
 from harness.monitor import pid_is_trainer
-from harness.store import checkpoint_step, read_metrics, read_record, read_status
+from harness.store import read_metrics, read_record, read_status
+from twinflow_train.rundir import resume_step as checkpoint_step
 
 from .conftest import TINY_BASE
 

@@ -35,7 +35,8 @@ from harness.launchers import LocalLauncher
 from harness.monitor import pid_is_trainer
 from harness.search import Owner, Search, main, open_study, stale_reason, storage_for, this_process
 from harness.search_spec import SearchSpecError, load_search_spec
-from harness.store import checkpoint_step, read_metrics, read_record, read_status
+from harness.store import read_metrics, read_record, read_status
+from twinflow_train.rundir import resume_step as checkpoint_step
 
 from .conftest import TINY_BASE
 
@@ -178,10 +179,9 @@ import yaml
 args = sys.argv[1:]
 cfg = yaml.safe_load(open(args[args.index("--config") + 1]))
 d = Path(args[args.index("--run-dir") + 1])
+from twinflow_train.rundir import write_status
 def status(state, reason=None, step=0):
-    (d / ".st").write_text(json.dumps({"state": state, "reason": reason, "step": step, "updated": time.time(),
-                                       "pid": os.getpid(), "config_hash": None}))
-    os.replace(d / ".st", d / "status.json")
+    write_status(d, state, step=step, reason=reason)
 w, n, every, seed = cfg["rl"]["weight"], cfg["run"]["steps"], cfg["run"]["val_every"], cfg["run"]["seed"]
 status("running")
 child = subprocess.Popen(["sleep", "120"])

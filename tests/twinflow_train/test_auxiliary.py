@@ -115,15 +115,21 @@ def test_payload_without_record_is_rebuilt_not_loaded(tmp_path):
     assert target.read_bytes() == b"fresh"
 
 
-def test_corrupt_payload_raises_naming_the_file(tmp_path):
+def test_corrupt_payload_is_set_aside_and_rebuilt_not_loaded(tmp_path, capsys):
     target = tmp_path / "blob.bin"
     train_or_load_file(target, lambda tmp: tmp.write_bytes(b"abcdef") and None)
     target.write_bytes(b"abcdeX")  # same size, different content
-    with pytest.raises(CacheCorruptError, match=str(target)):
-        train_or_load_file(target, lambda tmp: pytest.fail("must not rebuild over a corrupt entry"))
+    train_or_load_file(target, lambda tmp: tmp.write_bytes(b"rebuilt") and None)
+    assert target.read_bytes() == b"rebuilt"
+    err = capsys.readouterr().err
+    assert str(target) in err and "does not match its record" in err and "rebuilding" in err
+    (aside,) = tmp_path.glob("blob.bin.corrupt-*")  # kept as evidence, with its record
+    assert aside.read_bytes() == b"abcdeX" and len(list(tmp_path.glob("blob.bin.done.json.corrupt-*"))) == 1
     record_path(target).write_text("{not json")
     with pytest.raises(CacheCorruptError, match="unreadable"):
-        train_or_load_file(target, lambda tmp: None)
+        entry_record(target)
+    train_or_load_file(target, lambda tmp: tmp.write_bytes(b"again") and None)
+    assert target.read_bytes() == b"again" and entry_record(target)["bytes"] == 5
 
 
 WORKER = r"""
@@ -246,7 +252,7 @@ def test_reward_and_eval_nets_retrain_only_on_their_own_settings(tmp_path, count
                        "evaluation net", "evaluation net", "evaluation net"]
 
 
-def test_corrupt_cached_weights_are_not_loaded(tmp_path, counted):
+def test_corrupt_cached_weights_are_rebuilt_not_loaded(tmp_path, counted):
     cfg = tiny_cfg(tmp_path)
     get_reward_classifier(cfg)
     path = _weights(cfg, "reward", reward_key)
@@ -254,10 +260,13 @@ def test_corrupt_cached_weights_are_not_loaded(tmp_path, counted):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CacheCorruptError, match=str(path)):
-        get_reward_classifier(cfg)
+        entry_record(path)
+    get_reward_classifier(cfg)  # set aside and rebuilt, not loaded
+    assert counted == ["reward classifier", "reward classifier"]
+    entry_record(path)  # verifies again
     record_path(path).unlink()  # as if the writer died before its record: rebuilt, not loaded
     get_reward_classifier(cfg)
-    assert counted == ["reward classifier", "reward classifier"]
+    assert counted == ["reward classifier", "reward classifier", "reward classifier"]
     assert json.loads(record_path(path).read_text())["key"] == reward_key(cfg)
 
 

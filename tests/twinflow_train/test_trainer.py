@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twinflow_train.config import ConfigError, load_config
-from twinflow_train.telemetry import iter_metrics, read_status
+from twinflow_train.rundir import iter_metrics, read_status
 from twinflow_train.trainer import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, fit
 
 from .conftest import run_cli

@@ -1,0 +1,566 @@
+"""The run directory: ``docs/run-directory.md`` as code.
+
+The trainer writes a run directory; the harness and the reports read it (the
+harness also writes ``status.json`` before a run starts and after a trainer that
+died without saying why). Every one of them goes through this module, so the
+protocol lives in one place:
+
+- file names and run states, ``write_status`` / ``read_status``;
+- the trainer's exit codes;
+- one atomic writer (text, bytes, or a temp path to fill) that fsyncs the file
+  and then its directory, so a rename survives a power cut;
+- metrics.jsonl: the non-finite value codec, the record kind, a writer that
+  never leaves a torn record (a failed write, e.g. ENOSPC, is cut back off), the
+  full reader with the torn-last-line rule, a tail reader that seeks from the end,
+  and the truncation a resume does;
+- checkpoint metadata: ``meta.json`` records the step, the format and the size and
+  sha256 of every file of the checkpoint, and is written last; ``verify_checkpoint``
+  checks it and ``checkpoint_candidates`` lists where a resume may come from.
+
+Nothing here imports torch, so the harness and the reports stay light.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+# --------------------------------------------------------------------------- names
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+LATEST = "latest"
+LAST_GOOD = "last_good"
+BEST = "best"
+KEPT_PREFIX = "step-"
+"""Earlier checkpoints kept by ``checkpoint.keep_latest_k`` live in ``checkpoints/step-<k>/``."""
+META_FILE = "meta.json"
+
+STATES = ("queued", "running", "done", "failed", "diverged")
+TERMINAL = ("done", "failed", "diverged")
+
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverged"}
+"""The state a trainer's exit code stands for (2, a bad config, is refused before a run exists)."""
+
+RESTART_FLAG = "--restart-on-corrupt"
+"""``twinflow-train fit`` (and ``twinflow-lab grid run``) flag: with no checkpoint that verifies, start from step 0."""
+
+KINDS = ("train", "val", "teacher", "event")
+"""Record kinds of metrics.jsonl; ``event`` records (a checkpoint fallback, a restart) are not metrics."""
+
+
+class RunDirError(ValueError):
+    """A run-directory file that exists but cannot be read as the protocol says; the message names it."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write; on success it is fsynced, renamed onto ``path``,
+    and the directory fsynced. On an exception the temp file is removed and ``path`` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise RuntimeError(f"nothing was written to the temp file of {path}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename is durable only once the directory entry is on disk
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object written atomically, or None when the file does not exist."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- status.json
+
+
+def write_status(run_dir: str | Path, state: str, *, step: int, reason: str | None = None,
+                 config_hash: str | None = None, pid: int | None = None) -> None:
+    """``status.json``: {state, reason, step, updated, pid, config_hash}; ``pid`` defaults to this process."""
+    if state not in STATES:
+        raise ValueError(f"unknown run state {state!r}; valid: {', '.join(STATES)}")
+    payload = {"state": state, "reason": reason, "step": int(step), "updated": time.time(),
+               "pid": os.getpid() if pid is None else pid, "config_hash": config_hash}
+    atomic_write_json(Path(run_dir) / STATUS_FILE, payload)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """status.json, or None before one exists; ``RunDirError`` when it is unreadable or names no state."""
+    status = read_json(Path(run_dir) / STATUS_FILE)
+    if status is not None and status.get("state") not in STATES:
+        raise RunDirError(f"{Path(run_dir) / STATUS_FILE}: state {status.get('state')!r} is not one of "
+                          f"{', '.join(STATES)}")
+    return status
+
+
+# --------------------------------------------------------------------------- metrics records
+
+NONFINITE_TEXT = {"nan": math.nan, "NaN": math.nan, "inf": math.inf, "Infinity": math.inf, "-inf": -math.inf,
+                  "-Infinity": -math.inf}
+"""The spellings of non-finite values a metrics file may hold (ours first, then JSON5/JavaScript's)."""
+_NONFINITE = {k.lower(): v for k, v in NONFINITE_TEXT.items()}
+
+
+def encode_value(value: Any) -> Any:
+    """JSON has no NaN/inf: they are written as the strings 'nan', 'inf', '-inf' (kept visible, never zeroed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def decode_value(value: Any) -> Any:
+    """The inverse of ``encode_value``: 'nan'/'inf'/'-inf' (any case, or 'Infinity') back to floats."""
+    if isinstance(value, str):
+        v = _NONFINITE.get(value.lower())
+        if v is not None:
+            return v
+    return value
+
+
+def encode_record(record: Mapping[str, Any]) -> str:
+    """One metrics line (with its newline)."""
+    if "step" not in record:
+        raise ValueError("a metrics record needs a 'step'")
+    return json.dumps({k: encode_value(v) for k, v in record.items()}, separators=(",", ":")) + "\n"
+
+
+def record_kind(record: Mapping[str, Any]) -> str:
+    """``train | val | teacher | event``; an old record without ``kind`` is ``val`` when it has val/ keys."""
+    kind = record.get("kind")
+    if kind in KINDS:
+        return kind
+    if kind is not None:
+        raise ValueError(f"unknown record kind {kind!r} (expected one of {', '.join(KINDS)})")
+    return "val" if any(str(k).startswith("val/") for k in record) else "train"
+
+
+def _decode_line(line: str) -> dict[str, Any] | str:
+    """The record of a line, or why it is not one."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return "is not valid JSON"
+    if not isinstance(rec, dict) or "step" not in rec:
+        return "is not a metrics record with a 'step'"
+    return {k: decode_value(v) for k, v in rec.items()}
+
+
+@dataclass
+class MetricsRead:
+    """The records of a metrics.jsonl and the lines that could not be read (with why)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def problem(self) -> str | None:
+        """One line for a status table: the first bad line and how many there are."""
+        if not self.problems:
+            return None
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return self.problems[0] + more
+
+
+def parse_metrics_lines(text: str, *, where: str, complete: bool, strict: bool = True,
+                        first_line: int = 1) -> MetricsRead:
+    """Records of (part of) a metrics.jsonl.
+
+    ``complete``: the text runs to the end of the file, so its last line may be a torn
+    write and is skipped (the contract: readers skip a final line that does not parse).
+    Any other line that does not parse is corruption: ``strict`` raises ``RunDirError``
+    naming it, else the line is listed in ``problems`` and the reading goes on.
+    """
+    out = MetricsRead()
+    lines = text.split("\n")
+    last = len(lines) - 1
+    while last >= 0 and not lines[last].strip():
+        last -= 1
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        rec = _decode_line(line)
+        if isinstance(rec, dict):
+            out.records.append(rec)
+            continue
+        if complete and i == last:
+            break
+        problem = f"{where}: line {i + first_line} {rec}"
+        if strict:
+            raise RunDirError(problem + " (only a torn last line is tolerated)")
+        out.problems.append(problem)
+    return out
+
+
+def read_metrics(path: str | Path, *, strict: bool = True) -> MetricsRead:
+    """Every record of a metrics.jsonl (none when the file does not exist); see ``parse_metrics_lines``."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return MetricsRead()
+    return parse_metrics_lines(data.decode("utf-8", errors="replace"), where=str(p), complete=True, strict=strict)
+
+
+def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a metrics.jsonl, strictly (a bad line that is not the last raises)."""
+    yield from read_metrics(path).records
+
+
+TAIL_BLOCK = 1 << 16
+TAIL_SCAN_BYTES = 1 << 20
+"""How far back ``tail_metrics`` looks for a kind it has not met yet (a validation record far behind)."""
+
+
+@dataclass
+class TailRead:
+    """The end of a metrics.jsonl, read backwards: the last record of each kind asked for.
+
+    ``offset``: where the complete lines end (a follower continues from there);
+    ``problems``: lines in the part read that do not parse (a torn last line is not one).
+    """
+
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+    offset: int = 0
+    problems: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def tail_metrics(path: str | Path, *, kinds: tuple[str, ...] = ("train", "val"),
+                 scan_bytes: int = TAIL_SCAN_BYTES) -> TailRead:
+    """The last record of each of ``kinds``, seeking from the end of the file.
+
+    Reads blocks backwards until every kind was found, the file start, or ``scan_bytes``
+    past the first record found (a run without validation does not cost a whole-file read).
+    A final piece without a newline is a line being written (or torn) and is left out.
+    """
+    p = Path(path)
+    out = TailRead()
+    try:
+        f = open(p, "rb")
+    except FileNotFoundError:
+        return out
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        pos, carry, end_known, found_at = size, b"", False, None
+        while pos > 0:
+            start = max(0, pos - TAIL_BLOCK)
+            f.seek(start)
+            data = f.read(pos - start) + carry
+            out.bytes_read += pos - start
+            pos = start
+            if not end_known:
+                nl = data.rfind(b"\n")
+                if nl < 0 and pos > 0:
+                    carry = data  # the last line is longer than a block: keep reading back
+                    continue
+                out.offset = size - (len(data) - nl - 1)
+                data, end_known = data[: nl + 1], True
+            lines = data.split(b"\n")
+            carry = lines.pop(0) if pos > 0 else b""  # a line that starts before this block
+            for raw in reversed(lines):
+                if not raw.strip():
+                    continue
+                rec = _decode_line(raw.decode("utf-8", errors="replace"))
+                if isinstance(rec, str):
+                    out.problems.append(f"{p}: a line after byte {pos} {rec}")
+                    continue
+                kind = rec.get("kind") if rec.get("kind") not in (None, *KINDS) else record_kind(rec)
+                if kind in kinds and kind not in out.last:
+                    out.last[kind] = rec
+                    found_at = pos if found_at is None else found_at
+            if all(k in out.last for k in kinds) or (found_at is not None and found_at - pos >= scan_bytes):
+                break
+    out.problems.reverse()  # in file order
+    return out
+
+
+class MetricsTail:
+    """Follows a growing metrics.jsonl: each ``poll`` returns the complete records appended since the last.
+
+    ``from_end``: the first poll does not read the file from its start but seeds
+    ``last`` from ``tail_metrics`` (a status table needs the end, not the history).
+    When the file shrinks or is replaced (a resume truncates it) it starts over.
+    Never raises on a bad line: it is listed in ``problems`` (the first one stays).
+    """
+
+    def __init__(self, path: str | Path, *, from_end: bool = False):
+        self.path = Path(path)
+        self.from_end = from_end
+        self._offset = 0
+        self._ino: int | None = None
+        self.last: dict[str, Any] = {}
+        """Latest value of every key seen (val/ keys from val records, others from train records)."""
+        self.problems: list[str] = []
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return []
+        if st.st_ino != self._ino or st.st_size < self._offset:
+            self._offset, self._ino, self.last, self.problems = 0, st.st_ino, {}, []
+            if self.from_end:
+                tail = tail_metrics(self.path)
+                for kind in ("val", "train"):  # the train record's step (the newer) wins
+                    self.last.update(tail.last.get(kind, {}))
+                self._offset, self.problems = tail.offset, tail.problems
+                return []
+        if st.st_size <= self._offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(st.st_size - self._offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []  # a line still being written
+        read = parse_metrics_lines(chunk[: end + 1].decode("utf-8", errors="replace"), where=str(self.path),
+                                   complete=False, strict=False)
+        self._offset += end + 1
+        self.problems.extend(read.problems)
+        for rec in read.records:
+            self.last.update(rec)
+        return read.records
+
+
+# --------------------------------------------------------------------------- metrics writer
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is out (a write may be short); the one call a disk-full test fails."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl, one ``write`` per line.
+
+    A write that fails (ENOSPC, EIO) is cut back off the file before the error is
+    raised, so the file never holds a torn record the run itself wrote.
+    ``mirror``: an object with ``log(record)`` and ``finish()`` (the W&B mirror).
+    """
+
+    def __init__(self, path: str | Path, *, mirror: Any = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.mirror = mirror
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        data = encode_record(record).encode()
+        assert self._fd is not None, "write after close"
+        before = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            os.ftruncate(self._fd, before)  # shrinking needs no space: the file ends on a whole record again
+            raise OSError(e.errno, f"{os.strerror(e.errno) if e.errno else e}: metrics record of step "
+                          f"{record['step']} not written to {self.path}") from e
+        if self.mirror is not None:
+            self.mirror.log(record)
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        if self.mirror is not None:
+            self.mirror.finish()
+            self.mirror = None
+
+
+def truncate_metrics(path: str | Path, *, last_step: int) -> int:
+    """Keep the records with step <= ``last_step`` (a resume point), drop a torn tail. Returns records kept."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    kept = [r for r in read_metrics(p).records if int(r["step"]) <= last_step]
+    atomic_write_text(p, "".join(encode_record(r) for r in kept))
+    return len(kept)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def kept_name(step: int) -> str:
+    return f"{KEPT_PREFIX}{int(step):09d}"
+
+
+def kept_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The earlier checkpoints kept by ``checkpoint.keep_latest_k``, newest first."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        if p.is_dir() and p.name.startswith(KEPT_PREFIX) and p.name[len(KEPT_PREFIX):].isdigit():
+            found.append((int(p.name[len(KEPT_PREFIX):]), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """Where a resume may come from, in the order tried: latest, last_good, then the kept ones, newest first."""
+    d = checkpoints_dir(run_dir)
+    return [d / LATEST, d / LAST_GOOD, *kept_checkpoints(run_dir)]
+
+
+def checkpoint_step(ckpt_dir: str | Path) -> int | None:
+    """The step in a checkpoint's meta.json; None when there is none or it cannot be read."""
+    try:
+        meta = read_json(Path(ckpt_dir) / META_FILE)
+        return None if meta is None else int(meta["step"])
+    except (RunDirError, KeyError, TypeError, ValueError):
+        return None
+
+
+def resume_step(run_dir: str | Path) -> int:
+    """The newest step among a run's checkpoints whose meta.json reads (0: none).
+
+    A quick look for the harness (no checksums); the trainer verifies before it loads.
+    """
+    steps = [s for s in (checkpoint_step(p) for p in checkpoint_candidates(run_dir)) if s is not None]
+    return max(steps, default=0)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint_meta(ckpt_dir: str | Path, *, step: int, fmt: str, extra: Mapping[str, Any] | None = None) -> None:
+    """Record the size and sha256 of every file of a finished checkpoint directory in its meta.json.
+
+    Called last, when every file is written and fsynced: a checkpoint without a
+    meta.json is incomplete, and one whose files differ from it is corrupt.
+    """
+    d = Path(ckpt_dir)
+    files = {}
+    for p in sorted(x for x in d.rglob("*") if x.is_file() and x.name != META_FILE):
+        files[p.relative_to(d).as_posix()] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    atomic_write_json(d / META_FILE, {"step": int(step), "format": fmt, "files": files, **dict(extra or {})})
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
+    """None when the checkpoint is complete and every file matches its meta.json; else what is wrong."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return "missing"
+    try:
+        meta = read_json(d / META_FILE)
+    except RunDirError as e:
+        return f"meta.json unreadable ({e})"
+    if meta is None:
+        return "no meta.json (incomplete)"
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("files"), dict) or not meta["files"]:
+        return "meta.json lacks 'step' or the file checksums"
+    for rel, want in meta["files"].items():
+        p = d / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        size = p.stat().st_size
+        if size != want.get("bytes"):
+            return f"{rel} has {size} bytes, meta.json says {want.get('bytes')}"
+        if file_digest(p) != want.get("sha256"):
+            return f"{rel} does not match its sha256 in meta.json"
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class ResumePoint:
+    """Where a resume comes from: the newest checkpoint that verifies, and those passed over (with why)."""
+
+    path: Path | None
+    step: int
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def rejected_text(self) -> str:
+        return "; ".join(f"{name}: {why}" for name, why in self.rejected)
+
+
+def find_resume_point(run_dir: str | Path) -> ResumePoint:
+    """Try latest, last_good, then the kept checkpoints (newest first); the first that verifies wins.
+
+    A candidate that does not exist is not a problem (a run may have no last_good);
+    one that exists and does not verify is listed in ``rejected``.
+    """
+    rejected: list[tuple[str, str]] = []
+    for c in checkpoint_candidates(run_dir):
+        if not c.exists():
+            continue
+        why = verify_checkpoint(c)
+        if why is None:
+            return ResumePoint(path=c, step=int(checkpoint_step(c) or 0), rejected=rejected)
+        rejected.append((f"{CHECKPOINTS_DIR}/{c.name}", why))
+    return ResumePoint(path=None, step=0, rejected=rejected)
