@@ -448,14 +448,27 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
 
 def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error: ConfigError) -> list[str]:
     """Name the override key(s) that make an arm invalid: each key alone on top of the base (+ overrides)."""
-    culprits = []
-    for key, value in spec.overrides.items():
-        if key in top and top[key] == value and spec.name != "overrides":
-            continue  # inherited from the top-level overrides, which resolve on their own
+    own = {k: v for k, v in spec.overrides.items()
+           if not (k in top and top[k] == v and spec.name != "overrides")}  # top-level ones resolve on their own
+    alone: dict[str, list[str]] = {}
+    for key, value in own.items():
         try:
             _resolve(base, {**top, key: value})
         except ConfigError as e:
-            culprits.extend(f"{where}, key '{key}': {_strip_prefix(p, base)}" for p in e.problems)
+            alone[key] = [_strip_prefix(p, base) for p in e.problems]
+    # a key that fails alone only for want of its companions (rl.enabled without the arm's rl.reward) is not a
+    # problem of its own: it must also fail beside the arm's keys that are fine alone, and a message about
+    # another key the arm sets is left to that key's own line
+    fine = {k: v for k, v in own.items() if k not in alone}
+    culprits = []
+    for key, texts in alone.items():
+        texts = [t for t in texts if not any(t.startswith((f"{o} ", f"{o}:")) for o in own if o != key)]
+        if not texts:
+            continue
+        try:
+            _resolve(base, {**top, **fine, key: own[key]})
+        except ConfigError:
+            culprits.extend(f"{where}, key '{key}': {t}" for t in texts)
     if culprits:
         return culprits
     # no single key fails: a combination does (e.g. batch size vs groups); name them all

@@ -266,3 +266,33 @@ def test_blog_digits_matrix_is_the_ladder():
     steps = cfg["vanilla"].run.steps
     assert all(c.run.steps == steps for c in cfg.values())
     assert cfg["rl_hard"].rl.warmup < steps and cfg["renoise"].renoise.steps <= steps
+
+
+def test_a_bad_value_under_an_rl_arm_is_one_line_not_a_derived_one(tiny_base, write, tmp_path, capsys):
+    """``rl.enabled`` alone lacks a reward, but the arm sets one: only the real problems are named."""
+    m = write("m.yaml", """\
+        name: g
+        base: base.yaml
+        seeds: [0]
+        arms:
+          plain: {}
+          rl: {rl.enabled: true, rl.reward: digits, rl.weight: .nan}
+          child: {extends: rl, rl.warmup: 5}
+          sched: {rl.enabled: true, rl.reward: digits, rl.schedule: cosine-ish}
+          reward: {rl.enabled: true, rl.reward: hpsv9}
+          lonely: {rl.enabled: true}
+        """)
+    assert main(["grid", "status", str(m), "--root", str(tmp_path / "runs")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    f = str(m)
+    assert sorted(lines) == sorted([
+        f"twinflow-lab: {f}: arm 'rl', key 'rl.weight': rl.weight must be >= 0 (got nan)",
+        f"twinflow-lab: {f}: arm 'child', key 'rl.weight': rl.weight must be >= 0 (got nan)",
+        f"twinflow-lab: {f}: arm 'sched', key 'rl.schedule': rl.schedule: unknown value 'cosine-ish'; "
+        "valid values: 'hard', 'linear', 'sigmoid'",
+        f"twinflow-lab: {f}: arm 'reward', key 'rl.reward': rl.reward: unknown value 'hpsv9'; "
+        "valid values: 'none', 'digits', 'hpsv2'",
+        # an arm that really lacks the reward still hears about it
+        f"twinflow-lab: {f}: arm 'lonely', key 'rl.enabled': rl.reward must be set when enabled is true",
+    ])
+    assert not (tmp_path / "runs").exists()
