@@ -117,11 +117,27 @@ def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.
             keep_as = path.with_name(rundir.kept_name(previous)) if previous is not None else None
             _publish(tmp, path, keep_as=keep_as)
             _prune_kept(path.parent, keep_latest_k)
-    except BaseException:
+    except BaseException as e:
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)  # give back the space; the previous checkpoint is untouched
+        disk = _os_error(e)
+        if disk is not None and disk is not e:
+            # torch.save reports a failed write as a RuntimeError about zip positions: say what happened
+            raise OSError(disk.errno, f"{disk.strerror}: checkpoint of step {step} not written "
+                                      f"({path.name} kept as it was)") from e
         raise
     barrier()
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception (itself, or what it was raised while handling), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -207,10 +223,13 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        shutil.copytree(src, tmp)  # meta.json and its checksums travel with the files
-        for f in tmp.rglob("*"):
+        # file by file (copytree would fold an ENOSPC into a shutil.Error); meta.json travels with its files
+        for f in sorted(Path(src).rglob("*")):
             if f.is_file():
-                with open(f, "rb") as fh:
+                dst_file = tmp / f.relative_to(src)
+                dst_file.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst_file)
+                with open(dst_file, "rb") as fh:
                     os.fsync(fh.fileno())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
