@@ -311,12 +311,16 @@ def tail_metrics(path: str | Path, *, kinds: tuple[str, ...] = ("train", "val"),
                 data, end_known = data[: nl + 1], True
             lines = data.split(b"\n")
             carry = lines.pop(0) if pos > 0 else b""  # a line that starts before this block
-            for raw in reversed(lines):
+            starts, at = [], pos + (len(carry) + 1 if pos > 0 else 0)
+            for raw in lines:
+                starts.append(at)
+                at += len(raw) + 1
+            for raw, begin in zip(reversed(lines), reversed(starts)):
                 if not raw.strip():
                     continue
                 rec = _decode_line(raw.decode("utf-8", errors="replace"))
                 if isinstance(rec, str):
-                    out.problems.append(f"{p}: a line after byte {pos} {rec}")
+                    out.problems.append(f"{p}: the line at byte {begin} {rec}")
                     continue
                 kind = rec.get("kind") if rec.get("kind") not in (None, *KINDS) else record_kind(rec)
                 if kind in kinds and kind not in out.last:

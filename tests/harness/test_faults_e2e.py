@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from harness.cli import main
@@ -79,7 +80,8 @@ def test_damaged_runs_are_handled_alone_and_the_rest_of_the_grid_runs(tmp_path, 
     matrix = _matrix(tmp_path, "abc")  # arm c joins the matrix
     assert main(["grid", "status", str(matrix), "--root", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "a/seed-0 problem:" in out and "line" in out and "is not valid JSON" in out
+    offset = sum(len(line) for line in lines[:5])
+    assert f"a/seed-0 problem: {a / 'metrics.jsonl'}: the line at byte {offset} is not valid JSON" in out
     assert "interrupted" in out  # b
     assert main(["grid", "collect", str(matrix), "--root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -89,7 +91,7 @@ def test_damaged_runs_are_handled_alone_and_the_rest_of_the_grid_runs(tmp_path, 
     with pytest.raises(ValueError, match="line 6 is not valid JSON"):
         collect_grid(grid)  # the strict default (reports) still refuses a damaged file, naming it
     st = run_statuses(grid).set_index("arm")
-    assert "is not valid JSON" in st.loc["a", "problem"] and st.loc["b", "problem"] is None
+    assert "is not valid JSON" in st.loc["a", "problem"] and pd.isna(st.loc["b", "problem"])
 
     # 4. the grid runs again as a subprocess (the real command line): b resumes from last_good, c runs, a is done
     env = dict(os.environ, PYTHONPATH=str(REPO))
