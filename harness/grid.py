@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
 from twinflow_train.config import to_dict, to_yaml
-from twinflow_train.rundir import EXIT_STATES, RESTART_FLAG
+from twinflow_train.rundir import EXIT_DONE, EXIT_STATES, RESTART_FLAG
 
 from .identity import wandb_run_id
 from .launchers import TRAINER_MODULE, Handle, Launcher, LaunchJob, LocalLauncher, SubmititHandle
@@ -478,7 +478,7 @@ def _finish(active: _Active, rc: int) -> str:
         outcome = "failed"
         scheduler = getattr(active.handle, "error", None) if isinstance(active.handle, SubmititHandle) else None
         tail = _tail_reason(d / (attempt.log or ""))
-        if rc == 0 and state != "done":
+        if rc == EXIT_DONE and state != "done":
             reason = f"exited 0 but status.json says {state!r}"
         else:
             reason = "; ".join(x for x in (_exit_text(rc), scheduler, tail) if x)

@@ -196,7 +196,7 @@ def _decode_line(line: str) -> dict[str, Any] | str:
         return "is not valid JSON"
     if not isinstance(rec, dict) or "step" not in rec:
         return "is not a metrics record with a 'step'"
-    return {k: decode_value(v) for k, v in rec.items()}
+    return {k: (_NONFINITE.get(v.lower(), v) if isinstance(v, str) else v) for k, v in rec.items()}
 
 
 @dataclass
@@ -286,6 +286,9 @@ def tail_metrics(path: str | Path, *, kinds: tuple[str, ...] = ("train", "val"),
     Reads blocks backwards until every kind was found, the file start, or ``scan_bytes``
     past the first record found (a run without validation does not cost a whole-file read).
     A final piece without a newline is a line being written (or torn) and is left out.
+    Lines are decoded until every kind was found; the other lines of the blocks read
+    are checked for their shape only (one JSON object per line), which catches a torn
+    or zero-filled line without the cost of parsing it.
     """
     p = Path(path)
     out = TailRead()
@@ -317,6 +320,11 @@ def tail_metrics(path: str | Path, *, kinds: tuple[str, ...] = ("train", "val"),
                 at += len(raw) + 1
             for raw, begin in zip(reversed(lines), reversed(starts)):
                 if not raw.strip():
+                    continue
+                if all(k in out.last for k in kinds):
+                    # not needed: only its shape is checked (a torn or zero-filled line fails it), not its JSON
+                    if not (raw.lstrip().startswith(b"{") and raw.rstrip().endswith(b"}")):
+                        out.problems.append(f"{p}: the line at byte {begin} is not a JSON object")
                     continue
                 rec = _decode_line(raw.decode("utf-8", errors="replace"))
                 if isinstance(rec, str):

@@ -81,7 +81,7 @@ def test_damaged_runs_are_handled_alone_and_the_rest_of_the_grid_runs(tmp_path, 
     assert main(["grid", "status", str(matrix), "--root", str(root)]) == 0
     out = capsys.readouterr().out
     offset = sum(len(line) for line in lines[:5])
-    assert f"a/seed-0 problem: {a / 'metrics.jsonl'}: the line at byte {offset} is not valid JSON" in out
+    assert f"a/seed-0 problem: {a / 'metrics.jsonl'}: the line at byte {offset} is not a JSON object" in out
     assert "interrupted" in out  # b
     assert main(["grid", "collect", str(matrix), "--root", str(root)]) == 0
     out = capsys.readouterr().out
