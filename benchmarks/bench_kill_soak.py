@@ -12,10 +12,12 @@ kill the grid runs to its end. Checked at the end:
 - no trainer process outlived a kill;
 - the final weights (student and EMA target) equal the reference grid's to 1e-6.
 
-Delays are drawn uniformly from [0, startup + 2.5 * train / kills] seconds, with
-the start-up and training times measured on the reference run, so the kills land
-in start-up, mid-step, around checkpoints and between logs, and the grid is
-still running at most of them.
+Delays are drawn uniformly from [0, startup + 2.5 * train / kills] seconds: train is
+the reference grid's time after its first logged step, startup the time an
+invocation takes to log its first new step (the reference's for the first kill, then
+the median over the invocations killed so far, since a resumed run starts faster
+than a fresh one). So the kills land in start-up, mid-step, around checkpoints and
+between logs, and the grid is still running at most of them.
 
     python benchmarks/bench_kill_soak.py --kills 20 --seed 0
 """
@@ -27,6 +29,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,14 +129,23 @@ def main() -> int:
 
     rng = random.Random(args.seed)
     soak = work / "soak-runs"
-    kills, t_soak = [], time.perf_counter()
+    kills, t_soak, startups = [], time.perf_counter(), []
     for i in range(args.kills):
-        delay = rng.uniform(0.0, startup + 2.5 * train_s / args.kills)
+        est = statistics.median(startups) if startups else startup
+        delay = rng.uniform(0.0, est + 2.5 * train_s / args.kills)
         before = {r.parent.name: _train_steps(r) for r in _runs(soak)}
         proc = _grid(matrix, soak, env)
         t0 = time.perf_counter()
+        first_step, next_look = None, 0.0
         while proc.poll() is None and time.perf_counter() - t0 < delay:
+            now = time.perf_counter() - t0
+            if first_step is None and now >= next_look:
+                next_look = now + 0.2
+                if any(_train_steps(r) > before.get(r.parent.name, 0) for r in _runs(soak)):
+                    first_step = now
             time.sleep(0.01)
+        if first_step is not None:
+            startups.append(first_step)
         landed = proc.poll() is None
         if landed:
             os.killpg(proc.pid, signal.SIGKILL)  # harness and trainers at once
