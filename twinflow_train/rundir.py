@@ -22,7 +22,6 @@ Nothing here imports torch, so the harness and the reports stay light.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -544,9 +543,6 @@ def verify_checkpoint(ckpt_dir: str | Path) -> str | None:
             return f"{rel} does not match its sha256 in meta.json"
     return None
 
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
