@@ -180,7 +180,11 @@ def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[P
         if not d.is_dir() or not any(d.iterdir()):
             plans.append(PlannedRun(spec, "new"))
             continue
-        record = read_record(d)
+        try:
+            record = read_record(d)
+        except (RunDirError, TypeError) as e:  # its identity cannot be told: like a directory of unknown origin
+            plans.append(PlannedRun(spec, "changed", f"its harness.json does not load ({e})"))
+            continue
         if record is None:
             plans.append(PlannedRun(spec, "changed", "the directory exists but was not made by the harness "
                                                      "(no harness.json)"))
@@ -370,7 +374,10 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
 
 
 def _supersede(grid: Grid, spec: RunSpec) -> None:
-    record = read_record(spec.run_dir)
+    try:
+        record = read_record(spec.run_dir)
+    except (RunDirError, TypeError):
+        record = None
     old = record.identity if record else "unknown"
     dest = grid.grid_dir / SUPERSEDED_DIR / spec.arm / f"seed-{spec.seed}-{old}"
     n = 1

@@ -150,3 +150,35 @@ def test_interrupted_attempt_is_closed_and_resumed(grid_file, tmp_path, monkeypa
     assert result.launched == ["ok/seed-0"]
     attempts = read_record(d).attempts
     assert [a.outcome for a in attempts] == ["interrupted", "done"]
+
+
+def test_unreadable_run_files_are_that_run_s_problem_not_a_traceback(grid_file, tmp_path, monkeypatch, capsys):
+    """A torn status.json: that run alone resumes. A torn harness.json: refused like a run of unknown origin,
+    named, with the way out (nothing launched). A torn checkpoint meta.json: planned from the next checkpoint."""
+    from harness.cli import main
+    from twinflow_train import rundir
+
+    monkeypatch.chdir(REPO)
+    grid = load_matrix(grid_file, root=tmp_path / "runs")
+    run_grid(grid, launcher=_launcher(2), stream=io.StringIO(), tty=False, poll_s=0.02)
+    ok, bad = grid.grid_dir / "ok" / "seed-0", grid.grid_dir / "bad" / "seed-1"
+    (ok / "status.json").write_text('{"state": "do')
+    for name, step in (("latest", 12), ("last_good", 8)):
+        ck = ok / "checkpoints" / name
+        ck.mkdir(parents=True)
+        (ck / "state.pt").write_bytes(b"x")
+        rundir.write_checkpoint_meta(ck, step=step, fmt="full")
+    (ok / "checkpoints" / "latest" / "meta.json").write_text('{"step": 1')
+    plans = {p.spec.key: p for p in plan_grid(grid)}
+    assert plans["ok/seed-0"].action == "resume" and "status.json: not valid JSON" in plans["ok/seed-0"].note
+    assert plans["ok/seed-0"].note.endswith("resumes from step 8")
+    assert {p.action for k, p in plans.items() if k != "ok/seed-0"} == {"skip"}
+
+    (bad / "harness.json").write_text('{"identity": ')
+    assert main(["grid", "status", str(grid_file), "--root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "ok/seed-0 problem:" in out and "bad/seed-1 problem:" in out and "harness.json: not valid JSON" in out
+    assert main(["grid", "run", str(grid_file), "--root", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "run bad/seed-1 has a different identity: its harness.json does not load" in err
+    assert "--supersede-changed" in err and "Traceback" not in err
