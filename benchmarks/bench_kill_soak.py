@@ -12,12 +12,15 @@ kill the grid runs to its end. Checked at the end:
 - no trainer process outlived a kill;
 - the final weights (student and EMA target) equal the reference grid's to 1e-6.
 
-Delays are drawn uniformly from [0, startup + 2.5 * train / kills] seconds: train is
-the reference grid's time after its first logged step, startup the time an
-invocation takes to log its first new step (the reference's for the first kill, then
-the median over the invocations killed so far, since a resumed run starts faster
-than a fresh one). So the kills land in start-up, mid-step, around checkpoints and
-between logs, and the grid is still running at most of them.
+Each delay is drawn (seeded) from one of two ranges: with probability 1/4 from
+[0, startup] (a kill in start-up: the harness preparing the teacher, a trainer
+importing, building, verifying and loading its checkpoint), else from
+[startup, startup + train / 10] (a kill while training: mid-step, around a
+checkpoint, between a log and a checkpoint). ``train`` is the reference grid's time
+after its first logged step; ``startup`` the time an invocation takes to log its
+first new step (the reference's for the first kill, then the median over the
+invocations so far, since a resumed run starts sooner than a fresh one). So the
+grid is still running at most kills, and its training is spread over many of them.
 
     python benchmarks/bench_kill_soak.py --kills 20 --seed 0
 """
@@ -132,7 +135,8 @@ def main() -> int:
     kills, t_soak, startups = [], time.perf_counter(), []
     for i in range(args.kills):
         est = statistics.median(startups) if startups else startup
-        delay = rng.uniform(0.0, est + 2.5 * train_s / args.kills)
+        in_startup = rng.random() < 0.25
+        delay = rng.uniform(0.0, est) if in_startup else rng.uniform(est, est + train_s / 10)
         before = {r.parent.name: _train_steps(r) for r in _runs(soak)}
         proc = _grid(matrix, soak, env)
         t0 = time.perf_counter()
