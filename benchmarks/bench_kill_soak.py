@@ -12,15 +12,12 @@ kill the grid runs to its end. Checked at the end:
 - no trainer process outlived a kill;
 - the final weights (student and EMA target) equal the reference grid's to 1e-6.
 
-Each delay is drawn (seeded) from one of two ranges: with probability 1/4 from
-[0, startup] (a kill in start-up: the harness preparing the teacher, a trainer
-importing, building, verifying and loading its checkpoint), else from
-[startup, startup + train / 10] (a kill while training: mid-step, around a
-checkpoint, between a log and a checkpoint). ``train`` is the reference grid's time
-after its first logged step; ``startup`` the time an invocation takes to log its
-first new step (the reference's for the first kill, then the median over the
-invocations so far, since a resumed run starts sooner than a fresh one). So the
-grid is still running at most kills, and its training is spread over many of them.
+The moments are drawn (seeded) so that every kill lands while the grid runs: with
+probability 1/4 a kill in start-up, at a uniform fraction of the shortest start-up
+seen so far (the harness preparing the teacher, a trainer importing, building,
+verifying and loading its checkpoint); else a kill while training, once the runs
+have logged a uniform 1..``--max-new`` new steps in all, plus a uniform 0-0.3 s
+(mid-step, around a checkpoint, between a log and a checkpoint).
 
     python benchmarks/bench_kill_soak.py --kills 20 --seed 0
 """
@@ -32,7 +29,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,6 +98,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--max-new", type=int, default=20, help="most new logged steps (both runs) before a kill")
     ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="kill-soak-"))
@@ -128,28 +125,29 @@ def main() -> int:
     reference_s = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
     startup = startup or reference_s
-    train_s = max(1.0, reference_s - startup)
 
     rng = random.Random(args.seed)
     soak = work / "soak-runs"
-    kills, t_soak, startups = [], time.perf_counter(), []
+    kills, t_soak, startups = [], time.perf_counter(), [startup]
     for i in range(args.kills):
-        est = statistics.median(startups) if startups else startup
         in_startup = rng.random() < 0.25
-        delay = rng.uniform(0.0, est) if in_startup else rng.uniform(est, est + train_s / 10)
+        fraction, new_steps, jitter = rng.random(), rng.randint(1, args.max_new), rng.uniform(0.0, 0.3)
         before = {r.parent.name: _train_steps(r) for r in _runs(soak)}
         proc = _grid(matrix, soak, env)
         t0 = time.perf_counter()
-        first_step, next_look = None, 0.0
-        while proc.poll() is None and time.perf_counter() - t0 < delay:
+        first_step, trigger = None, (min(startups) * fraction if in_startup else None)
+        while proc.poll() is None:
             now = time.perf_counter() - t0
-            if first_step is None and now >= next_look:
-                next_look = now + 0.2
-                if any(_train_steps(r) > before.get(r.parent.name, 0) for r in _runs(soak)):
-                    first_step = now
-            time.sleep(0.01)
-        if first_step is not None:
-            startups.append(first_step)
+            if trigger is not None and now >= trigger:
+                break
+            logged = sum(_train_steps(r) - before.get(r.parent.name, 0) for r in _runs(soak))
+            if logged > 0 and first_step is None:
+                first_step = now
+                startups.append(now)
+            if trigger is None and logged >= new_steps:
+                trigger = now + jitter
+            time.sleep(0.02)
+        delay = time.perf_counter() - t0
         landed = proc.poll() is None
         if landed:
             os.killpg(proc.pid, signal.SIGKILL)  # harness and trainers at once
@@ -159,10 +157,11 @@ def main() -> int:
                      and st["state"] == "running"]
         assert not survivors, f"kill {i + 1}: a trainer outlived the kill: {survivors}"
         after = {r.parent.name: _train_steps(r) for r in _runs(soak)}
-        kills.append({"delay_s": round(delay, 2), "landed": landed,
+        kills.append({"delay_s": round(delay, 2), "landed": landed, "in_startup": in_startup,
                       "steps_logged": {k: (before.get(k, 0), v) for k, v in after.items()},
                       "checkpoints": {r.parent.name: rundir.resume_step(r) for r in _runs(soak)}})
-        print(f"kill {i + 1:2d} after {delay:5.2f}s {'(grid had ended)' if not landed else ''}"
+        print(f"kill {i + 1:2d} after {delay:5.2f}s {'in start-up' if in_startup else 'training'}"
+              f"{' (grid had ended)' if not landed else ''}"
               f" logged steps {after} checkpoints {kills[-1]['checkpoints']}", flush=True)
     proc = _grid(matrix, soak, env)
     proc.wait()
