@@ -91,7 +91,7 @@ def test_damaged_runs_are_handled_alone_and_the_rest_of_the_grid_runs(tmp_path, 
     with pytest.raises(ValueError, match="line 6 is not valid JSON"):
         collect_grid(grid)  # the strict default (reports) still refuses a damaged file, naming it
     st = run_statuses(grid).set_index("arm")
-    assert "is not valid JSON" in st.loc["a", "problem"] and pd.isna(st.loc["b", "problem"])
+    assert "is not a JSON object" in st.loc["a", "problem"] and pd.isna(st.loc["b", "problem"])
 
     # 4. the grid runs again as a subprocess (the real command line): b resumes from last_good, c runs, a is done
     env = dict(os.environ, PYTHONPATH=str(REPO))
