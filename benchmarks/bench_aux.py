@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[])
     p.add_argument("--skip-base", type=Path, default=None,
                    help="reuse a base cache built earlier (its teacher is scored, not rebuilt); base time not measured")
+    p.add_argument("--new-cache", type=Path, default=None,
+                   help="build this tree's cache here and keep it (must not exist yet; default: a temp dir)")
     p.add_argument("--variant", action="store_true")
     p.add_argument("--from-cache", type=Path, default=None, help="variant mode: cache holding codec and classifiers")
     p.add_argument("--json", type=Path, default=None)
@@ -133,7 +135,9 @@ def main() -> None:
         else:
             base_cache = args.skip_base
             res["base"] = {"teacher": str(_entry(base_cache, "teacher")), "note": "cache built earlier"}
-        new_cache = tmp / "new-cache"
+        new_cache = args.new_cache or tmp / "new-cache"
+        if new_cache.exists() and any(new_cache.iterdir()):
+            raise SystemExit(f"bench_aux: --new-cache {new_cache} is not empty (a cold cache is measured)")
         res["new"] = cold(ROOT, config, new_cache, args.override)
         print("new:", json.dumps(res["new"]), flush=True)
         for kind in ("codec", "evalnet", "reward"):

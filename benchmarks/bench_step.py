@@ -1,6 +1,6 @@
 """CPU seconds per training step: this tree against a base commit, side by side on one machine.
 
-Both versions train the same config (default ``configs/digits.yaml``) from the same
+Both versions train their own committed config (default ``configs/digits.yaml`` of each tree) from the same
 teacher, codec and auxiliaries, each in its own subprocess with ``PYTHONPATH`` pointing at
 its own source tree (the base is unpacked with ``git archive``). A worker builds the run
 with its tree's own ``build_run`` and then runs the trainer's hot loop for the timed
@@ -116,7 +116,8 @@ def run_worker(tree: Path, args: argparse.Namespace, overrides: list[str]) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="26d7949", help="commit to compare against")
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
+    p.add_argument("--config", type=Path, default=Path("configs/digits.yaml"),
+                   help="relative: each tree's own file (the committed config of each version)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per repetition")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (allocator, caches)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per version, interleaved")
@@ -128,8 +129,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    args.config = args.config.resolve()
-    tpath = teacher_weights(args.config, args.override)
+    tpath = teacher_weights(args.config if args.config.is_absolute() else ROOT / args.config, args.override)
     overrides = args.override + [f"teacher.checkpoint={tpath}"]
     with tempfile.TemporaryDirectory(prefix="bench-step-base-") as tmp:
         trees = {"base": unpack(args.base, Path(tmp)), "new": ROOT}

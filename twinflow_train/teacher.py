@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -125,7 +126,7 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
     """Train (once, process-safe) and cache the teacher for ``cfg``; returns the weights path (the transformer
     directory, or None for a random-init architecture, where the model builder makes the base itself)."""
     from .auxiliary import train_or_load_file
-    from .setup import build_setup
+    from .setup import build_train_data
 
     if base_weights_in_model(cfg):
         # the base model is the pretrained transformer: nothing to train or cache
@@ -136,14 +137,17 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
             raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")
         return path
 
-    def make(dst: Path) -> None:
-        setup = build_setup(cfg, device=torch.device("cpu"))
-        data = setup.data
+    def make(dst: Path) -> dict:
+        # the latents only: the classifiers are not needed here (``prepare`` builds them beside this)
+        data, num_classes = build_train_data(cfg, device=torch.device("cpu"))
         torch.manual_seed(cfg.teacher.seed)
-        model = build_model(cfg, latent_shape=data.latent_shape, num_classes=setup.num_classes)
+        model = build_model(cfg, latent_shape=data.latent_shape, num_classes=num_classes)
         labels = data.train_cond["labels"]
-        train_teacher_model(cfg, model, data.train_latents, labels, null_label=setup.num_classes, progress=progress)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        train_teacher_model(cfg, model, data.train_latents, labels, null_label=num_classes, progress=progress)
         torch.save(model.state_dict(), dst)
+        return {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0,
+                "threads": torch.get_num_threads()}
 
     return train_or_load_file(path, make, key=teacher_key(cfg))
 

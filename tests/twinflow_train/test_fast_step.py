@@ -193,3 +193,49 @@ def test_eval_ema_is_validated_checkpointed_and_resumes_exactly(tiny_overrides, 
     if min(vals, key=lambda r: r["val/loss"])["step"] == vals[-1]["step"]:
         best = torch.load(ref / "checkpoints" / "best" / "weights.pt", map_location="cpu", weights_only=True)
         assert all(torch.equal(best[k], state["extra"]["eval_ema"][k]) for k in best)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gated_update_does_not_synchronise_on_cuda(tiny_overrides):
+    """The update of a step that does not log (optimizer, non-finite gate, EMAs) never waits on the GPU."""
+    from twinflow_train.parallel import init_distributed, shutdown
+    from twinflow_train.trainer import preflight_teacher
+
+    cfg = load_config(None, tiny_overrides + ["run.device=cuda"])
+    d = init_distributed(cfg.run, cfg.parallel)
+    try:
+        run = trainer.build_run(cfg, d, preflight_teacher(cfg))
+        assert run.gated
+        for step in (1, 2):
+            stats = trainer.train_step(run, step)  # the method's row selection may synchronise; the update must not
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                trainer._apply_update(run, step, stats)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        trainer._settle(run)
+        assert run.counters.nonfinite == 0 and not run.pending
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_prepare_builds_every_network_in_two_processes(tmp_path):
+    from twinflow_train.auxiliary import entry_record
+    from twinflow_train.teacher import prepare
+
+    from .conftest import TINY
+
+    cfg = load_config(None, TINY + [f"aux.cache_dir={tmp_path}", "teacher.steps=30", "codec.steps=30",
+                                    "aux.reward_steps=20", "aux.eval_steps=20"])
+    teacher = prepare(cfg, progress=False, workers=2)
+    entries = {p.parent.name.split("-")[0]: p for p in tmp_path.glob("*/weights.pt")}
+    assert set(entries) == {"codec", "reward", "evalnet", "teacher"} and entries["teacher"] == teacher
+    pids = {k: entry_record(p)["pid"] for k, p in entries.items()}
+    # the classifiers came from the second process, the codec and the teacher from this one
+    assert pids["reward"] == pids["evalnet"] != pids["codec"] == pids["teacher"]
+    assert entry_record(teacher)["info"]["train_cpu_seconds"] > 0
+    assert prepare(cfg, progress=False, workers=2) == teacher  # cached: nothing rebuilt
+    assert {k: entry_record(p)["pid"] for k, p in entries.items()} == pids
