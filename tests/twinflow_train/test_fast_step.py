@@ -1,7 +1,6 @@
 """The fast training step: plain modules at world size 1, fused AdamW, device-side update decisions,
 the evaluation EMA, and the teacher's learning-rate schedule."""
 
-import json
 import math
 
 import pytest
