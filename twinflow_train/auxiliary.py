@@ -43,7 +43,7 @@ FORMAT_VERSIONS: dict[str, int] = {
     "codec": 1,
     "reward": 1,
     "evalnet": 2,  # 2: shift-only augmentation (1 also added pixel noise, which blunted FD to noisy samples)
-    "teacher": 1,
+    "teacher": 2,  # 2: fused AdamW, warm-up + cosine to 1% (teacher.warmup_steps), EMA cap teacher.ema_decay
 }
 """Per-kind format version, part of every entry's hash. Bump a kind's number when
 its architecture, training recipe or file layout changes in code (anything its

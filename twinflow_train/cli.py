@@ -48,6 +48,13 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 def _load(args: argparse.Namespace) -> Config:
     """Every check of the command's input (arguments, config file, overrides); raises ``InputError``."""
     with reading_input(f"twinflow-train {args.command}"):
@@ -66,8 +73,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
-    from .teacher import base_weights_in_model, get_teacher
-    path = get_teacher(cfg, progress=not args.no_progress)
+    from .teacher import base_weights_in_model, prepare
+    path = prepare(cfg, progress=not args.no_progress, workers=args.workers)
     if base_weights_in_model(cfg):
         print(f"base weights come from the model ({path or 'random init'}); no teacher to train")
     else:
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("teacher", help="train and cache the base model and the auxiliary networks")
     _common(p, run_dir=False)
+    p.add_argument("--workers", type=_positive_int, default=2, help="processes preparing independent networks at once")
     p.set_defaults(func=cmd_teacher)
     p = sub.add_parser("fit", help="TwinFlow distillation into a run directory (resumes automatically)")
     _common(p, run_dir=True)

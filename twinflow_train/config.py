@@ -187,6 +187,10 @@ class TeacherConfig:
     """Probability of the null prompt during teacher training (enables CFG)."""
     seed: int = 0
     """Teacher training seed."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up before the cosine decay (a high peak rate needs one)."""
+    ema_decay: float = 0.999
+    """Cap of the teacher's weight EMA (warm-up ``(1 + k) / (10 + k)``); the EMA weights are the teacher."""
     sample_steps: int = 28
     """Euler steps when sampling the teacher for comparison."""
     cfg_scale: float | None = None
@@ -198,6 +202,8 @@ class TeacherConfig:
         _require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         _require(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1) (got {self.cond_dropout})")
         _require(self.sample_steps >= 1, f"sample_steps must be >= 1 (got {self.sample_steps})")
+        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps) (got {self.warmup_steps})")
+        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         _require(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0 (got {self.cfg_scale})")
 
 
@@ -439,6 +445,16 @@ class ParallelConfig:
     """Recompute block activations in backward."""
     reshard_after_forward: bool = True
     """Free gathered parameters after each block's forward (the last block always keeps them)."""
+    fsdp: Literal["auto", "always", "never"] = "auto"
+    """FSDP2 wrapping: ``auto`` wraps when the world size is > 1, under bf16 mixed precision (an FSDP2
+    policy) and for ``qwen_image`` (its placement relies on FSDP2); plain modules otherwise, whose
+    per-call hooks cost more than the arithmetic of a small model. ``always`` also wraps a 1-process run."""
+
+    def __post_init__(self) -> None:
+        _require(self.fsdp in ("auto", "always", "never"),
+                 f"fsdp must be one of 'auto', 'always', 'never' (got {self.fsdp!r})")
+        _require(not (self.fsdp == "never" and self.mixed_precision != "fp32"),
+                 f"fsdp 'never' cannot apply mixed_precision {self.mixed_precision!r} (an FSDP2 policy)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -451,10 +467,14 @@ class EvalConfig:
     """Seed of the fixed validation noise, times and prompts."""
     teacher: bool = True
     """Also record the teacher's metrics at its full step count (once per run)."""
+    ema_decay: float = 0.0
+    """Evaluation EMA of the student: when > 0, a second, slower EMA (same warm-up as ``method.ema_decay``)
+    is what validation, the best/final sample files and ``twinflow-train sample/eval`` judge; 0: the raw student."""
 
     def __post_init__(self) -> None:
         _require(self.n_samples >= 10, f"n_samples must be >= 10 (got {self.n_samples})")
         _require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"nfe must be a non-empty list of ints >= 1 (got {self.nfe})")
+        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from array import array
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,16 +61,23 @@ def _check_pair(name: str, e: torch.Tensor, m: torch.Tensor) -> None:
                          f"{tuple(m.shape)} in the model")
 
 
-@torch.no_grad()
-def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """In place: ``ema = decay * ema + (1 - decay) * model`` on parameters; buffers copied.
+@dataclass(frozen=True)
+class EmaPairs:
+    """The local tensors an EMA update touches, checked once: parameters to lerp, buffers to copy.
 
-    Works on plain tensors and on FSDP2-sharded (DTensor) parameters: both modules
-    must be sharded the same way, and each rank updates its local shards (no
-    communication).
+    Valid while neither module's parameters are replaced; plain (unsharded) modules keep theirs
+    for their lifetime, so the trainer builds this once per run instead of walking both modules
+    by name on every step.
     """
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1] (got {decay})")
+
+    ema_params: list[torch.Tensor]
+    model_params: list[torch.Tensor]
+    ema_buffers: list[torch.Tensor]
+    model_buffers: list[torch.Tensor]
+
+
+def ema_pairs(ema: nn.Module, model: nn.Module) -> EmaPairs:
+    """Match ``ema``'s parameters and buffers with ``model``'s by name (see ``ema_update_``)."""
     e_params = dict(ema.named_parameters())
     m_params = dict(model.named_parameters())
     if e_params.keys() != m_params.keys():
@@ -81,14 +89,54 @@ def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
         _check_pair(name, e, m)
         el, ml = _local(e.detach()), _local(m.detach())
         e_list.append(el)
-        m_list.append(ml if ml.dtype == el.dtype else ml.to(el.dtype))
-    if e_list:
-        if decay == 0.0:
-            torch._foreach_copy_(e_list, m_list)  # exact copy (the first warm-up update)
-        else:
-            torch._foreach_lerp_(e_list, m_list, 1.0 - decay)
+        m_list.append(ml)
     e_bufs = dict(ema.named_buffers())
+    eb, mb = [], []
     for name, b in model.named_buffers():
         if name not in e_bufs:
             raise ValueError(f"ema_update_: buffer {name!r} of the model is missing in the EMA")
-        _local(e_bufs[name]).copy_(_local(b))
+        eb.append(_local(e_bufs[name]))
+        mb.append(_local(b))
+    return EmaPairs(ema_params=e_list, model_params=m_list, ema_buffers=eb, model_buffers=mb)
+
+
+@torch.no_grad()
+def ema_apply_(pairs: EmaPairs, decay: float, *, gate: torch.Tensor | None = None) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` on ``pairs``; buffers copied.
+
+    ``gate`` (0-dim tensor on the parameters' device, 1.0 or 0.0) scales the step without a
+    host read: 0 leaves the EMA as it is (a skipped optimizer update), 1 is the plain update.
+    ``torch.lerp`` is exact at both ends (weight 0 keeps ``ema``, weight 1 gives ``model``),
+    so the gated update equals the ungated one bit for bit.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1] (got {decay})")
+    if pairs.ema_params:
+        model_params = pairs.model_params
+        if any(m.dtype != e.dtype for e, m in zip(pairs.ema_params, model_params)):
+            model_params = [m.to(e.dtype) for e, m in zip(pairs.ema_params, model_params)]  # e.g. a bf16 student
+        if gate is not None:
+            torch._foreach_lerp_(pairs.ema_params, model_params, gate * (1.0 - decay))
+        elif decay == 0.0:
+            torch._foreach_copy_(pairs.ema_params, model_params)  # exact copy (the first warm-up update)
+        else:
+            torch._foreach_lerp_(pairs.ema_params, model_params, 1.0 - decay)
+    if pairs.ema_buffers:
+        if gate is None:
+            torch._foreach_copy_(pairs.ema_buffers, pairs.model_buffers)
+        else:
+            for e, m in zip(pairs.ema_buffers, pairs.model_buffers):
+                e.copy_(torch.where(gate > 0, m, e))
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """In place: ``ema = decay * ema + (1 - decay) * model`` on parameters; buffers copied.
+
+    Works on plain tensors and on FSDP2-sharded (DTensor) parameters: both modules
+    must be sharded the same way, and each rank updates its local shards (no
+    communication).
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1] (got {decay})")
+    ema_apply_(ema_pairs(ema, model), decay)

@@ -118,6 +118,10 @@ def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of the parameters' gradients (plain or DTensor-sharded), equal on every rank."""
     grads = _grads(params)
+    if grads and not any(_is_dtensor(g) for g in grads):
+        # plain tensors (one process): one multi-tensor kernel instead of a norm per parameter
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        return torch.linalg.vector_norm(torch.stack(norms))
     sq = global_sums((g, [_sq(_local(g))]) for g in grads)
     return sq[0].sqrt()
 
@@ -147,9 +151,12 @@ def clip_grads_(params: Iterable[torch.Tensor], *, max_norm: float,
     # the 1e-6 keeps the ratio finite at norm = 0 (nothing to clip then; coef clamps to 1)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
-    for g in _grads(params):
-        loc = _local(g)
-        loc.mul_(coef.to(loc.device, loc.dtype))
+    grads = [_local(g) for g in _grads(params)]
+    if grads and all(g.device == coef.device and g.dtype == coef.dtype for g in grads):
+        torch._foreach_mul_(grads, coef)
+    else:
+        for loc in grads:
+            loc.mul_(coef.to(loc.device, loc.dtype))
     return norm
 
 

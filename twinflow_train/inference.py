@@ -32,7 +32,11 @@ def _student(cfg: Config, run_dir: Path, which: str):
         latest = run_dir / "checkpoints" / "latest"
         if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
-        ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
+        if cfg.eval.ema_decay > 0:  # the evaluation EMA is what the run validated and sampled
+            import copy
+            ckpt.load_checkpoint(latest, model=copy.deepcopy(model), optimizer=None, extra_modules={"eval_ema": model})
+        else:
+            ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
     else:
         raise ValueError(f"unknown --which {which!r}; valid: 'final', 'best'")
     return d, setup, model.eval(), base

@@ -1,7 +1,12 @@
 """Process groups, device mesh and FSDP2 placement shared by every model family.
 
-The trainer always runs under FSDP2: at world size 1 the same code path is
-exercised (one shard), so a run that works here works under torchrun.
+The trainer runs under FSDP2 whenever it needs it (``parallel.fsdp``): at world
+size > 1, under bf16 mixed precision, and for the Qwen-Image family. A 1-process
+run of the small default model keeps plain modules by default: FSDP2's pre- and
+post-forward hooks, DTensor parameters and the single-tensor optimizer path they
+force cost more than the model's arithmetic there. ``parallel.fsdp: always``
+exercises the sharded path in one process (the tests do, and the 2-process tests
+use it by default).
 """
 
 from __future__ import annotations
@@ -64,6 +69,34 @@ def mixed_precision(par: ParallelConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def use_fsdp(par: ParallelConfig, *, family: str, world: int) -> bool:
+    """Whether modules are wrapped with FSDP2 (see the module docstring and ``parallel.fsdp``)."""
+    if par.fsdp == "always":
+        return True
+    if par.fsdp == "never":
+        if world > 1:
+            raise ValueError(f"parallel.fsdp 'never' needs one process; this run has {world} "
+                             f"(use 'auto' or 'always')")
+        return False
+    if par.fsdp != "auto":
+        raise ValueError(f"parallel.fsdp: unknown value {par.fsdp!r}; valid: 'auto', 'always', 'never'")
+    return world > 1 or par.mixed_precision != "fp32" or family == "qwen_image"
+
+
+def place_plain(model: nn.Module, blocks: list[nn.Module], par: ParallelConfig, *, frozen: bool) -> nn.Module:
+    """The 1-process placement without FSDP2: the module itself, with activation checkpointing on
+    its blocks when configured (a trainable model only: no-grad copies never run backward)."""
+    if par.activation_checkpointing and not frozen:
+        _checkpoint_blocks(model, blocks)
+    return model
+
+
+def _checkpoint_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    block_ids = {id(b) for b in blocks}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in block_ids)
+
+
 def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig) -> nn.Module:
     """fully_shard each block, then the root; the last block keeps its parameters after forward
     because backward needs them first."""
@@ -71,9 +104,7 @@ def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: Devi
         raise ValueError(f"{type(model).__name__} declares no block types to shard")
     mp = mixed_precision(par)
     if par.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-        block_ids = {id(b) for b in blocks}
-        apply_activation_checkpointing(model, check_fn=lambda m: id(m) in block_ids)
+        _checkpoint_blocks(model, blocks)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward and not last)
@@ -100,12 +131,14 @@ def reshard_all(module: nn.Module) -> None:
             m.reshard()
 
 
-def all_agree_bad(flag: bool | torch.Tensor, device: torch.device) -> bool:
-    """True on every rank if any rank saw a bad (non-finite) value. A sync point by design."""
-    t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
+def agree_bad_flag(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``flag`` (0-dim, 1.0 = bad) maximised over ranks, left on the device: no host read here."""
+    t = flag.to(device=device, dtype=torch.float32).reshape(())
     if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.reshape(1).clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        t = t.reshape(())
+    return t
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -43,10 +43,19 @@ def encode_all(codec: torch.nn.Module, images: torch.Tensor, batch: int = 512) -
     return torch.cat([codec.encode(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
 
 
-def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
-    from .auxiliary import DigitsReward, get_codec, get_eval_net, get_reward_classifier
-    from .digits import NUM_CLASSES, eval_prompts, load_digits_split
-    from .metrics import SampleScorer
+def build_train_data(cfg: Config, *, device: torch.device) -> tuple[TrainData, int | None]:
+    """The latent training data and the number of prompt classes, without the reward model and the
+    evaluation network where they can be left out (what the teacher needs)."""
+    if cfg.data.dataset == "digits":
+        from .digits import NUM_CLASSES
+        return _digits_data(cfg, device=device)[2], NUM_CLASSES
+    setup = build_setup(cfg, device=device)
+    return setup.data, setup.num_classes
+
+
+def _digits_data(cfg: Config, *, device: torch.device):
+    from .auxiliary import get_codec
+    from .digits import load_digits_split
 
     split = load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
     codec = get_codec(cfg).to(device).eval()
@@ -55,6 +64,15 @@ def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
     data = TensorData(train_latents=train_lat, train_cond={"labels": split.train_labels.to(device)},
                       val_latents=val_lat, val_cond={"labels": split.val_labels.to(device)},
                       batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    return split, codec, data
+
+
+def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
+    from .auxiliary import DigitsReward, get_eval_net, get_reward_classifier
+    from .digits import NUM_CLASSES, eval_prompts
+    from .metrics import SampleScorer
+
+    split, codec, data = _digits_data(cfg, device=device)
     reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
     scorer = SampleScorer(eval_net=get_eval_net(cfg).to(device).eval(), reward=reward,
                           reference_images=split.val_images.to(device))

@@ -6,6 +6,9 @@ these weights and samples them at full step count for comparison.
 
 from __future__ import annotations
 
+import copy
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -75,13 +78,23 @@ def teacher_path(cfg: Config) -> Path:
     return Path(cfg.teacher.checkpoint)
 
 
+def teacher_lr(step: int, *, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine to 1% of it at ``steps`` (1-based)."""
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def train_teacher_model(cfg: Config, model: FlowModel, latents: torch.Tensor, labels: torch.Tensor,
                         *, null_label: int, progress: bool = True) -> FlowModel:
-    """Flow matching with prompt dropout (so CFG works), AdamW with cosine decay, EMA weights returned."""
+    """Flow matching with prompt dropout (so CFG works), fused AdamW with warm-up and cosine decay;
+    the EMA weights are returned."""
     tc = cfg.teacher
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.steps, eta_min=tc.lr * 0.01)
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0, fused=True)
+    ema = copy.deepcopy(model)
+    ema_params = [p.detach() for p in ema.parameters()]
     n = latents.shape[0]
     for step in tqdm(range(1, tc.steps + 1), desc="teacher", disable=not progress, mininterval=2.0):
         gen = step_generator(tc.seed, step)
@@ -96,14 +109,16 @@ def train_teacher_model(cfg: Config, model: FlowModel, latents: torch.Tensor, la
         loss = (model(x_t, t, t, {"labels": y}) - (z - x)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        for g in opt.param_groups:
+            g["lr"] = teacher_lr(step, steps=tc.steps, peak=tc.lr, warmup=tc.warmup_steps)
         opt.step()
-        sched.step()
+        d = min(tc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            d = min(0.999, (1 + step) / (10 + step))
-            for k, v in model.state_dict().items():
-                ema[k].lerp_(v, 1 - d) if v.is_floating_point() else ema[k].copy_(v)
-    model.load_state_dict(ema)
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+    model.load_state_dict(ema.state_dict())
     return model
 
 
@@ -111,7 +126,8 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
     """Train (once, process-safe) and cache the teacher for ``cfg``; returns the weights path (the transformer
     directory, or None for a random-init architecture, where the model builder makes the base itself)."""
     from .auxiliary import train_or_load_file
-    from .setup import build_setup
+    from .codecs import single_thread
+    from .setup import build_train_data
 
     if base_weights_in_model(cfg):
         # the base model is the pretrained transformer: nothing to train or cache
@@ -122,13 +138,60 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
             raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")
         return path
 
-    def make(dst: Path) -> None:
-        setup = build_setup(cfg, device=torch.device("cpu"))
-        data = setup.data
+    def make(dst: Path) -> dict:
+        # the latents only: the classifiers are not needed here (``prepare`` builds them beside this)
+        data, num_classes = build_train_data(cfg, device=torch.device("cpu"))
         torch.manual_seed(cfg.teacher.seed)
-        model = build_model(cfg, latent_shape=data.latent_shape, num_classes=setup.num_classes)
+        model = build_model(cfg, latent_shape=data.latent_shape, num_classes=num_classes)
         labels = data.train_cond["labels"]
-        train_teacher_model(cfg, model, data.train_latents, labels, null_label=setup.num_classes, progress=progress)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        # one thread, like the codec and the classifiers: ops of this size gain little from a second one, and on
+        # a busy machine its spin-waiting made the fit many times slower (86 of 1,000 steps in 20 minutes)
+        with single_thread():
+            train_teacher_model(cfg, model, data.train_latents, labels, null_label=num_classes, progress=progress)
         torch.save(model.state_dict(), dst)
+        return {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
 
     return train_or_load_file(path, make, key=teacher_key(cfg))
+
+
+def _build_classifiers(cfg: Config) -> None:
+    """Child process of ``prepare``: the reward classifier and the evaluation network (cached)."""
+    from .auxiliary import get_eval_net, get_reward_classifier
+
+    torch.set_num_threads(1)
+    get_reward_classifier(cfg)
+    get_eval_net(cfg)
+
+
+def prepare(cfg: Config, *, progress: bool = True, workers: int = 2) -> Path:
+    """The teacher and every auxiliary network of ``cfg``, cached; returns the teacher's weights path.
+
+    From a cold digits cache the networks are prepared in ``workers`` processes: the
+    classifiers (reward, evaluation net) do not depend on anything else and are built in
+    a second process while this one trains the codec and then the teacher on its latents,
+    which is the longest chain. The cache's per-entry locks make the two processes safe
+    together (a build asked for twice runs once).
+    """
+    from .auxiliary import cache_entry, eval_key, reward_key, WEIGHTS, _is_complete
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 (got {workers})")
+    child = None
+    if workers > 1 and cfg.data.dataset == "digits":
+        needed = [cache_entry(cfg, kind=k, key=key(cfg)) / WEIGHTS
+                  for k, key in (("reward", reward_key), ("evalnet", eval_key))]
+        if not all(_is_complete(p) for p in needed):
+            import multiprocessing
+            child = multiprocessing.get_context("spawn").Process(target=_build_classifiers, args=(cfg,),
+                                                                 name="twinflow-classifiers")
+            child.start()
+    try:
+        path = get_teacher(cfg, progress=progress)
+    finally:
+        if child is not None:
+            child.join()
+    if child is not None and child.exitcode != 0:
+        raise RuntimeError(f"building the reward classifier and evaluation network failed (exit {child.exitcode})")
+    return path
+

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
 from .data import step_generator
-from .ema import ema_decay, ema_update_
+from .ema import EmaPairs, ema_apply_, ema_decay, ema_pairs
 from .evaluate import Evaluator
 from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .method import TwinFlow
 from .models import build_model, parallelize
 from .models.base import FlowModel
-from .parallel import Dist, all_agree_bad, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown
+from .parallel import Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown, use_fsdp
 from .setup import Setup, build_setup
 from .rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
                      atomic_write_text, truncate_metrics, write_status)
@@ -39,7 +39,14 @@ from .telemetry import WandbMirror
 from .timesamplers import build_time_samplers
 
 class Diverged(Exception):
-    """The run cannot go on: non-finite values under the configured policy."""
+    """The run cannot go on: non-finite values under the configured policy.
+
+    ``step`` and ``stats`` are the step that ended the run and its statistics (logged as evidence)."""
+
+    def __init__(self, message: str, *, step: int, stats: dict[str, Any]):
+        super().__init__(message)
+        self.step = step
+        self.stats = stats
 
 
 # --------------------------------------------------------------------------- preflight
@@ -110,6 +117,30 @@ class Counters:
 
 
 @dataclass
+class Pending:
+    """A step whose update was decided on the device; its host bookkeeping waits for the next read."""
+
+    step: int
+    stats: dict[str, torch.Tensor]
+    bad: torch.Tensor
+    """0-dim float on the device: 1.0 where the step was non-finite on some rank (update skipped)."""
+
+
+@dataclass
+class LogWindow:
+    """What the metrics record of the next log step summarises over the steps since the last one."""
+
+    max_norm: float = 0.0
+    events: dict[str, int] = field(default_factory=dict)
+
+    def add(self, events: dict[str, int], norm: float) -> None:
+        if math.isfinite(norm):
+            self.max_norm = max(self.max_norm, norm)
+        for k, v in events.items():
+            self.events[k] = self.events.get(k, 0) + int(v)
+
+
+@dataclass
 class Run:
     cfg: Config
     dist: Dist
@@ -127,9 +158,35 @@ class Run:
     """The last optimizer step completed (what status.json reports on failure)."""
     counters: Counters = field(default_factory=Counters)
     window: dict[str, list[float]] = field(default_factory=dict)
+    eval_ema: nn.Module | None = None
+    """The evaluation EMA of the student (``eval.ema_decay`` > 0): validated, sampled and checkpointed."""
+    fsdp: bool = True
+    """Modules are FSDP2-wrapped (``parallel.use_fsdp``)."""
+    gated: bool = False
+    """Updates are decided on the device (``_gated_update``): no host read on steps that do not log."""
+    pending: list[Pending] = field(default_factory=list)
+    log_window: LogWindow = field(default_factory=LogWindow)
+    _pairs: dict[str, EmaPairs] = field(default_factory=dict)
 
     def extra_modules(self) -> dict[str, nn.Module]:
-        return {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
+        extra = {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
+        if self.eval_ema is not None:
+            extra["eval_ema"] = self.eval_ema
+        return extra
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network validation and sample files judge: the evaluation EMA where configured."""
+        return self.eval_ema if self.eval_ema is not None else self.model
+
+    def ema_pairs(self, name: str, ema: nn.Module) -> EmaPairs:
+        """``ema``'s update pairs with the student; cached for plain modules, whose tensors never change
+        (FSDP2 swaps sharded and gathered parameters, so its pairs are rebuilt every time)."""
+        if self.fsdp:
+            return ema_pairs(ema, self.model)
+        if name not in self._pairs:
+            self._pairs[name] = ema_pairs(ema, self.model)
+        return self._pairs[name]
 
 
 def _shard(cfg: Config, d: Dist, module: FlowModel, *, frozen: bool = False) -> nn.Module:
@@ -144,9 +201,26 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
     return base
 
 
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(module)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
+def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW: the fused kernel for plain tensors (one kernel over every parameter, and it can skip a
+    step on a device flag, see ``_gated_update``); the multi-tensor path for FSDP2's DTensors."""
+    o = cfg.optim
+    plain = not any(hasattr(p, "to_local") for p in params)
+    impl = {"fused": True} if plain else {"foreach": True}
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **impl)
+
+
 def _host_copies(cfg: Config, d: Dist, setup: Setup,
-                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-    """Student, frozen base and EMA target from one base model on the host (models that fit a host)."""
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+    """Student, frozen base, EMA target and evaluation EMA from one base model on the host (models that fit
+    a host)."""
     base = build_base(cfg, setup, teacher_weights)
     # the base model never trained E2 (its gate is zero at tt = t): initialise it as the student's, so a
     # frozen-teacher target sees the teacher's own field at tt != t instead of a random perturbation
@@ -157,33 +231,35 @@ def _host_copies(cfg: Config, d: Dist, setup: Setup,
     teacher = _shard(cfg, d, base, frozen=True).eval()
     ema = None
     if cfg.method.target == "ema":
-        ema = copy.deepcopy(student)
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        ema = _shard(cfg, d, ema, frozen=True).eval()
-    return _shard(cfg, d, student), teacher, ema
+        ema = _shard(cfg, d, _frozen_copy(student), frozen=True).eval()
+    eval_ema = _shard(cfg, d, _frozen_copy(student), frozen=True).eval() if cfg.eval.ema_decay > 0 else None
+    return _shard(cfg, d, student), teacher, ema, eval_ema
 
 
 def build_copies(cfg: Config, d: Dist, setup: Setup,
-                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-    """(student, frozen base, EMA target or None); a Qwen-Image model directory is read sharded, never whole."""
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+    """(student, frozen base, EMA target or None, evaluation EMA or None); a Qwen-Image model directory is
+    read sharded, never whole."""
     from .teacher import base_weights_in_model
 
     if base_weights_in_model(cfg) and cfg.model.qwen.pretrained is not None:
         from .models.qwen_image import build_sharded_copies
+        if cfg.eval.ema_decay > 0:
+            raise ConfigError("eval.ema_decay: the evaluation EMA is not built for sharded Qwen-Image base weights "
+                              "(model.qwen.pretrained with teacher.checkpoint auto); set it to 0")
         c = build_sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
                                  with_ema=cfg.method.target == "ema")
-        return c.student, c.teacher, c.ema
+        return c.student, c.teacher, c.ema, None
     return _host_copies(cfg, d, setup, teacher_weights)
 
 
 def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     setup = build_setup(cfg, device=d.device)
-    model, teacher, ema = build_copies(cfg, d, setup, teacher_weights)
+    model, teacher, ema, eval_ema = build_copies(cfg, d, setup, teacher_weights)
     target = {"ema": lambda: ema, "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]  # adapters may freeze dead parameters
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = build_optimizer(cfg, trainable)
     guidance = None
     if cfg.rl.enabled:
         from .rewards import build_reward
@@ -193,7 +269,9 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
                method=TwinFlow(cfg.method, time_samplers=samplers), time_samplers=samplers,
                policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
-               evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance)
+               evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
+               fsdp=use_fsdp(cfg.parallel, family=cfg.model.family, world=d.world),
+               gated=optimizer.defaults.get("fused") is True and not cfg.schedule.spike.enabled)
 
 
 # --------------------------------------------------------------------------- one step
@@ -230,11 +308,11 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
             (out.loss / accum).backward()
             micro["loss/total"] = out.loss.detach()
         for k, v in micro.items():
-            sums[k] = sums.get(k, 0.0) + v.float().cpu() / accum
+            sums[k] = sums.get(k, 0.0) + v.float() / accum  # stays on the device: read on log steps only
     if terms is not None:
-        sums.update({k: v.float().cpu() for k, v in terms.finish().items()})  # already global over ranks
+        sums.update({k: v.float() for k, v in terms.finish().items()})  # already global over ranks
     norm = clip_grads_(run.model.parameters(), max_norm=cfg.optim.max_grad_norm)  # pre-clip global norm
-    sums["grad_norm/total"] = norm.detach().float().cpu()
+    sums["grad_norm/total"] = norm.detach().float()
     return sums
 
 
@@ -246,47 +324,102 @@ def _is_global(key: str) -> bool:
     return key.startswith(_GLOBAL_PREFIXES)
 
 
-def _apply_update(run: Run, step: int, stats: dict[str, Any]) -> dict[str, float]:
-    """Decide on the step's update: non-finite policy, spike policy, optimizer and EMA."""
+def _bad_flag(run: Run, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1.0 where the step's loss or pre-clip norm is non-finite on any rank (0-dim, on the device)."""
+    ok = torch.isfinite(stats["loss/total"]).all() & torch.isfinite(stats["grad_norm/total"])
+    return agree_bad_flag((~ok).float(), run.dist.device)
+
+
+def _apply_update(run: Run, step: int, stats: dict[str, torch.Tensor]) -> None:
+    """Decide on the step's update: non-finite policy, spike policy, optimizer and EMAs.
+
+    Gated runs (fused optimizer, no spike policy) decide on the device: the optimizer skips the
+    step on the non-finite flag and the EMAs are gated by it, so nothing is read back; the counters,
+    events and a ``Diverged`` stop follow at the next log, validation or checkpoint step
+    (``_settle``), replaying every pending step in order with the same rules. Otherwise the flag
+    and the norm are read here, one host synchronisation per step: the spike policy needs every
+    norm in its host-side window before it can decide whether this very update is skipped and what
+    the next step's learning rate is, and the multi-tensor optimizer has no device-side skip.
+    """
+    bad = _bad_flag(run, stats)
+    if run.gated:
+        _gated_update(run, step, bad)
+        run.pending.append(Pending(step=step, stats=stats, bad=bad))
+        return
+    flag, norm = torch.stack([bad, stats["grad_norm/total"]]).tolist()  # the one host read of this step
+    events = _account(run, step, stats, bad=flag > 0, norm=norm)
+    if events["event/skipped"]:
+        run.optimizer.zero_grad(set_to_none=True)
+        return
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _update_emas(run, step, gate=None)
+
+
+def _gated_update(run: Run, step: int, bad: torch.Tensor) -> None:
+    # the fused AdamW kernel skips parameters, moments and step count where found_inf is non-zero
+    run.optimizer.found_inf = bad  # type: ignore[attr-defined]
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _update_emas(run, step, gate=1.0 - bad)
+
+
+def _update_emas(run: Run, step: int, *, gate: torch.Tensor | None) -> None:
+    cfg = run.cfg
+    if run.fsdp and (cfg.method.target == "ema" or run.eval_ema is not None):
+        reshard_all(run.model)  # the student's last block may still hold gathered weights from a no-grad forward
+    if cfg.method.target == "ema":
+        ema_apply_(run.ema_pairs("target", run.target), ema_decay(step - 1, cfg.method.ema_decay), gate=gate)
+    if run.eval_ema is not None:
+        ema_apply_(run.ema_pairs("eval_ema", run.eval_ema), ema_decay(step - 1, cfg.eval.ema_decay), gate=gate)
+
+
+def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: float) -> dict[str, int]:
+    """Host bookkeeping of one step's update decision: counters, ``Diverged``, spike policy; the events."""
     cfg, c = run.cfg, run.counters
     events = {"event/nonfinite": 0, "event/spike": 0, "event/decay": 0, "event/skipped": 0}
-    loss_total = stats["loss/total"]
-    norm = float(stats["grad_norm/total"])
-    bad = all_agree_bad(not (torch.isfinite(loss_total).all() and math.isfinite(norm)), run.dist.device)
     if bad:
-        run.optimizer.zero_grad(set_to_none=True)
         c.nonfinite += 1
         c.nonfinite_in_a_row += 1
         c.nonfinite_since_ckpt += 1
         events["event/nonfinite"] = 1
         events["event/skipped"] = 1
+        reason = None
         if cfg.run.nonfinite == "stop":
-            raise Diverged(f"non-finite loss or gradient at step {step}")
-        if c.nonfinite_in_a_row >= cfg.run.max_nonfinite:
-            raise Diverged(f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})")
-        return events
-    c.nonfinite_in_a_row = 0
-    events.update(run.policy.observe_grad_norm(step, norm))
-    c.spikes += events["event/spike"]
-    if events["event/skipped"]:
-        c.skipped += 1
-        run.optimizer.zero_grad(set_to_none=True)
-        return events
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if cfg.method.target == "ema":
-        reshard_all(run.model)  # the student's last block may still hold gathered weights from a no-grad forward
-        ema_update_(run.target, run.model, ema_decay(step - 1, cfg.method.ema_decay))
+            reason = f"non-finite loss or gradient at step {step}"
+        elif c.nonfinite_in_a_row >= cfg.run.max_nonfinite:
+            reason = f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})"
+        if reason is not None:
+            run.step = step - 1  # the last completed step, as if the run had stopped right there
+            raise Diverged(reason, step=step, stats=stats)
+    else:
+        c.nonfinite_in_a_row = 0
+        events.update(run.policy.observe_grad_norm(step, norm))
+        c.spikes += events["event/spike"]
+        if events["event/skipped"]:
+            c.skipped += 1
+    run.log_window.add(events, norm)
     return events
+
+
+def _settle(run: Run) -> None:
+    """Host bookkeeping of the gated steps since the last read: one read for all of them."""
+    if not run.pending:
+        return
+    pending, run.pending = run.pending, []
+    values = torch.stack([torch.stack([p.bad, p.stats["grad_norm/total"]]) for p in pending]).tolist()
+    for p, (flag, norm) in zip(pending, values):
+        _account(run, p.step, p.stats, bad=flag > 0, norm=norm)
 
 
 # --------------------------------------------------------------------------- validation & files
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
-    run.model.eval()
-    rec: dict[str, float] = {"val/loss": run.evaluator.val_loss(run.model)}
-    rec.update(run.evaluator.student_metrics(run.model))
+    model = run.eval_model
+    model.eval()
+    rec: dict[str, float] = {"val/loss": run.evaluator.val_loss(model)}
+    rec.update(run.evaluator.student_metrics(model))
     rec.update(run.policy.observe_val(rec["val/loss"]))
     return rec
 
@@ -296,7 +429,7 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 
     labels = next(iter(run.setup.sample_cond.values())).cpu()
     for nfe in run.cfg.eval.nfe:
-        images = run.evaluator.sample_files_student(run.model, nfe)
+        images = run.evaluator.sample_files_student(run.eval_model, nfe)
         if run.dist.is_main:
             save_samples(run_dir / "samples" / f"{tag}-nfe{nfe}", images.cpu(), labels)
 
@@ -409,8 +542,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         if writer:
             writer.write(rec)
     bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
-    t_log, steps_since_log, max_norm_since_log = time.perf_counter(), 0, 0.0
-    events_since_log: dict[str, int] = {}
+    t_log, steps_since_log = time.perf_counter(), 0
+    run.log_window = LogWindow()
     step = start
     for step in range(start + 1, total + 1):
         run.step = step - 1
@@ -422,34 +555,36 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             g["lr"] = lr
         stats = train_step(run, step)
         try:
-            events = _apply_update(run, step, stats)
-        except Diverged:
+            _apply_update(run, step, stats)
+            c.train_s += time.perf_counter() - t_step
+            last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
+            is_log = step % cfg.run.log_every == 0 or last
+            is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
+            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
+            if is_log or is_val or is_ckpt:
+                _settle(run)  # every gated step is accounted for before anything is logged or saved
+        except Diverged as e:
             if writer:  # the step that ended the run is evidence: log it before stopping
-                writer.write({"step": step, "kind": "train", **{k: float(v) for k, v in stats.items()},
+                writer.write({"step": e.step, "kind": "train", **{k: float(v) for k, v in e.stats.items()},
                               "event/nonfinite": 1, "event/skipped": 1, "count/nonfinite": c.nonfinite,
                               "time/wall_s": c.wall_s, "time/train_s": c.train_s})
             raise
-        c.train_s += time.perf_counter() - t_step
-        last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
-        norm = float(stats["grad_norm/total"])
-        if math.isfinite(norm):
-            max_norm_since_log = max(max_norm_since_log, norm)
-        for k, v in events.items():
-            events_since_log[k] = events_since_log.get(k, 0) + int(v)
         steps_since_log += 1
         c.wall_s = wall0 + (time.perf_counter() - t_start)
         bar.update(1)
-        if step % cfg.run.log_every == 0 or last:
+        if is_log:
             now = time.perf_counter()
+            norm = float(stats["grad_norm/total"])
+            window, run.log_window = run.log_window, LogWindow()
             rec: dict[str, Any] = {"step": step, "kind": "train"}
             # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
             rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not _is_global(k)}))
             rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
-            rec.update({"grad_norm/max": max_norm_since_log, "lr": run.policy.lr(step),
+            rec.update({"grad_norm/max": window.max_norm, "lr": run.policy.lr(step),
                         "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
                         "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
                         "time/train_s": c.train_s})
-            rec.update(events_since_log)
+            rec.update(window.events)
             for name, sampler in run.time_samplers.items():
                 value = sampler.value(step)
                 if value is not None:
@@ -458,18 +593,17 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             if writer:
                 writer.write(rec)
             bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
-            t_log, steps_since_log, max_norm_since_log, events_since_log = now, 0, 0.0, {}
-        is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
+            t_log, steps_since_log = now, 0
         if is_val:
             rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s,
                    "time/train_s": c.train_s}
             if rec["val/loss"] < c.best_val:
                 c.best_val, c.best_step = rec["val/loss"], step
-                ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.model)
+                ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.eval_model)
             rec["val/best_loss"] = c.best_val
             if writer:
                 writer.write(rec)
-        if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last:
+        if is_ckpt:
             if writer:
                 writer.sync()
             _save(run, run_dir, step)
@@ -493,11 +627,11 @@ def _finish(run: Run, run_dir: Path) -> None:
     """Sample files: final weights, best weights, and the teacher, on the same noise and prompts."""
     from .imaging import save_samples
 
-    run.model.eval()
+    run.eval_model.eval()
     write_samples(run, run_dir, "final")
     best = run_dir / "checkpoints" / "best" / "weights.pt"
     if best.is_file():
-        ckpt.load_weights(best, run.model)
+        ckpt.load_weights(best, run.eval_model)
         write_samples(run, run_dir, "best")
     images = run.evaluator.sample_files_teacher(run.teacher)
     if run.dist.is_main:

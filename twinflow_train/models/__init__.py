@@ -31,7 +31,11 @@ def parallelize_mlp(model: MLPFlowModel, mesh: DeviceMesh, cfg: ParallelConfig) 
 
 
 def parallelize(model: FlowModel, mesh: DeviceMesh, cfg: Config, *, frozen: bool = False) -> nn.Module:
-    """Shard a trainable model (``frozen=False``) or a no-grad copy of one (EMA, base model)."""
+    """Shard a trainable model (``frozen=False``) or a no-grad copy of one (EMA, base model);
+    plain modules where ``parallel.fsdp`` does not ask for FSDP2 (``parallel.use_fsdp``)."""
+    from ..parallel import place_plain, use_fsdp
+    if not use_fsdp(cfg.parallel, family=cfg.model.family, world=mesh.size()):
+        return place_plain(model, model.shard_blocks(), cfg.parallel, frozen=frozen)
     if frozen:
         from ..parallel import place_frozen
         if cfg.model.family == "qwen_image":

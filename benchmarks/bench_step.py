@@ -1,0 +1,165 @@
+"""CPU seconds per training step: this tree against a base commit, side by side on one machine.
+
+Both versions train their own committed config (default ``configs/digits.yaml`` of each tree) from the same
+teacher, codec and auxiliaries, each in its own subprocess with ``PYTHONPATH`` pointing at
+its own source tree (the base is unpacked with ``git archive``). A worker builds the run
+with its tree's own ``build_run`` and then runs the trainer's hot loop for the timed
+steps exactly as ``_loop`` does on non-validation steps: set the learning rate,
+``train_step``, ``_apply_update``, and on log steps read every statistic back to the
+host (and, where the tree has it, ``_settle`` the device-decided steps). Validation,
+sampling and checkpoints are left out: they are the same code in both trees and not
+part of a step.
+
+Repetitions alternate the order of the two versions (base, new, new, base, ...), so that
+load drift on a shared machine hits both alike. Reported per version: the median over
+repetitions of process CPU seconds per step (``time.process_time``; robust to other
+processes on the machine, unlike wall time, also given) and the ratio base / new. Loss
+agreement: the ``loss/total`` of every timed step of the first repetition, compared
+step by step (max absolute and relative difference).
+
+    python benchmarks/bench_step.py [--base 26d7949] [--steps 200] [--reps 3] [--threads 1]
+
+The teacher must be cached for the config (``twinflow-train teacher --config ...``);
+both versions are pointed at that one weights file (``teacher.checkpoint``), so a changed
+teacher recipe in this tree does not change what the two runs start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- worker (runs inside one tree)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from twinflow_train import trainer
+    from twinflow_train.config import load_config
+    from twinflow_train.parallel import init_distributed, shutdown
+
+    cfg = load_config(Path(args.config), args.override)
+    d = init_distributed(cfg.run, cfg.parallel)
+    run = trainer.build_run(cfg, d, Path(cfg.teacher.checkpoint))
+    settle = getattr(trainer, "_settle", None)
+    losses = []
+
+    def one(step: int) -> None:
+        lr = run.policy.lr(step)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        stats = trainer.train_step(run, step)
+        trainer._apply_update(run, step, stats)
+        losses.append(stats["loss/total"])
+        if step % cfg.run.log_every == 0:
+            if settle is not None:
+                settle(run)
+            {k: float(v) for k, v in stats.items()}  # the log record's host read
+
+    for step in range(1, args.warmup + 1):
+        one(step)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for step in range(args.warmup + 1, args.warmup + args.steps + 1):
+        one(step)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    if settle is not None:
+        settle(run)
+    print(json.dumps({"cpu_s_per_step": cpu / args.steps, "wall_s_per_step": wall / args.steps,
+                      "losses": [float(v) for v in losses]}))
+    shutdown()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def unpack(commit: str, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def teacher_weights(config: Path, overrides: list[str]) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from twinflow_train.config import load_config
+    from twinflow_train.teacher import teacher_path
+
+    path = teacher_path(load_config(config, overrides))
+    if not path.is_file():
+        raise SystemExit(f"bench_step: no cached teacher at {path}; run `twinflow-train teacher --config {config}` first")
+    return path
+
+
+def run_worker(tree: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", str(args.config),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += [x for o in overrides for x in ("--override", o)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(tree))
+    if out.returncode != 0:
+        raise SystemExit(f"bench_step: worker in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="26d7949", help="commit to compare against")
+    p.add_argument("--config", type=Path, default=Path("configs/digits.yaml"),
+                   help="relative: each tree's own file (the committed config of each version)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per repetition")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (allocator, caches)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per version, interleaved")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--override", action="append", default=[], help="extra key=value for both versions")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    tpath = teacher_weights(args.config if args.config.is_absolute() else ROOT / args.config, args.override)
+    overrides = args.override + [f"teacher.checkpoint={tpath}"]
+    with tempfile.TemporaryDirectory(prefix="bench-step-base-") as tmp:
+        trees = {"base": unpack(args.base, Path(tmp)), "new": ROOT}
+        results: dict[str, list[dict]] = {"base": [], "new": []}
+        for rep in range(args.reps):
+            order = ["base", "new"] if rep % 2 == 0 else ["new", "base"]
+            for name in order:
+                results[name].append(run_worker(trees[name], args, overrides))
+                r = results[name][-1]
+                print(f"rep {rep + 1} {name:4s}: {1e3 * r['cpu_s_per_step']:.1f} ms CPU/step "
+                      f"({1e3 * r['wall_s_per_step']:.1f} ms wall)", flush=True)
+    cpu = {k: statistics.median(r["cpu_s_per_step"] for r in v) for k, v in results.items()}
+    wall = {k: statistics.median(r["wall_s_per_step"] for r in v) for k, v in results.items()}
+    a, b = results["base"][0]["losses"], results["new"][0]["losses"]
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
+    first_steps = min(20, len(diffs))
+    summary = {
+        "base": args.base, "config": str(args.config), "steps": args.steps, "warmup": args.warmup, "reps": args.reps,
+        "threads": args.threads, "cpu_ms_per_step": {k: 1e3 * v for k, v in cpu.items()},
+        "wall_ms_per_step": {k: 1e3 * v for k, v in wall.items()},
+        "speedup_cpu": cpu["base"] / cpu["new"], "speedup_wall": wall["base"] / wall["new"],
+        "loss_max_abs_diff": max(diffs), "loss_max_rel_diff": max(rel),
+        f"loss_max_rel_diff_first_{first_steps}_steps": max(rel[:first_steps]),
+        "loss_mean": {"base": statistics.fmean(a), "new": statistics.fmean(b)},
+    }
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
