@@ -11,7 +11,7 @@ from twinflow_train.config import ConfigError, ParallelConfig, load_config
 from twinflow_train.ema import ema_apply_, ema_pairs, ema_update_
 from twinflow_train.parallel import use_fsdp
 from twinflow_train.teacher import teacher_lr
-from twinflow_train.telemetry import iter_metrics, read_status
+from twinflow_train.rundir import iter_metrics, read_status
 from twinflow_train.trainer import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, fit
 
 _TIMES = ("time/step_s", "time/wall_s", "time/train_s")
