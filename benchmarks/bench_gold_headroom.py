@@ -5,7 +5,9 @@ teacher's mean below the 60th percentile of the real training digits, and the
 top decile of real digits at least one standard deviation above the teacher's
 mean. This prints both distributions (percentiles), those two checks, the two
 components of the score, and how well the proxy reward tracks the gold score
-on the teacher's samples and on held-out real digits.
+on the teacher's samples and on held-out real digits. Last, the per-row RMS of
+the proxy's latent gradient (exact, through the decoder), which sets the scale
+of ``rl.weight`` (the RL/rectification ratio is ~ w * RMS(g) / (2 * rect_weight)).
 
     python benchmarks/bench_gold_headroom.py --config configs/digits.yaml [--n 1000] [key=value ...]
 
@@ -26,6 +28,7 @@ from twinflow_train.data import step_generator
 from twinflow_train.digits import load_digits_split
 from twinflow_train.evaluate import Evaluator
 from twinflow_train.inference import COUNT_NOISE, count_prompts
+from twinflow_train.rl import exact_latent_grad
 from twinflow_train.setup import build_setup
 from twinflow_train.trainer import build_base, preflight_teacher
 
@@ -57,8 +60,9 @@ def main() -> None:
     labels = count_prompts(args.n, 10)
     z = torch.randn((args.n, *setup.data.latent_shape), generator=step_generator(cfg.eval.seed, COUNT_NOISE))
     scale = cfg.teacher_cfg_scale
-    images = ev.decode(ev.teacher_latents(teacher, steps=cfg.teacher.sample_steps, cfg_scale=scale, z=z,
-                                          cond={"labels": labels}).float())
+    latents = ev.teacher_latents(teacher, steps=cfg.teacher.sample_steps, cfg_scale=scale, z=z,
+                                 cond={"labels": labels}).float()
+    images = ev.decode(latents)
     split = load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
     proxy = DigitsProxyReward(get_proxy_net(cfg))
 
@@ -85,6 +89,11 @@ def main() -> None:
         "proxy_gold_corr_teacher": float(np.corrcoef(fake["proxy"], fake["gold"])[0, 1]),
         "proxy_gold_corr_heldout_real": float(np.corrcoef(held["proxy"], held["gold"])[0, 1]),
     }
+    with torch.no_grad():
+        real_lat = setup.codec.encode(split.train_images[:512])
+    for name, lat, lab in (("real", real_lat, split.train_labels[:512]), ("teacher", latents[:512], labels[:512])):
+        g, _ = exact_latent_grad(x=lat, cond={"labels": lab}, codec=setup.codec, reward=proxy)
+        checks[f"proxy_latent_grad_rms_{name}"] = float(g.flatten(1).pow(2).mean(1).sqrt().mean())
     print("\n" + json.dumps(checks, indent=1))
     ok = checks["teacher_mean_percentile_of_real"] < 60 and checks["real_p90_minus_teacher_mean_in_real_std"] >= 1
     print(f"headroom criteria met: {ok}")
