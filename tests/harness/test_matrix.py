@@ -300,7 +300,7 @@ def test_a_bad_value_under_an_rl_arm_is_one_line_not_a_derived_one(tiny_base, wr
         f"twinflow-lab: {f}: arm 'sched', key 'rl.schedule': rl.schedule: unknown value 'cosine-ish'; "
         "valid values: 'hard', 'linear', 'sigmoid'",
         f"twinflow-lab: {f}: arm 'reward', key 'rl.reward': rl.reward: unknown value 'hpsv9'; "
-        "valid values: 'none', 'digits', 'hpsv2'",
+        "valid values: 'none', 'digits', 'proxy', 'hpsv2'",
         # an arm that really lacks the reward still hears about it
         f"twinflow-lab: {f}: arm 'lonely', key 'rl.enabled': rl.reward must be set when enabled is true",
     ])

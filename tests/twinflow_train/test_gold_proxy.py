@@ -12,7 +12,7 @@ from twinflow_train.auxiliary import (DigitsProxyReward, centring, entry_record,
                                       stroke_weight)
 from twinflow_train.config import ConfigError, load_config
 from twinflow_train.digits import load_digits_split
-from twinflow_train.telemetry import iter_metrics
+from twinflow_train.rundir import iter_metrics
 from twinflow_train.trainer import EXIT_DONE, fit
 
 
