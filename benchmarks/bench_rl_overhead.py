@@ -125,7 +125,7 @@ def main() -> None:
             out.loss.backward()
         else:
             guidance = reenc if variant == "rl_reencode_split" else exact
-            term = guidance.term(x_gen=out.x_gen, cond=out.cond_gen, dv=out.dv, step=k)
+            term = guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=k)
             split = variant != "rl_exact"
             terms = TermGradients(model, rl_clip_norm=cfg.rl.clip_norm if variant == "rl_exact_param_clip" else None)
             terms.start(split=split)

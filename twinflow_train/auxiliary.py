@@ -1,7 +1,9 @@
 """Auxiliary networks of the embedded default, trained once and cached by config hash.
 
-Three networks besides the teacher: the latent codec (a tiny autoencoder), the
-differentiable reward classifier, and an independent evaluation network. Each
+Four networks besides the teacher: the latent codec (a tiny autoencoder), the
+differentiable reward classifier, an independent evaluation network, and the
+proxy reward network that predicts the fixed gold score (``gold_score``) from
+noisy labels. Each
 lives in ``<cache root>/<kind>-<hash>/`` where the hash covers exactly the
 settings its weights depend on plus a per-kind format version, so a changed
 setting trains a new entry and an unchanged one is reused.
@@ -37,13 +39,14 @@ from .rundir import atomic_path, file_digest
 from .digits import NUM_CLASSES, DigitsSplit, load_digits_split
 from .models.base import Cond
 
-CacheKind = Literal["codec", "reward", "evalnet", "teacher"]
+CacheKind = Literal["codec", "reward", "evalnet", "teacher", "proxy"]
 
 FORMAT_VERSIONS: dict[str, int] = {
     "codec": 1,
     "reward": 1,
     "evalnet": 2,  # 2: shift-only augmentation (1 also added pixel noise, which blunted FD to noisy samples)
     "teacher": 2,  # 2: fused AdamW, warm-up + cosine to 1% (teacher.warmup_steps), EMA cap teacher.ema_decay
+    "proxy": 1,
 }
 """Per-kind format version, part of every entry's hash. Bump a kind's number when
 its architecture, training recipe or file layout changes in code (anything its
@@ -456,3 +459,165 @@ class DigitsReward(nn.Module):
                              f"(got min {int(labels.min())}, max {int(labels.max())}; the null prompt has no reward)")
         logp = F.log_softmax(self.classifier(images).float(), dim=-1)
         return logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- gold score and its learned proxy
+#
+# The digits stand-in for a human-preference reward. The *gold* score is a fixed,
+# hand-written function of the image (the "true preference", never trained on);
+# the *proxy* is a small network fitted to noisy gold labels on the training split
+# (the "learned preference model", like HPSv2 is to human raters). RL optimises
+# the proxy; evaluation reports both, and the gap between the proxy's gain and the
+# gold's gain is the over-optimisation (reward hacking) of a run.
+
+GOLD_CENTRE = 3.5
+"""Pixel coordinate of the 8x8 image centre."""
+PROXY_LABEL_NOISE = 0.5
+"""Std of the Gaussian label noise of the proxy's training targets, in units of the gold score's std on the
+training split (noisy raters)."""
+PROXY_NOISE_MAX = 0.3
+"""Largest std of the pixel noise of the proxy's training images (as the reward classifier's)."""
+PROXY_HIDDEN = 128
+PROXY_LR = 2e-3
+PROXY_BATCH = 64
+
+
+def _ink(images: torch.Tensor) -> torch.Tensor:
+    """Ink in [0, 1] per pixel ``[B, 8, 8]``: the [-1, 1] image clamped to the valid range and rescaled."""
+    _check_images(images, "gold score")
+    return (images[:, 0].float().clamp(-1.0, 1.0) + 1.0) * 0.5
+
+
+def stroke_weight(images: torch.Tensor) -> torch.Tensor:
+    """Mean ink per image ``[B]`` in [0, 1] (share of the 8x8 square covered, grey levels counted fractionally)."""
+    return _ink(images).mean(dim=(1, 2))
+
+
+def centring(images: torch.Tensor) -> torch.Tensor:
+    """Minus the distance (pixels) of the ink's centre of mass from the image centre ``[B]``; 0 = centred."""
+    p = _ink(images)
+    ax = torch.arange(8, dtype=p.dtype, device=p.device) - GOLD_CENTRE
+    mass = p.sum(dim=(1, 2)).clamp_min(1e-6)  # an empty image has no centre: it scores as centred at distance 0
+    cy = (p.sum(dim=2) * ax).sum(dim=1) / mass
+    cx = (p.sum(dim=1) * ax).sum(dim=1) / mass
+    return -torch.sqrt(cx * cx + cy * cy + 1e-12)
+
+
+GOLD_STROKE = (0.305, 0.034)
+"""(mean, std) of ``stroke_weight`` over the default training split (1,618 digits), rounded: fixed constants."""
+GOLD_CENTRING = (-0.421, 0.258)
+"""(mean, std) of ``centring`` over the default training split, rounded: fixed constants."""
+
+
+def gold_score(images: torch.Tensor, prompts: Cond) -> torch.Tensor:
+    """The fixed gold preference score ``g(image, prompt)`` ``[B]``: a bold, centred digit scores high.
+
+    ``g = (z_stroke + z_centring) / 2`` with ``z_a = (a(image) - mean_a) / std_a`` over fixed constants
+    (``GOLD_STROKE``, ``GOLD_CENTRING``). Pixels are clamped to [-1, 1] first (``_ink``), so ink pushed past
+    the valid range earns nothing. The prompt does not enter (the same preference for every class); it is
+    taken for the reward interface and checked. Never trained on; see docs/reward.md.
+    """
+    _checked_labels(images, prompts, "gold_score")
+    z_stroke = (stroke_weight(images) - GOLD_STROKE[0]) / GOLD_STROKE[1]
+    z_centre = (centring(images) - GOLD_CENTRING[0]) / GOLD_CENTRING[1]
+    return 0.5 * (z_stroke + z_centre)
+
+
+class DigitsProxyNet(nn.Module):
+    """The proxy reward model: an MLP on the 64 pixels and the one-hot prompt class, one scalar out."""
+
+    def __init__(self, *, hidden: int = PROXY_HIDDEN):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64 + NUM_CLASSES, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_images(images, "DigitsProxyNet")
+        onehot = F.one_hot(labels.long(), NUM_CLASSES).to(torch.float32)
+        return self.net(torch.cat([images.float().flatten(1), onehot], dim=1)).squeeze(1)
+
+
+def proxy_key(cfg: Config) -> dict[str, Any]:
+    return {"steps": cfg.aux.proxy_steps, "seed": cfg.aux.proxy_seed, "data": _split_key(cfg)}
+
+
+def fit_proxy(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int,
+              label_std: float, progress: bool | None = None) -> None:
+    """MSE regression on noisy gold labels: 1-pixel shifts and pixel noise (std up to PROXY_NOISE_MAX) on the
+    inputs, the gold score of the augmented image plus Gaussian label noise of std ``label_std`` as target."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=PROXY_LR, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=PROXY_LR * 0.02)
+    n = images.shape[0]
+    model.train()
+    with single_thread():
+        for _ in tqdm(range(steps), desc="proxy reward", disable=None if progress is None else not progress,
+                      mininterval=1.0):
+            idx = torch.randint(0, n, (min(PROXY_BATCH, n),), generator=gen)
+            x, y = random_shift(images[idx], gen), labels[idx]
+            sigma = PROXY_NOISE_MAX * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+            x = x + sigma * torch.randn(x.shape, generator=gen)
+            target = gold_score(x, {"labels": y}) + label_std * torch.randn(x.shape[0], generator=gen)
+            loss = F.mse_loss(model(x, y), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def proxy_fit_report(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How well the proxy tracks the gold score on clean images: correlation and RMSE."""
+    with single_thread():
+        p = model(images, labels).double()
+    g = gold_score(images, {"labels": labels}).double()
+    corr = float(torch.corrcoef(torch.stack([p, g]))[0, 1])
+    return {"corr": corr, "rmse": float((p - g).pow(2).mean().sqrt()), "gold_std": float(g.std())}
+
+
+def get_proxy_net(cfg: Config) -> DigitsProxyNet:
+    """The proxy reward network (seed ``aux.proxy_seed``, ``aux.proxy_steps``), trained on the training split
+    only, cached like the other auxiliaries; frozen."""
+    seed, steps = cfg.aux.proxy_seed, cfg.aux.proxy_steps
+    split = _split(cfg)
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        assert isinstance(model, DigitsProxyNet)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        gold_std = float(gold_score(split.train_images, {"labels": split.train_labels}).std())
+        fit_proxy(model, split.train_images, split.train_labels, steps=steps, seed=seed,
+                  label_std=PROXY_LABEL_NOISE * gold_std)
+        info = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
+        return info | {f"val_{k}": v for k, v in proxy_fit_report(model, split.val_images, split.val_labels).items()}
+
+    key = proxy_key(cfg)
+    path = cache_entry(cfg, kind="proxy", key=key) / WEIGHTS
+    model = train_or_load(path, build=lambda: _seeded_build(seed, DigitsProxyNet), train=train, key=key)
+    return _frozen(model)  # type: ignore[return-value]
+
+
+class DigitsProxyReward(nn.Module):
+    """Reward ``R(images, prompts)``: the proxy network's estimate of the gold score; differentiable in ``images``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = _frozen(net)
+
+    def forward(self, images: torch.Tensor, prompts: Cond) -> torch.Tensor:
+        labels = _checked_labels(images, prompts, "DigitsProxyReward")
+        return self.net(images, labels).float()
+
+
+def _checked_labels(images: torch.Tensor, prompts: Cond, who: str) -> torch.Tensor:
+    if "labels" not in prompts:
+        raise KeyError(f"{who} needs prompts['labels']; got keys {sorted(prompts)}")
+    labels = prompts["labels"]
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{who}: prompts['labels'] has shape {list(labels.shape)}, expected [{images.shape[0]}]")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+        raise ValueError(f"{who}: prompt classes must be in [0, {NUM_CLASSES}) "
+                         f"(got min {int(labels.min())}, max {int(labels.max())}; the null prompt has no reward)")
+    return labels

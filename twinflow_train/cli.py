@@ -90,8 +90,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .inference import sample_run
-    out = sample_run(cfg, args.run_dir, which=args.which, nfe=args.nfe, out_dir=args.out)
+    from .inference import sample_count, sample_run
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be >= 1 (got {args.n})")
+    if args.n is None and args.teacher:
+        raise ConfigError("--teacher writes --n samples; give --n N")
+    if args.n is not None:
+        out = sample_count(cfg, args.run_dir, n=args.n, which=args.which, nfe=args.nfe, out_dir=args.out,
+                           teacher=args.teacher)
+    else:
+        out = sample_run(cfg, args.run_dir, which=args.which, nfe=args.nfe, out_dir=args.out)
     for p in out:
         print(p)
     return 0
@@ -137,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--nfe", type=int, nargs="+", default=None, help="step counts (default: eval.nfe)")
             p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/samples)")
+            p.add_argument("--n", type=int, default=None,
+                           help="write N samples per NFE (class-balanced prompts, noise fixed by eval.seed) "
+                                "instead of the 40 fixed sample-file prompts")
+            p.add_argument("--teacher", action="store_true",
+                           help="with --n: sample the teacher at teacher.sample_steps and the comparison guidance")
         p.set_defaults(func=func)
     p = sub.add_parser("plan", help="per-rank GPU memory of a Qwen-Image run (meta tensors; no weights, no GPU)")
     _common(p, run_dir=False)

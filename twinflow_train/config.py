@@ -129,10 +129,15 @@ class AuxConfig:
     """Training steps of the evaluation feature network."""
     eval_seed: int = 31
     """Seed of the evaluation feature network (distinct from the reward model's)."""
+    proxy_steps: int = 3000
+    """Training steps of the digits proxy reward network (``rl.reward: proxy``)."""
+    proxy_seed: int = 41
+    """Seed of the proxy reward network and of its label noise."""
 
     def __post_init__(self) -> None:
         _require(self.reward_steps >= 1, f"reward_steps must be >= 1 (got {self.reward_steps})")
         _require(self.eval_steps >= 1, f"eval_steps must be >= 1 (got {self.eval_steps})")
+        _require(self.proxy_steps >= 1, f"proxy_steps must be >= 1 (got {self.proxy_steps})")
         _require(self.reward_seed != self.eval_seed,
                  "eval_seed must differ from reward_seed (the metric must not share the reward's init)")
 
@@ -194,7 +199,8 @@ class TeacherConfig:
     sample_steps: int = 28
     """Euler steps when sampling the teacher for comparison."""
     cfg_scale: float | None = None
-    """Teacher sampling guidance; None = 1 + method.enhanced_ratio (the guidance the student is distilled with)."""
+    """Teacher sampling guidance; None = the guidance the student is distilled toward: 1 / (1 - r) for an
+    ``ema`` or ``student`` target, 1 + r for a ``frozen`` one (r = method.enhanced_ratio; SPEC 2)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
@@ -256,8 +262,8 @@ class MethodConfig:
 class SamplerConfig:
     """Few-step UCGM sampler of the student (SPEC 3)."""
 
-    tt_mode: Literal["few", "mul", "any"] = "any"
-    """Target time given to the network each step: 0, sigma_i, or sigma_{i+1}."""
+    tt_mode: Literal["few", "mul", "any"] = "few"
+    """Target time given to the network each step: 0 (``few``, the public 2/4-step inference), sigma_i, or sigma_{i+1}."""
     gaps: list[float] = field(default_factory=lambda: [0.001, 0.6])
     """[g0, g1] of the grid linspace(g0, 1 - g1, S)."""
     kumaraswamy: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
@@ -324,8 +330,9 @@ class RlConfig:
 
     enabled: bool = False
     """Add w_rl(k) * L_rl to the TwinFlow loss."""
-    reward: Literal["none", "digits", "hpsv2"] = "none"
-    """Reward model: the project's digits classifier, or HPSv2 (extra ``hpsv2``)."""
+    reward: Literal["none", "digits", "proxy", "hpsv2"] = "none"
+    """Reward model: ``digits`` (log p(prompted class) of the project's classifier), ``proxy`` (the learned
+    proxy of the digits gold score, see twinflow_train/auxiliary.py), or HPSv2 (extra ``hpsv2``)."""
     hpsv2_checkpoint: str | None = None
     """Local path of the HPS v2/v2.1 checkpoint (reward ``hpsv2``)."""
     hpsv2_arch: str = "ViT-H-14"
@@ -334,8 +341,9 @@ class RlConfig:
     """Latent gradient: autograd through the decoder, or the report's re-encode projection."""
     reencode_step: float = 1.0
     """Pixel step of the re-encode estimator (separate from the loss weight)."""
-    normalize: Literal["none", "rms"] = "rms"
-    """Per-sample normalisation of the latent reward gradient."""
+    normalize: Literal["none", "rms"] = "none"
+    """Per-sample normalisation of the latent reward gradient: ``none`` (fades as the reward saturates) or
+    ``rms`` (unit RMS per row: full push at any saturation, never fades; the training report's setting)."""
     weight: float = 0.05
     """Peak RL weight w."""
     schedule: Literal["hard", "linear", "sigmoid"] = "hard"
@@ -353,7 +361,8 @@ class RlConfig:
     clip_norm: float = 1.0
     """Parameter-space max norm of the RL gradient."""
     clip_tau: float = 1.0
-    """Output-space bound: delta_rl RMS <= tau * RMS(dV)."""
+    """Output-space bound per row: RMS of the RL term's gradient on the generator output <= tau * RMS of the
+    rectification term's gradient on it."""
 
     def __post_init__(self) -> None:
         _require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
@@ -528,13 +537,34 @@ class Config:
         _require(self.method.layout == "tutorial" or micro >= groups,
                  f"data.batch_size per micro-batch ({micro} = batch_size / grad_accum) is smaller than the "
                  f"number of non-empty method.group_ratios groups ({groups})")
+        _require(self.teacher.cfg_scale is not None or self.method.target == "frozen" or self.method.enhanced_ratio < 1,
+                 f"method.enhanced_ratio {self.method.enhanced_ratio} >= 1 with target {self.method.target!r} has no "
+                 f"finite distilled guidance (1 / (1 - r)); use r < 1 or set teacher.cfg_scale")
         _require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
                  "model.family 'qwen_image' needs codec.kind 'qwen_vae' or data.dataset 'latent_shards'")
 
     @property
     def teacher_cfg_scale(self) -> float:
-        """Guidance the teacher is sampled at: the student's distilled guidance unless set."""
-        return self.teacher.cfg_scale if self.teacher.cfg_scale is not None else 1.0 + self.method.enhanced_ratio
+        """Guidance the teacher is sampled at: ``teacher.cfg_scale``, else the student's distilled guidance."""
+        if self.teacher.cfg_scale is not None:
+            return self.teacher.cfg_scale
+        return distilled_guidance(target=self.method.target, ratio=self.method.enhanced_ratio)
+
+
+def distilled_guidance(*, target: str, ratio: float) -> float:
+    """The CFG scale the CFG-enhanced objective converges to (SPEC 2).
+
+    With an EMA or student target, T already carries the guidance it is trained toward, so the fixed
+    point of ``v_enh = v + r * (T_c - T_u)`` is ``T_c - T_u = (v_c - v_u) / (1 - r)``: guidance
+    ``1 / (1 - r)`` (2 at r = 0.5, 5 at r = 0.8). A frozen base model does not move: ``1 + r``.
+    """
+    if target == "frozen":
+        return 1.0 + ratio
+    if target in ("ema", "student"):
+        if ratio >= 1.0:
+            raise ValueError(f"method.enhanced_ratio {ratio} >= 1 with target {target!r}: no finite fixed point")
+        return 1.0 / (1.0 - ratio)
+    raise ValueError(f"method.target: unknown value {target!r}; valid: 'ema', 'student', 'frozen'")
 
 
 # --------------------------------------------------------------------------- loading

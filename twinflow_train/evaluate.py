@@ -18,6 +18,7 @@ from .setup import Setup
 
 VAL_BATCH = 512
 _NOISE, _TIMES, _SAMPLE_NOISE, _SAMPLER, _FILE_NOISE = 1, 2, 3, 4, 5  # purposes of eval generators
+_PREFERENCE = ("gold", "proxy")  # digits: the fixed gold score and the learned proxy RL optimises
 
 
 class Evaluator:
@@ -81,6 +82,7 @@ class Evaluator:
             s = self._score(self.student_latents(model, nfe=nfe, z=self.sample_noise, cond=self.sample_prompts))
             out.update({f"val/fd_nfe{nfe}": s["fd"], f"val/reward_nfe{nfe}": s["reward"],
                         f"val/accuracy_nfe{nfe}": s["accuracy"]})
+            out.update({f"val/{k}_nfe{nfe}": s[k] for k in _PREFERENCE if k in s})
         return out
 
     def teacher_metrics(self, teacher: FlowModel) -> dict[str, float]:
@@ -92,6 +94,7 @@ class Evaluator:
                                              z=self.sample_noise, cond=self.sample_prompts))
         out = {"teacher/fd": s["fd"], "teacher/reward": s["reward"], "teacher/accuracy": s["accuracy"],
                "teacher/steps": cfg.teacher.sample_steps, "teacher/cfg_scale": cfg.teacher_cfg_scale}
+        out.update({f"teacher/{k}": s[k] for k in _PREFERENCE if k in s})
         for steps in (1, 2, 4):
             e = self._score(self.teacher_latents(teacher, steps=steps, cfg_scale=cfg.teacher_cfg_scale,
                                                  z=self.sample_noise, cond=self.sample_prompts))

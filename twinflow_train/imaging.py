@@ -69,11 +69,14 @@ def _default_nrow(labels: np.ndarray) -> int:
 
 
 def save_samples(path_stem: str | Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, *,
-                 nrow: int | None = None, scale: int = 4) -> tuple[Path, Path]:
+                 nrow: int | None = None, scale: int = 4,
+                 png_rows: np.ndarray | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.npz`` (``images`` float32 [N, C, H, W], ``labels`` int64 [N]) and ``<stem>.png``.
 
     ``nrow`` defaults to the number of images per prompt when the prompts come
-    in equal runs (``eval_prompts`` order: one class per row). Returns both paths.
+    in equal runs (``eval_prompts`` order: one class per row). ``png_rows``
+    selects the rows the PNG shows (default: all; the .npz always has all).
+    Returns both paths.
     """
     arr = _as_array(images)
     lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -86,5 +89,7 @@ def save_samples(path_stem: str | Path, images: torch.Tensor | np.ndarray, label
     with atomic_path(npz) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
             np.savez(f, images=arr, labels=lab.astype(np.int64))
+    if png_rows is not None:
+        arr, lab = arr[np.asarray(png_rows)], lab[np.asarray(png_rows)]
     save_grid_png(arr, png, nrow=nrow if nrow is not None else _default_nrow(lab), scale=scale)
     return npz, png

@@ -75,6 +75,33 @@ def group_sizes(*, batch: int, ratios: Sequence[float]) -> list[int]:
     return sizes
 
 
+def check_group_rows(*, rows: int, ratios: Sequence[float], where: str = "per micro-batch") -> list[int]:
+    """``group_sizes(rows, ratios)``, or a ValueError when a group with a positive ratio gets no row.
+
+    A group that rounds to zero rows would silently drop its term (e.g. no e2e rows: no
+    one-step generation, no rectification, no RL) on that rank.
+    """
+    sizes = group_sizes(batch=rows, ratios=ratios)
+    empty = [g for g, r, n in zip(GROUPS, ratios, sizes) if r > 0 and n == 0]
+    if empty:
+        raise ValueError(
+            f"method.group_ratios {list(ratios)}: group(s) {', '.join(empty)} get 0 of the {rows} rows {where} "
+            f"(sizes {dict(zip(GROUPS, sizes))}); every group with a positive ratio needs >= 1 row: raise "
+            f"data.batch_size, or lower data.grad_accum or the number of ranks")
+    return sizes
+
+
+def check_rows_per_rank(*, batch_size: int, grad_accum: int, world: int, ratios: Sequence[float]) -> list[int]:
+    """Group sizes of one rank's micro-batch (``batch_size / (grad_accum * world)`` rows), checked as above."""
+    count = grad_accum * world
+    if batch_size % count:
+        raise ValueError(f"data.batch_size ({batch_size}) must divide into grad_accum x ranks = "
+                         f"{grad_accum} x {world} micro-batches")
+    return check_group_rows(rows=batch_size // count, ratios=ratios,
+                            where=f"per rank per micro-batch (data.batch_size {batch_size} / "
+                                  f"(grad_accum {grad_accum} x {world} ranks))")
+
+
 def tan_weight(t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
     """``w = tan((1 - (|t| - |tt|)) * pi / 2.5) + 1``: 1 at a full jump (t=1, tt=0), ~4.08 at tt = t."""
     return torch.tan((1.0 - (t.abs() - tt.abs())) * (math.pi / 2.5)) + 1.0
@@ -238,6 +265,9 @@ class TwinFlowOutput:
     """Conditions of the x_gen rows."""
     dv: torch.Tensor | None
     """Clamped rectify velocity difference per x_gen row (no grad, shape of x_gen)."""
+    rect_grad: torch.Tensor | None = None
+    """``d(rect_weight * loss_rect)/dF`` on the x_gen rows (no grad, shape of x_gen): the rectification
+    term's actual push on the generator output, the yardstick of output-space RL clipping."""
     forward_rows: dict[str, int] = field(default_factory=dict)
     """Rows forwarded this call: ``grad`` and ``no_grad``."""
     group_sizes: dict[str, int] = field(default_factory=dict)
@@ -280,6 +310,12 @@ class TwinFlow:
         return enhanced_velocity(target=target, x_t=x_t, t=t, v=v, cond=cond, ratio=self.cfg.enhanced_ratio,
                                  lo=self.lo, hi=self.hi, candidates=candidates, rows=rows)
 
+    def _roller(self, model: FlowModel, target: FlowModel) -> FlowModel:
+        """The network of the RCGM roll-out (SPEC 2): T, except with a frozen base-model target, where the
+        student rolls out (under no_grad) and the frozen copy serves only the CFG pair. A base model never
+        trained at tt != t sees a time embedding it never learned there, so it cannot roll out."""
+        return model if self.cfg.target == "frozen" else target
+
     def _rollout(self, target: FlowModel, x_t: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, v_enh: torch.Tensor,
                  cond: Cond, candidates: torch.Tensor, rows: _Rows) -> torch.Tensor:
         return _rollout_where_needed(target=target, x_t=x_t, t=t, tt=tt, v_enh=v_enh, cond=cond,
@@ -292,14 +328,28 @@ class TwinFlow:
                                  clamp=self.cfg.target_clamp)
 
     def _rectify(self, model: FlowModel, F_gen: torch.Tensor, x_gen: torch.Tensor, cond: Cond,
-                 generator: torch.Generator, step: int, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator, step: int,
+                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss_rect, dV, rect_grad)``; rect_grad = ``d(rect_weight * loss_rect)/dF_gen`` (no graph)."""
         n = x_gen.shape[0]
         s = self.time_samplers["rect"].sample(n, generator=generator, step=step).to(x_gen.device)
         noise = _randn(x_gen.shape, generator, x_gen)
         dv = rectify_delta(model=model, x_gen=x_gen, cond=cond, s=s, noise=noise, clamp=self.cfg.target_clamp,
                            rows=rows)
         loss_rect = self._rho(F_gen, (F_gen.detach().float() - dv)).mean()
-        return loss_rect, dv
+        return loss_rect, dv, self._rect_output_grad(F_gen, dv)
+
+    def _rect_output_grad(self, F_gen: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+        """The rectification term's actual gradient on the generator output (the output-space RL clip's yardstick).
+
+        Autograd on a detached copy, so it is exact for either loss kind; the ops are elementwise on the
+        e2e rows only (no network call).
+        """
+        with torch.enable_grad():
+            f = F_gen.detach().float().requires_grad_(True)
+            loss = self.cfg.rect_weight * self._rho(f, f.detach() - dv).mean()
+            (grad,) = torch.autograd.grad(loss, f)
+        return grad
 
     # ---------------------------------------------------------------- entry point
 
@@ -319,7 +369,7 @@ class TwinFlow:
     def _partitioned(self, model: FlowModel, target: FlowModel, x: torch.Tensor, cond: Cond,
                      generator: torch.Generator, step: int) -> TwinFlowOutput:
         cfg, dev, B = self.cfg, x.device, x.shape[0]
-        n_e2e, n_mul, n_any, n_adv = group_sizes(batch=B, ratios=cfg.group_ratios)
+        n_e2e, n_mul, n_any, n_adv = check_group_rows(rows=B, ratios=cfg.group_ratios)
         n_real = B - n_adv  # e2e + mul + any: rows on real data
         rows = _Rows()
 
@@ -350,7 +400,8 @@ class TwinFlow:
         # CFG candidates: mul and any rows; e2e rows have t = 1, never inside the open range (hi <= 1)
         cfg_rows = torch.arange(n_e2e, n_real, device=dev)
         v_enh = self._enhanced(target, x_t, t, v, cond, cfg_rows, rows)
-        P = self._rollout(target, x_t, t, tt, v_enh, cond, real, rows) if n_real else torch.zeros_like(v)
+        P = (self._rollout(self._roller(model, target), x_t, t, tt, v_enh, cond, real, rows) if n_real
+             else torch.zeros_like(v))
 
         # the one forward with grad, on all B rows
         F = model(x_t.to(x.dtype), t, tt, cond)
@@ -362,17 +413,17 @@ class TwinFlow:
         w[n_real:] = 1.0
         loss_main = (w * self._rho(F, goal)).mean()
 
-        x_gen = cond_gen = dv = None
+        x_gen = cond_gen = dv = rect_grad = None
         loss_rect = torch.zeros((), device=dev)
         if n_e2e:
             F_gen = F[:n_e2e]
             x_gen = x_hat(x_t[:n_e2e].to(F.dtype), 1.0, F_gen)
             cond_gen = cond_rows(cond, slice(0, n_e2e))
-            loss_rect, dv = self._rectify(model, F_gen, x_gen, cond_gen, generator, step, rows)
-            dv = dv.to(x_gen.dtype)
+            loss_rect, dv, rect_grad = self._rectify(model, F_gen, x_gen, cond_gen, generator, step, rows)
+            dv, rect_grad = dv.to(x_gen.dtype), rect_grad.to(x_gen.dtype)
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond_gen,
-                              dv=dv, forward_rows=rows.as_dict(),
+                              dv=dv, rect_grad=rect_grad, forward_rows=rows.as_dict(),
                               group_sizes=dict(zip(GROUPS, (n_e2e, n_mul, n_any, n_adv))))
 
     # ---------------------------------------------------------------- tutorial layout
@@ -397,9 +448,10 @@ class TwinFlow:
 
         # no-grad targets first (T): CFG at (t, t), roll-outs for (t, tt) and for the one-step jump (1, 0)
         v_enh = self._enhanced(target, x_t, t, v, cond, every, rows)
-        P = self._rollout(target, x_t, t, tt, v_enh, cond, every, rows)
+        roller = self._roller(model, target)
+        P = self._rollout(roller, x_t, t, tt, v_enh, cond, every, rows)
         v_gen = v  # the jump starts at t = 1, outside every open enhanced range (hi <= 1): no CFG term
-        P_gen = self._rollout(target, z, ones, zeros, v_gen, cond, every, rows)
+        P_gen = self._rollout(roller, z, ones, zeros, v_gen, cond, every, rows)
 
         # 1. RCGM at (t, tt)
         F_any = model(x_t.to(x.dtype), t, tt, cond)
@@ -418,9 +470,9 @@ class TwinFlow:
         loss_adv = self._rho(F_adv, z_adv - fake).mean()
         rows.grad += 4 * B
 
-        loss_rect, dv = self._rectify(model, F_gen, x_gen, cond, generator, step, rows)
+        loss_rect, dv, rect_grad = self._rectify(model, F_gen, x_gen, cond, generator, step, rows)
         loss_main = loss_any + loss_real + loss_gen + loss_adv
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond,
-                              dv=dv.to(x_gen.dtype), forward_rows=rows.as_dict(),
+                              dv=dv.to(x_gen.dtype), rect_grad=rect_grad.to(x_gen.dtype), forward_rows=rows.as_dict(),
                               group_sizes={k: B for k in GROUPS})

@@ -1,8 +1,9 @@
-"""Sample metrics: Frechet distance in the evaluation network's feature space, reward, prompt accuracy."""
+"""Sample metrics: Frechet distance in the evaluation network's feature space, reward, prompt accuracy,
+and on digits the gold preference score and its learned proxy."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -57,13 +58,17 @@ class SampleScorer:
     deterministic: the networks are run in eval mode without randomness.
     """
 
-    def __init__(self, *, eval_net: nn.Module, reward: DigitsReward | None, reference_images: torch.Tensor):
+    def __init__(self, *, eval_net: nn.Module, reward: DigitsReward | None, reference_images: torch.Tensor,
+                 extra: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None):
         if not hasattr(eval_net, "features") or not hasattr(eval_net, "logits"):
             raise TypeError(f"eval_net must provide features() and logits() (got {type(eval_net).__name__})")
         if reference_images.shape[0] < 2:
             raise ValueError(f"reference_images needs at least 2 images (got {reference_images.shape[0]})")
         self.eval_net = eval_net.eval()
         self.reward = reward.eval() if reward is not None else None
+        self.extra = dict(extra or {})
+        """Further per-sample scores ``name -> f(images, labels) -> [B]`` whose means ``score`` reports
+        (digits: ``gold`` and ``proxy``)."""
         self.reference_features = self._features(reference_images)
 
     def _device(self) -> torch.device:
@@ -78,7 +83,8 @@ class SampleScorer:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """``fd`` to the reference set, ``accuracy`` (eval net argmax == prompt) and ``reward`` (mean log p(prompt)).
+        """``fd`` to the reference set, ``accuracy`` (eval net argmax == prompt) and ``reward`` (mean log p(prompt)),
+        plus the mean of every ``extra`` score under its name.
 
         ``reward`` is present when a reward model was given.
         """
@@ -86,6 +92,7 @@ class SampleScorer:
             raise ValueError(f"labels must have shape [{images.shape[0]}] (got {list(labels.shape)})")
         dev = self._device()
         feats, correct, reward_sum = [], 0, 0.0
+        sums = {k: 0.0 for k in self.extra}
         for i in range(0, images.shape[0], SCORE_BATCH):
             x, y = images[i:i + SCORE_BATCH].to(dev), labels[i:i + SCORE_BATCH].to(dev)
             f = self.eval_net.features(x)
@@ -93,8 +100,11 @@ class SampleScorer:
             correct += int((self.eval_net.logits(x).argmax(-1) == y).sum())
             if self.reward is not None:
                 reward_sum += float(self.reward(x, {"labels": y}).double().sum())
+            for k, fn in self.extra.items():
+                sums[k] += float(fn(x, y).double().sum())
         n = images.shape[0]
         out = {"fd": frechet_distance(torch.cat(feats).numpy(), self.reference_features), "accuracy": correct / n}
         if self.reward is not None:
             out["reward"] = reward_sum / n
+        out.update({k: v / n for k, v in sums.items()})
         return out

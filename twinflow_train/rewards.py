@@ -12,9 +12,15 @@ latent reward gradient is taken as ``d sum_i R_i / d x``.
 
 Rewards:
 
-- ``digits`` (embedded default): ``twinflow_train.auxiliary.DigitsReward`` over the
+- ``digits`` (embedded): ``twinflow_train.auxiliary.DigitsReward`` over the
   project's reward classifier, the log-probability of the prompted class
-  (``prompts["labels"]``).
+  (``prompts["labels"]``). Saturated by any good generator (the teacher scores
+  ~-0.03): no headroom, kept for reproduction.
+- ``proxy`` (embedded, the ladder's and the search's reward):
+  ``twinflow_train.auxiliary.DigitsProxyReward``, a small network fitted to noisy
+  labels of the fixed gold score ``twinflow_train.auxiliary.gold_score``; the
+  digits stand-in for a learned human-preference model. Evaluation reports the
+  proxy and the gold score side by side.
 - ``hpsv2``: the HPS v2 / v2.1 human-preference scorer: an open_clip model
   (``rl.hpsv2_arch``, ViT-H-14) with the HPS checkpoint from the local path
   ``rl.hpsv2_checkpoint``. Score = ``100 * cos(image_emb, text_emb)``, the
@@ -49,8 +55,8 @@ __all__ = [
     "build_reward", "check_reward_config", "load_hpsv2", "hpsv2_tokenize", "clip_preprocess",
 ]
 
-RewardKind = Literal["digits", "hpsv2"]
-REWARDS: tuple[str, ...] = ("digits", "hpsv2")
+RewardKind = Literal["digits", "proxy", "hpsv2"]
+REWARDS: tuple[str, ...] = ("digits", "proxy", "hpsv2")
 HPS_TOKENS_KEY = "hps_tokens"
 """Key of the tokenised prompt text in ``Cond`` for the HPSv2 reward."""
 
@@ -96,7 +102,7 @@ def check_reward_config(cfg: Config) -> None:
     """
     rl = cfg.rl
     if rl.enabled and rl.reward == "none":
-        raise ConfigError("rl.reward must be set when rl.enabled is true (valid: 'digits', 'hpsv2')")
+        raise ConfigError("rl.reward must be set when rl.enabled is true (valid: 'digits', 'proxy', 'hpsv2')")
     if rl.enabled and cfg.method.layout == "partitioned" and cfg.method.group_ratios[0] <= 0:
         raise ConfigError("rl.enabled guides the one-step generator output of the e2e rows; "
                           "method.group_ratios[0] (e2e) must be > 0")
@@ -104,9 +110,9 @@ def check_reward_config(cfg: Config) -> None:
         return
     if rl.reward not in REWARDS:
         raise ConfigError(f"rl.reward: unknown value {rl.reward!r}; valid: {', '.join(map(repr, REWARDS))}")
-    if rl.reward == "digits":
+    if rl.reward in ("digits", "proxy"):
         if cfg.data.dataset != "digits":
-            raise ConfigError(f"rl.reward 'digits' scores 8x8 digit images; it needs data.dataset 'digits' "
+            raise ConfigError(f"rl.reward {rl.reward!r} scores 8x8 digit images; it needs data.dataset 'digits' "
                               f"(got {cfg.data.dataset!r})")
         return
     # hpsv2: the file first (testable without the extra), then the packages, then the architecture
@@ -132,6 +138,10 @@ def build_reward(cfg: Config, *, device: torch.device | str = "cpu") -> RewardMo
         from .auxiliary import DigitsReward, get_reward_classifier
 
         reward: nn.Module = DigitsReward(get_reward_classifier(cfg))
+    elif kind == "proxy":
+        from .auxiliary import DigitsProxyReward, get_proxy_net
+
+        reward = DigitsProxyReward(get_proxy_net(cfg))
     elif kind == "hpsv2":
         check_reward_config(cfg)
         assert cfg.rl.hpsv2_checkpoint is not None  # checked above

@@ -4,14 +4,19 @@ The one-step generator output of the e2e rows, ``x_gen = z - F_e2e``, carries th
 graph of the main forward pass. The reward ``R(decode(x_gen), prompt)`` is pushed
 up through the surrogate
 
-    L_rl = -mean_i <sg(g_i), x_gen_i>
+    L_rl = -mean over rows i and latent elements j of sg(g_ij) * x_gen_ij
 
-whose gradient with respect to ``x_gen_i`` is ``-g_i / B``: with ``g = dR/dx`` and
-no normalisation, the parameter gradient of ``L_rl`` is exactly the gradient of
-``-mean_i R_i`` pulled back through the generator, and the transformer is not
-run a second time (the reward gradient is taken on a detached copy). The value
-of ``L_rl`` itself has no meaning (it depends on where x_gen is); its gradient
-does. The loss is returned unweighted; the trainer multiplies by ``w_rl(k)``.
+whose gradient with respect to ``x_gen_i`` is ``-g_i / (B * D)`` (D = latent
+elements per row): with ``g = dR/dx`` and no normalisation, the parameter
+gradient of ``L_rl`` is the gradient of ``-mean_i R_i`` pulled back through the
+generator, divided by D, and the transformer is not run a second time (the
+reward gradient is taken on a detached copy). Dividing by D is what makes
+``rl.weight`` mean the same at every resolution: the TwinFlow terms are per-row
+means (their output gradient is also O(1/(B*D)) per element), so a sum over
+elements would make the RL/TwinFlow ratio grow with D (~2e4 between digits'
+D = 64 and a 1328^2 Qwen latent). The value of ``L_rl`` itself has no meaning (it
+depends on where x_gen is); its gradient does. The loss is returned unweighted;
+the trainer multiplies by ``w_rl(k)``.
 
 Latent gradient estimators (``rl.estimator``):
 
@@ -26,12 +31,20 @@ Latent gradient estimators (``rl.estimator``):
   to the scale c that RMS normalisation removes; in general it is a different
   direction. ``codec.encode`` must be deterministic (a posterior mean, not a sample).
 
-Optionally ``g`` is normalised per sample to unit RMS (``rl.normalize: rms``).
+Normalisation (``rl.normalize``): ``none`` (default) keeps the reward's own
+gradient, which fades as the reward saturates; ``rms`` rescales each row of ``g``
+to unit RMS, so the push keeps full strength however saturated the reward is
+(it never fades: with a saturating reward this is itself a cause of blow-ups;
+kept to reproduce the training report).
 
-Output-space clipping (``rl.clip: output``): the latent correction the RL term
-asks of sample i is ``delta_i = w * g_i``; it is scaled by
-``min(1, tau * RMS(dV_i) / RMS(delta_i))`` with ``dV`` the rectify velocity
-difference of the same row (``TwinFlowOutput.dv``), ``tau = rl.clip_tau``.
+Output-space clipping (``rl.clip: output``): per row i, the RL term's gradient on
+the generator output, ``w * g_i / (B * D)``, is scaled by
+``min(1, tau * RMS(r_i) / RMS(w * g_i / (B * D)))`` where ``r_i`` is the
+rectification term's actual gradient on the same output row
+(``TwinFlowOutput.rect_grad``: ``d(rect_weight * L_rect)/dF_i``, which under the
+Barron loss is ~``2 * rect_weight * dV_i / (RMS(dV_i) * B * D)``: its size does not
+follow dV), ``tau = rl.clip_tau``. The RL correction of a row therefore never
+pushes harder than ``tau`` times what rectification pushes on that row.
 
 Weight schedule ``w_rl(k)`` (``rl.schedule``; 0 whenever ``rl.enabled`` is false):
 hard ``w * [k >= warmup]``; linear ``w * clip((k - warmup) / ramp, 0, 1)``;
@@ -53,7 +66,7 @@ from .models.base import Cond
 from .rewards import RewardModel
 
 __all__ = ["Codec", "RlTerm", "RewardGuidance", "rl_weight", "exact_latent_grad", "reencode_latent_grad",
-           "rms_normalize", "output_clip_scale", "surrogate_loss"]
+           "rms_normalize", "output_clip_scale", "surrogate_loss", "surrogate_output_grad"]
 
 SCHEDULES: tuple[str, ...] = ("hard", "linear", "sigmoid")
 ESTIMATORS: tuple[str, ...] = ("exact", "reencode")
@@ -159,19 +172,33 @@ def rms_normalize(g: torch.Tensor) -> torch.Tensor:
     return g / _col(rms.clamp_min(torch.finfo(rms.dtype).tiny), g)
 
 
-def output_clip_scale(*, delta: torch.Tensor, dv: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-sample ``min(1, tau * RMS(dV_i) / RMS(delta_i))`` (1 where delta_i is exactly zero)."""
-    if delta.shape != dv.shape:
-        raise ValueError(f"output clip: the RL correction {list(delta.shape)} and dV {list(dv.shape)} differ in shape")
-    rd, rv = _rms(delta), _rms(dv.to(delta.dtype))
+def output_clip_scale(*, rl_grad: torch.Tensor, rect_grad: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-row ``min(1, tau * RMS(rect_grad_i) / RMS(rl_grad_i))`` (1 where rl_grad_i is exactly zero).
+
+    Both are gradients of the total loss on the same generator output rows: the
+    RL term's (weight included) and the rectification term's.
+    """
+    if rl_grad.shape != rect_grad.shape:
+        raise ValueError(f"output clip: the RL gradient {list(rl_grad.shape)} and the rectification gradient "
+                         f"{list(rect_grad.shape)} differ in shape")
+    rd, rv = _rms(rl_grad), _rms(rect_grad.to(rl_grad.dtype))
     ratio = tau * rv / torch.where(rd == 0, torch.ones_like(rd), rd)
     return torch.where(rd == 0, torch.ones_like(rd), ratio.clamp(max=1.0))
 
 
+def surrogate_output_grad(*, direction: torch.Tensor, weight: float) -> torch.Tensor:
+    """The gradient of ``weight * surrogate_loss`` on ``x_gen``: ``-weight * direction / (B * D)``."""
+    per_row = direction[0].numel() if direction.shape[0] else 1
+    return -weight * direction / (direction.shape[0] * per_row)
+
+
 def surrogate_loss(*, x_gen: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``-mean_i <sg(direction_i), x_gen_i>`` in fp32 (at least); gradient w.r.t. x_gen_i is ``-direction_i / B``."""
+    """``-mean over rows and elements of sg(direction) * x_gen`` in fp32 (at least).
+
+    Its gradient w.r.t. x_gen_i is ``-direction_i / (B * D)``, D = elements per row (module docstring).
+    """
     dtype = torch.promote_types(x_gen.dtype, torch.float32)
-    return -(direction.detach().to(dtype) * x_gen.to(dtype)).flatten(1).sum(dim=1).mean()
+    return -(direction.detach().to(dtype) * x_gen.to(dtype)).mean()
 
 
 # --------------------------------------------------------------------------- the trainer's entry point
@@ -194,7 +221,7 @@ class RlTerm:
 class RewardGuidance:
     """The RL term of the training step (SPEC 5), configured once from ``rl``.
 
-    ``term(x_gen=..., cond=..., dv=..., step=...)`` returns an :class:`RlTerm`.
+    ``term(x_gen=..., cond=..., rect_grad=..., step=...)`` returns an :class:`RlTerm`.
     Stats: ``loss/rl`` (surrogate), ``rl/weight``, ``rl/reward`` (batch mean),
     ``rl/grad_rms`` (mean per-sample RMS of the raw latent gradient) and, with
     output clipping, ``rl/clip_frac`` (share of rows scaled down) and
@@ -235,7 +262,7 @@ class RewardGuidance:
         return reencode_latent_grad(x=x, cond=cond, codec=self.codec, reward=self.reward,
                                     step=self.cfg.reencode_step)
 
-    def term(self, *, x_gen: torch.Tensor, cond: Cond, dv: torch.Tensor | None = None, step: int) -> RlTerm:
+    def term(self, *, x_gen: torch.Tensor, cond: Cond, rect_grad: torch.Tensor | None = None, step: int) -> RlTerm:
         w = self.weight(step)
         if w == 0.0:
             with torch.no_grad():
@@ -249,9 +276,10 @@ class RewardGuidance:
         if self.normalize == "rms":
             g = rms_normalize(g)
         if self.clip == "output":
-            if dv is None:
-                raise ValueError("rl.clip 'output' needs dv, the rectify velocity difference of the x_gen rows")
-            scale = output_clip_scale(delta=w * g, dv=dv, tau=self.cfg.clip_tau)
+            if rect_grad is None:
+                raise ValueError("rl.clip 'output' needs rect_grad, the rectification term's gradient on the x_gen rows")
+            scale = output_clip_scale(rl_grad=surrogate_output_grad(direction=g, weight=w), rect_grad=rect_grad,
+                                      tau=self.cfg.clip_tau)
             g = g * _col(scale, g)
             stats["rl/clip_frac"] = (scale < 1).float().mean()
             stats["rl/clip_scale"] = scale.mean()

@@ -68,14 +68,17 @@ def _digits_data(cfg: Config, *, device: torch.device):
 
 
 def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
-    from .auxiliary import DigitsReward, get_eval_net, get_reward_classifier
+    from .auxiliary import DigitsProxyReward, DigitsReward, get_eval_net, get_proxy_net, get_reward_classifier, gold_score
     from .digits import NUM_CLASSES, eval_prompts
     from .metrics import SampleScorer
 
     split, codec, data = _digits_data(cfg, device=device)
     reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
+    proxy = DigitsProxyReward(get_proxy_net(cfg)).to(device).eval()
     scorer = SampleScorer(eval_net=get_eval_net(cfg).to(device).eval(), reward=reward,
-                          reference_images=split.val_images.to(device))
+                          reference_images=split.val_images.to(device),
+                          extra={"gold": lambda x, y: gold_score(x, {"labels": y}),
+                                 "proxy": lambda x, y: proxy(x, {"labels": y})})
 
     def eval_cond(n: int) -> Cond:
         return {"labels": (torch.arange(n, device=device) % NUM_CLASSES)}

@@ -156,31 +156,32 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
 
 
 def _build_classifiers(cfg: Config) -> None:
-    """Child process of ``prepare``: the reward classifier and the evaluation network (cached)."""
-    from .auxiliary import get_eval_net, get_reward_classifier
+    """Child process of ``prepare``: the reward classifier, the evaluation network and the proxy reward (cached)."""
+    from .auxiliary import get_eval_net, get_proxy_net, get_reward_classifier
 
     torch.set_num_threads(1)
     get_reward_classifier(cfg)
     get_eval_net(cfg)
+    get_proxy_net(cfg)
 
 
 def prepare(cfg: Config, *, progress: bool = True, workers: int = 2) -> Path:
     """The teacher and every auxiliary network of ``cfg``, cached; returns the teacher's weights path.
 
     From a cold digits cache the networks are prepared in ``workers`` processes: the
-    classifiers (reward, evaluation net) do not depend on anything else and are built in
+    classifiers (reward, evaluation net) and the proxy reward do not depend on anything else and are built in
     a second process while this one trains the codec and then the teacher on its latents,
     which is the longest chain. The cache's per-entry locks make the two processes safe
     together (a build asked for twice runs once).
     """
-    from .auxiliary import cache_entry, eval_key, reward_key, WEIGHTS, _is_complete
+    from .auxiliary import cache_entry, eval_key, proxy_key, reward_key, WEIGHTS, _is_complete
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1 (got {workers})")
     child = None
     if workers > 1 and cfg.data.dataset == "digits":
         needed = [cache_entry(cfg, kind=k, key=key(cfg)) / WEIGHTS
-                  for k, key in (("reward", reward_key), ("evalnet", eval_key))]
+                  for k, key in (("reward", reward_key), ("evalnet", eval_key), ("proxy", proxy_key))]
         if not all(_is_complete(p) for p in needed):
             import multiprocessing
             child = multiprocessing.get_context("spawn").Process(target=_build_classifiers, args=(cfg,),
@@ -192,6 +193,6 @@ def prepare(cfg: Config, *, progress: bool = True, workers: int = 2) -> Path:
         if child is not None:
             child.join()
     if child is not None and child.exitcode != 0:
-        raise RuntimeError(f"building the reward classifier and evaluation network failed (exit {child.exitcode})")
+        raise RuntimeError(f"building the reward classifier, evaluation network and proxy reward failed (exit {child.exitcode})")
     return path
 

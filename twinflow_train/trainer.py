@@ -84,6 +84,15 @@ def preflight_teacher(cfg: Config) -> Path | None:
 def preflight(cfg: Config, run_dir: Path) -> Path | None:
     """Everything that can be checked before a single file is written. Returns ``preflight_teacher``'s path."""
     tpath = preflight_teacher(cfg)
+    if cfg.method.layout == "partitioned":
+        from .method import check_rows_per_rank
+        # the launcher's world size (torchrun sets WORLD_SIZE); one process otherwise
+        world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+        try:
+            check_rows_per_rank(batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum, world=world,
+                                ratios=cfg.method.group_ratios)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.rl.enabled:
         from .rewards import check_reward_config
         check_reward_config(cfg)
@@ -299,7 +308,7 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
         if hasattr(run.model, "set_requires_gradient_sync"):
             run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
         if terms is not None:
-            rl = run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen, dv=out.dv, step=step)
+            rl = run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=step)
             terms.backward(twinflow=out.loss, rl=rl.loss, rl_weight=rl.weight, scale=1.0 / accum)
             micro.update({k: v.detach() for k, v in rl.stats.items()})
             # the surrogate's value means little alone, but a non-finite reward must trip the non-finite policy

@@ -246,22 +246,31 @@ def test_console_entry_exits_nonzero(tiny_base, write, tmp_path):
 def test_blog_digits_matrix_is_the_ladder():
     grid = load_matrix(REPO / "ablations" / "blog-digits.yaml", root=Path("/nonexistent"))
     names = [a.name for a in grid.arms]
-    assert names == ["vanilla", "renoise", "rl_hard", "rl_sigmoid", "rl_clip", "spike_decay"]
-    assert grid.seeds == (0, 1, 2) and len(grid.runs) == 18
-    # each arm adds exactly one kind of change to the arm before it
-    prev = None
-    for arm in grid.arms:
-        if prev is not None:
-            assert set(prev.overrides).issubset(arm.overrides)
-        prev = arm
+    ladder = ["vanilla", "renoise", "rl_hard", "rl_sigmoid", "rl_clip", "spike_decay"]
+    assert names[:6] == ladder
+    weights = [n for n in names if n.startswith("rl_weight_")]
+    assert len(weights) >= 2 and "rl_rms" in names and set(names) == set(ladder) | set(weights) | {"rl_rms"}
+    assert grid.seeds == (0, 1, 2, 3, 4) and len(grid.runs) == 5 * len(names)
+    # each ladder arm adds exactly one kind of change to the arm before it
+    by_name = {a.name: a for a in grid.arms}
+    for prev, arm in zip(ladder, ladder[1:]):
+        assert set(by_name[prev].overrides).issubset(by_name[arm].overrides)
     cfg = {a.name: next(r.config for r in grid.runs if r.arm == a.name) for a in grid.arms}
     assert cfg["vanilla"].renoise.schedule == "off" and not cfg["vanilla"].rl.enabled
     assert cfg["renoise"].renoise.schedule == "blog_linear" and (cfg["renoise"].renoise.start,
                                                                  cfg["renoise"].renoise.end) == (4.0, 1.0)
-    assert cfg["rl_hard"].rl.enabled and cfg["rl_hard"].rl.schedule == "hard" and cfg["rl_hard"].rl.reward == "digits"
+    assert by_name["renoise"].overrides["renoise.applies_to"] == ["main"]  # explicit: the report's placement
+    assert cfg["rl_hard"].rl.enabled and cfg["rl_hard"].rl.schedule == "hard" and cfg["rl_hard"].rl.reward == "proxy"
     assert cfg["rl_sigmoid"].rl.schedule == "sigmoid"
+    assert cfg["rl_sigmoid"].rl.center == cfg["rl_hard"].rl.warmup  # same onset, another shape
     assert cfg["rl_clip"].rl.clip == "param" and cfg["rl_sigmoid"].rl.clip == "none"
     assert cfg["spike_decay"].schedule.spike.enabled and not cfg["rl_clip"].schedule.spike.enabled
+    # the weight comparison differs from rl_hard in the weight only; rl_rms in the normalisation only
+    ws = {cfg["rl_hard"].rl.weight} | {cfg[n].rl.weight for n in weights}
+    assert len(ws) == len(weights) + 1 >= 3
+    for n in weights:
+        assert set(by_name[n].overrides) - set(by_name["rl_hard"].overrides) <= {"rl.weight"}
+    assert cfg["rl_rms"].rl.normalize == "rms" and cfg["rl_hard"].rl.normalize == "none"
     # one number sets the length of every arm and every schedule
     steps = cfg["vanilla"].run.steps
     assert all(c.run.steps == steps for c in cfg.values())
@@ -291,7 +300,7 @@ def test_a_bad_value_under_an_rl_arm_is_one_line_not_a_derived_one(tiny_base, wr
         f"twinflow-lab: {f}: arm 'sched', key 'rl.schedule': rl.schedule: unknown value 'cosine-ish'; "
         "valid values: 'hard', 'linear', 'sigmoid'",
         f"twinflow-lab: {f}: arm 'reward', key 'rl.reward': rl.reward: unknown value 'hpsv9'; "
-        "valid values: 'none', 'digits', 'hpsv2'",
+        "valid values: 'none', 'digits', 'proxy', 'hpsv2'",
         # an arm that really lacks the reward still hears about it
         f"twinflow-lab: {f}: arm 'lonely', key 'rl.enabled': rl.reward must be set when enabled is true",
     ])

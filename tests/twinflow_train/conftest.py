@@ -10,7 +10,7 @@ import pytest
 from twinflow_train.config import load_config
 
 TINY = [
-    "codec.steps=300", "aux.reward_steps=300", "aux.eval_steps=300",
+    "codec.steps=300", "aux.reward_steps=300", "aux.eval_steps=300", "aux.proxy_steps=300",
     "teacher.steps=400", "teacher.batch_size=128",
     "model.hidden=64", "model.depth=2", "model.time_dim=32",
     "data.batch_size=32", "eval.n_samples=50", "eval.nfe=[1,2]",

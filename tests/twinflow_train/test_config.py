@@ -20,7 +20,7 @@ def test_dotted_overrides_parse_yaml_values():
     assert cfg.renoise.applies_to == ["rect", "main"]
     assert cfg.teacher.cfg_scale == 2.0 and isinstance(cfg.teacher.cfg_scale, float)
     assert cfg.teacher_cfg_scale == 2.0
-    assert load_config(None).teacher_cfg_scale == 1.0 + load_config(None).method.enhanced_ratio
+    assert load_config(None).teacher_cfg_scale == 1.0 / (1.0 - load_config(None).method.enhanced_ratio)  # EMA target
 
 
 @pytest.mark.parametrize("override, needle", [

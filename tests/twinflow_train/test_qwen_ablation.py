@@ -25,9 +25,10 @@ def test_every_arm_resolves_and_the_ladder_adds_one_change_at_a_time(grid):
     v, r, h, s, c, d = (cfgs[k] for k in cfgs)
     assert v.renoise.schedule == "off" and not v.rl.enabled
     assert r.renoise.schedule == "blog_linear" and (r.renoise.start, r.renoise.end, r.renoise.steps) == (4.0, 1.0, 3000)
+    assert r.renoise.applies_to == ["main"]  # explicit: the report's renoise drew the main time of every row
     assert h.rl.enabled and h.rl.reward == "hpsv2" and h.rl.weight == 0.05
     assert h.rl.schedule == "hard" and h.rl.warmup == 2000
-    assert s.rl.schedule == "sigmoid" and s.rl.center > s.rl.warmup
+    assert s.rl.schedule == "sigmoid" and s.rl.center == s.rl.warmup  # same onset as the hard switch
     assert c.rl.clip == "param" and s.rl.clip == "none"
     assert d.schedule.spike.enabled and not c.schedule.spike.enabled
 

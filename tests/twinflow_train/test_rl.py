@@ -11,7 +11,7 @@ from torch import nn
 from twinflow_train.codecs import DigitsAutoencoder
 from twinflow_train.config import ConfigError, RlConfig, load_config
 from twinflow_train.rl import (RewardGuidance, exact_latent_grad, output_clip_scale, reencode_latent_grad,
-                               rl_weight, rms_normalize, surrogate_loss)
+                               rl_weight, rms_normalize, surrogate_loss, surrogate_output_grad)
 
 LATENT = (2, 3, 3)
 PIXELS = (1, 6, 6)
@@ -218,7 +218,9 @@ def test_surrogate_parameter_gradient_is_the_pulled_back_reward_gradient():
     assert term.weight == 0.5
     params = list(gen.parameters())
     ours = torch.autograd.grad(term.loss, params)
-    direct = torch.autograd.grad(-reward(codec.decode(gen(z)), cond).mean(), params)
+    # per element: the pulled-back reward gradient divided by the latent size D
+    D = math.prod(LATENT)
+    direct = torch.autograd.grad(-reward(codec.decode(gen(z)), cond).mean() / D, params)
     for a, b in zip(ours, direct):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
     assert max(float(a.abs().max()) for a in ours) > 1e-4
@@ -236,7 +238,7 @@ def test_surrogate_with_the_project_autoencoder():
     term = RewardGuidance(_rl(), codec=codec, reward=reward).term(x_gen=x_gen, cond=cond, step=0)
     ours = torch.autograd.grad(term.loss, list(gen.parameters()))
     x2 = (z.flatten(1) - gen(z.flatten(1))).view_as(z)
-    direct = torch.autograd.grad(-reward(codec.decode(x2), cond).mean(), list(gen.parameters()))
+    direct = torch.autograd.grad(-reward(codec.decode(x2), cond).mean() / 64, list(gen.parameters()))
     for a, b in zip(ours, direct):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     assert not any(p.grad is not None for p in codec.parameters())
@@ -258,7 +260,8 @@ def test_surrogate_loss_gradient_and_dtype():
     loss = surrogate_loss(x_gen=x, direction=d)
     assert loss.dtype == torch.float32
     (gx,) = torch.autograd.grad(loss, x)
-    assert torch.allclose(gx.float(), (-d / 4).bfloat16().float())
+    assert torch.allclose(gx.float(), (-d / (4 * 8)).bfloat16().float())
+    assert torch.allclose(surrogate_output_grad(direction=d, weight=2.0), -2.0 * d / 32)
 
 
 def test_rms_normalised_direction_has_unit_rms():
@@ -266,7 +269,7 @@ def test_rms_normalised_direction_has_unit_rms():
     x = torch.randn(4, *LATENT, dtype=torch.float64, requires_grad=True)
     term = RewardGuidance(_rl(normalize="rms"), codec=codec, reward=reward).term(x_gen=x, cond=_cond(4), step=0)
     (gx,) = torch.autograd.grad(term.loss, x)
-    used = -gx * 4
+    used = -gx * 4 * math.prod(LATENT)
     assert torch.allclose(used.flatten(1).pow(2).mean(1).sqrt(), torch.ones(4, dtype=torch.float64))
     raw, _ = exact_latent_grad(x=x, cond=_cond(4), codec=codec, reward=reward)
     cos = torch.nn.functional.cosine_similarity(used.flatten(1), raw.flatten(1))
@@ -277,26 +280,44 @@ def test_rms_normalised_direction_has_unit_rms():
 # --------------------------------------------------------------------------- output-space clipping
 
 
-def test_output_clip_bounds_the_correction_relative_to_dv():
+def test_output_clip_bounds_the_rl_gradient_by_the_rectification_gradient():
     codec, reward = TinyCodec().double(), _reward(1)
     n, w, tau = 6, 2.0, 0.5
     x = torch.randn(n, *LATENT, dtype=torch.float64, requires_grad=True)
-    dv = torch.randn(n, *LATENT, dtype=torch.float64)
-    dv[:3] *= 1e-3  # tiny rectify signal: these rows must be clipped
-    dv[3:] *= 100.0  # large: left alone
+    rect = torch.randn(n, *LATENT, dtype=torch.float64) / (n * math.prod(LATENT))
+    rect[:3] *= 1e-3  # weak rectification push: these rows must be clipped
+    rect[3:] *= 100.0  # strong: left alone
     cfg = _rl(normalize="rms", clip="output", clip_tau=tau, weight=w)
-    term = RewardGuidance(cfg, codec=codec, reward=reward).term(x_gen=x, cond=_cond(n), dv=dv, step=0)
-    (gx,) = torch.autograd.grad(term.loss, x)
-    delta = -gx * n * term.weight  # the latent correction the weighted term asks for
+    term = RewardGuidance(cfg, codec=codec, reward=reward).term(x_gen=x, cond=_cond(n), rect_grad=rect, step=0)
+    (gx,) = torch.autograd.grad(term.weight * term.loss, x)  # the RL term's actual gradient on the output
     rms = lambda t: t.flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
-    bound = tau * rms(dv)
-    assert torch.allclose(rms(delta[:3]), bound[:3], rtol=1e-9)
-    assert torch.allclose(rms(delta[3:]), torch.full((3,), w, dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(rms(gx[:3]), tau * rms(rect[:3]), rtol=1e-9)
+    unclipped = torch.full((3,), w / (n * math.prod(LATENT)), dtype=torch.float64)  # unit-RMS g, weight w, / (B*D)
+    assert torch.allclose(rms(gx[3:]), unclipped, rtol=1e-9)
     assert math.isclose(float(term.stats["rl/clip_frac"]), 0.5)
-    scale = output_clip_scale(delta=torch.zeros(2, 3), dv=torch.ones(2, 3), tau=1.0)
+    scale = output_clip_scale(rl_grad=torch.zeros(2, 3), rect_grad=torch.ones(2, 3), tau=1.0)
     assert torch.equal(scale, torch.ones(2))
-    with pytest.raises(ValueError, match="dv"):
+    with pytest.raises(ValueError, match="rect_grad"):
         RewardGuidance(cfg, codec=codec, reward=reward).term(x_gen=x, cond=_cond(n), step=0)
+
+
+def test_output_clip_yardstick_is_the_barron_gradient_not_dv():
+    """Scaling dV by 100 barely changes the Barron rectification gradient, so the clip must not follow dV."""
+    from twinflow_train.method import TwinFlow
+    from twinflow_train.timesamplers import build_time_samplers
+
+    cfg = load_config(None, ["method.rect_weight=0.5"])
+    method = TwinFlow(cfg.method, time_samplers=build_time_samplers(cfg.renoise))
+    F = torch.randn(4, *LATENT, dtype=torch.float64, requires_grad=True)
+    dv = 0.05 * torch.randn(4, *LATENT, dtype=torch.float64)
+    grads = []
+    for scale in (1.0, 100.0):
+        loss = cfg.method.rect_weight * method._rho(F, F.detach() - scale * dv).mean()
+        (ref,) = torch.autograd.grad(loss, F)
+        ours = method._rect_output_grad(F, scale * dv)
+        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-7)  # float32 inside
+        grads.append(ours.flatten(1).pow(2).mean(1).sqrt())
+    assert torch.allclose(grads[0], grads[1], rtol=0.02)  # ~ 2 * rect_weight / (B * D), whatever dV's size
 
 
 # --------------------------------------------------------------------------- weight 0, bad input
@@ -364,7 +385,7 @@ def test_term_on_the_twinflow_method_output_with_per_term_gradients():
     x, cond = torch.randn(16, 4, 4, 4), _cond(16)
     gen = torch.Generator().manual_seed(1)
     out = method.loss(model=model, target=model, x=x, cond=cond, generator=gen, step=1)
-    term = guidance.term(x_gen=out.x_gen, cond=out.cond_gen, dv=out.dv, step=1)
+    term = guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=1)
     assert term.reward.shape == (out.x_gen.shape[0],) and term.loss.requires_grad
     rl_ref = torch.autograd.grad(term.weight * term.loss, list(model.parameters()), retain_graph=True,
                                  allow_unused=True)
