@@ -228,13 +228,13 @@ def test_prepare_builds_every_network_in_two_processes(tmp_path):
     from .conftest import TINY
 
     cfg = load_config(None, TINY + [f"aux.cache_dir={tmp_path}", "teacher.steps=30", "codec.steps=30",
-                                    "aux.reward_steps=20", "aux.eval_steps=20"])
+                                    "aux.reward_steps=20", "aux.eval_steps=20", "aux.proxy_steps=20"])
     teacher = prepare(cfg, progress=False, workers=2)
     entries = {p.parent.name.split("-")[0]: p for p in tmp_path.glob("*/weights.pt")}
-    assert set(entries) == {"codec", "reward", "evalnet", "teacher"} and entries["teacher"] == teacher
+    assert set(entries) == {"codec", "reward", "evalnet", "proxy", "teacher"} and entries["teacher"] == teacher
     pids = {k: entry_record(p)["pid"] for k, p in entries.items()}
-    # the classifiers came from the second process, the codec and the teacher from this one
-    assert pids["reward"] == pids["evalnet"] != pids["codec"] == pids["teacher"]
+    # the classifiers and the proxy came from the second process, the codec and the teacher from this one
+    assert pids["reward"] == pids["evalnet"] == pids["proxy"] != pids["codec"] == pids["teacher"]
     assert entry_record(teacher)["info"]["train_cpu_seconds"] > 0
     assert prepare(cfg, progress=False, workers=2) == teacher  # cached: nothing rebuilt
     assert {k: entry_record(p)["pid"] for k, p in entries.items()} == pids
