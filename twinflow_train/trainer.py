@@ -59,6 +59,9 @@ def preflight_teacher(cfg: Config) -> Path | None:
 
     if base_weights_in_model(cfg):
         check_base_model_dir(cfg)
+        if cfg.eval.ema_decay > 0:
+            raise ConfigError("eval.ema_decay: the evaluation EMA is not built for Qwen-Image base weights read "
+                              "sharded from the model directory; set it to 0")
         return None
     if cfg.model.family == "qwen_image" and cfg.model.qwen.pretrained is not None:
         check_base_model_dir(cfg)
@@ -253,9 +256,6 @@ def build_copies(cfg: Config, d: Dist, setup: Setup,
 
     if base_weights_in_model(cfg) and cfg.model.qwen.pretrained is not None:
         from .models.qwen_image import build_sharded_copies
-        if cfg.eval.ema_decay > 0:
-            raise ConfigError("eval.ema_decay: the evaluation EMA is not built for sharded Qwen-Image base weights "
-                              "(model.qwen.pretrained with teacher.checkpoint auto); set it to 0")
         c = build_sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
                                  with_ema=cfg.method.target == "ema")
         return c.student, c.teacher, c.ema, None

@@ -46,6 +46,12 @@ def _hps_overrides(root: Path) -> dict:
     return {"rl.hpsv2_arch": "HPS-tiny-ladder", "rl.hpsv2_checkpoint": str(root / "hps_tiny.pt")}
 
 
+def _claim_arms(claim: dict) -> set[str]:
+    """The arms a claims entry compares (one test, or a claim of several parts under ``tests``)."""
+    tests = claim.get("tests", [claim])
+    return {t[k] for t in tests for k in ("baseline", "treatment") if k in t}
+
+
 def derived_matrix(root: Path, *, arms: tuple[str, ...] | None = None, rl_scorer: bool = False) -> Path:
     """blog-qwen.yaml with only the tiny-run overrides added (and optionally fewer arms); written under root."""
     data = yaml.safe_load(MATRIX.read_text())
@@ -58,6 +64,10 @@ def derived_matrix(root: Path, *, arms: tuple[str, ...] | None = None, rl_scorer
                 data["arms"][arm].update(_hps_overrides(root))
     if arms is not None:
         data["arms"] = {k: v for k, v in data["arms"].items() if k in arms}
+        # a claim that names a left-out arm would (rightly) fail the matrix check: keep only the testable ones
+        data["claims"] = [c for c in data.get("claims", []) if _claim_arms(c) <= set(arms) | {"teacher"}]
+        if not data["claims"]:
+            del data["claims"]
     path = root / f"blog-qwen-tiny-{len(data['arms'])}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
