@@ -200,16 +200,53 @@ def _first_rise(values: np.ndarray, steps: np.ndarray, k: int) -> float:
     return math.nan
 
 
+GRAD_NORM_KEYS = ("grad_norm/max", "grad_norm/total")
+"""Pre-clip global grad-norm keys, preferred first: ``grad_norm/max`` (the largest norm since the previous
+record) sees every step, ``grad_norm/total`` only the logged ones."""
+
+
+def run_divergence(train: pd.DataFrame) -> dict[str, float]:
+    """One run's divergence numbers from its train records sorted by step; the one place they are computed
+    (``divergence_summary`` here and the reports' run table both call it).
+
+    - ``first_nonfinite_step``: first record with ``count/nonfinite`` or ``event/nonfinite`` > 0, or a
+      non-finite loss or grad norm (the trainer logs both on every train record, so a missing value there is a
+      logged NaN); NaN if none.
+    - ``n_spikes``: the last ``count/spikes`` (a running total, so no spike between records is missed); the
+      sum of ``event/spike`` when the total is absent; 0 when neither is logged.
+    - ``max_grad_norm``: the largest finite value of the grad-norm keys; NaN if none.
+    - ``grad_norm_nonfinite``: logged non-finite values of the preferred grad-norm key.
+    - ``nonfinite_steps``: the last ``count/nonfinite`` (the trainer's running count); NaN if not logged.
+    """
+    bad = pd.Series(False, index=train.index)
+    for col in ("count/nonfinite", "event/nonfinite"):
+        if col in train:
+            bad |= train[col].fillna(0) > 0
+    for col in ("loss/total", "grad_norm/total"):
+        if col in train:
+            bad |= ~np.isfinite(train[col].to_numpy(dtype=float))
+    first_bad = float(train.loc[bad, "step"].min()) if bad.any() else math.nan
+    if "count/spikes" in train and train["count/spikes"].notna().any():
+        n_spikes = int(train["count/spikes"].dropna().iloc[-1])
+    elif "event/spike" in train:
+        n_spikes = int(train["event/spike"].fillna(0).sum())
+    else:
+        n_spikes = 0
+    norms = [train[c].to_numpy(dtype=float) for c in GRAD_NORM_KEYS if c in train]
+    finite = np.concatenate([v[np.isfinite(v)] for v in norms]) if norms else np.array([])
+    preferred = norms[0] if norms else np.array([])
+    counts = train["count/nonfinite"].dropna() if "count/nonfinite" in train else pd.Series(dtype=float)
+    return {"first_nonfinite_step": first_bad, "n_spikes": n_spikes,
+            "max_grad_norm": float(finite.max()) if finite.size else math.nan,
+            "grad_norm_nonfinite": int((~np.isfinite(preferred) & ~np.isnan(preferred)).sum()),
+            "nonfinite_steps": float(counts.iloc[-1]) if len(counts) else math.nan}
+
+
 def divergence_summary(df: pd.DataFrame, *, rise_k: int = 3) -> pd.DataFrame:
     """Per run of a ``collect_grid`` table: where and how it went wrong.
 
-    - ``first_nonfinite_step``: first train record whose ``count/nonfinite`` is > 0 or
-      ``event/nonfinite`` > 0, or whose loss or grad norm is non-finite (the step of the
-      record, so exact when ``run.log_every`` is 1 and at most that late otherwise); NaN if none.
-    - ``n_spikes``: the run's last ``count/spikes`` (a running total, so no spike between
-      records is missed); the sum of ``event/spike`` when the total is absent; 0 when neither is logged.
-    - ``max_grad_norm``: the largest finite pre-clip global norm seen, from
-      ``grad_norm/max`` (max since the previous record) and ``grad_norm/total``.
+    - ``first_nonfinite_step``, ``n_spikes``, ``max_grad_norm``: as ``run_divergence`` computes them (the
+      step of the first bad record, so exact when ``run.log_every`` is 1 and at most that late otherwise).
     - ``val_rise_step``: the step of the validation at which ``val/loss`` has risen
       ``rise_k`` evaluations in a row (a non-finite validation loss counts as a rise); NaN if never.
     """
@@ -220,27 +257,8 @@ def divergence_summary(df: pd.DataFrame, *, rise_k: int = 3) -> pd.DataFrame:
     for (grid, arm, seed, run_dir), g in groups:
         train = g[g["kind"] == "train"].sort_values("step")
         val = g[g["kind"] == "val"].sort_values("step")
-        bad = pd.Series(False, index=train.index)
-        for col in ("count/nonfinite", "event/nonfinite"):
-            if col in train:
-                bad |= train[col].fillna(0) > 0
-        for col in ("loss/total", "grad_norm/total"):
-            if col in train:
-                # the trainer logs both on every train record, so a missing value is a logged NaN
-                bad |= ~np.isfinite(train[col].to_numpy(dtype=float))
-        first_bad = float(train.loc[bad, "step"].min()) if bad.any() else math.nan
-        if "count/spikes" in train and train["count/spikes"].notna().any():
-            n_spikes = int(train["count/spikes"].dropna().iloc[-1])
-        elif "event/spike" in train:
-            n_spikes = int(train["event/spike"].fillna(0).sum())
-        else:
-            n_spikes = 0
-        norms = []
-        for col in ("grad_norm/max", "grad_norm/total"):
-            if col in train:
-                v = train[col].to_numpy(dtype=float)
-                norms.extend(v[np.isfinite(v)].tolist())
-        max_norm = max(norms) if norms else math.nan
+        div = run_divergence(train)
+        first_bad, n_spikes, max_norm = div["first_nonfinite_step"], div["n_spikes"], div["max_grad_norm"]
         if "val/loss" in val and len(val):
             vl = val[["step", "val/loss"]].dropna(subset=["step"])
             rise = _first_rise(vl["val/loss"].to_numpy(dtype=float), vl["step"].to_numpy(), rise_k)

@@ -16,6 +16,8 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.collect import GRAD_NORM_KEYS, run_divergence
+
 from .data import GridData
 
 RUN_KEYS = ["arm", "seed"]
@@ -34,7 +36,7 @@ def max_grad_column(data: GridData) -> str | None:
     ``grad_norm/max`` (the largest pre-clip norm since the previous record, when the
     trainer logs it) sees every step; ``grad_norm/total`` only the logged steps.
     """
-    for key in ("grad_norm/max", "grad_norm/total"):
+    for key in GRAD_NORM_KEYS:
         if data.has(key):
             return key
     return None
@@ -88,18 +90,21 @@ def run_table(data: GridData) -> pd.DataFrame:
                 out[k.removeprefix("val/") + "@best"] = best[k].reindex(out.index)
         out["val_nonfinite"] = _by_run(val)["val/loss"].agg(lambda s: int((~np.isfinite(s)).sum())).reindex(out.index)
 
-    gcol = max_grad_column(data)
-    if gcol is not None:
-        g = train[gcol]
-        out["max_grad_norm"] = _by_run(train.assign(_g=g.where(np.isfinite(g))))["_g"].max().reindex(out.index)
-        out["grad_norm_nonfinite"] = _by_run(train.assign(_n=(~np.isfinite(g) & g.notna()).astype(int)))["_n"] \
-            .sum().reindex(out.index)
-    if data.has("count/spikes"):
-        out["spikes"] = _by_run(train)["count/spikes"].last().reindex(out.index)
-    elif data.has("event/spike"):
-        out["spikes"] = _by_run(train)["event/spike"].sum().reindex(out.index)
+    # the divergence numbers of each run come from the harness's one function for them
+    groups = list(_by_run(train)) if len(train) else []
+    if groups:
+        div = pd.DataFrame([run_divergence(g.sort_values("step", kind="stable")) for _, g in groups],
+                           index=pd.MultiIndex.from_tuples([k for k, _ in groups], names=RUN_KEYS))
+    else:
+        div = pd.DataFrame(index=out.index, columns=["max_grad_norm", "grad_norm_nonfinite", "n_spikes",
+                                                     "nonfinite_steps"], dtype=float)
+    if max_grad_column(data) is not None:
+        out["max_grad_norm"] = div["max_grad_norm"].reindex(out.index)
+        out["grad_norm_nonfinite"] = div["grad_norm_nonfinite"].reindex(out.index)
+    if data.has("count/spikes") or data.has("event/spike"):
+        out["spikes"] = div["n_spikes"].reindex(out.index)
     if data.has("count/nonfinite"):
-        out["nonfinite_steps"] = _by_run(train)["count/nonfinite"].last().reindex(out.index)
+        out["nonfinite_steps"] = div["nonfinite_steps"].reindex(out.index)
 
     out["diverged"] = out["state"] == "diverged"
     out["diverge_step"] = diverge_steps(out["reason"], st["step"].reindex(out.index)).where(out["diverged"])

@@ -13,6 +13,7 @@ from harness.identity import wandb_run_id
 from harness.launchers import LocalLauncher
 from harness.matrix import load_matrix
 from harness.store import read_record, read_status, write_record
+from twinflow_train import rundir
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = "tests.harness.scripted_run"
@@ -143,8 +144,7 @@ def test_interrupted_attempt_is_closed_and_resumed(grid_file, tmp_path, monkeypa
     record.attempts[-1].ended = None
     record.attempts[-1].outcome = None
     write_record(d, record)
-    (d / "status.json").write_text(json.dumps({"state": "running", "reason": None, "step": 3, "updated": 0,
-                                               "pid": 2**22 + 7, "config_hash": None}))
+    rundir.write_status(d, "running", step=3, pid=2**22 + 7)  # a trainer that died without a word
     assert {p.spec.key: p.action for p in plan_grid(grid)}["ok/seed-0"] == "new"  # no checkpoint to resume from
     result = run_grid(grid, launcher=_launcher(2), stream=io.StringIO(), tty=False, poll_s=0.02)
     assert result.launched == ["ok/seed-0"]

@@ -199,3 +199,21 @@ def test_verdicts_of_a_real_grid_match_the_run_directories(real_grid, tmp_path):
                    "contradicted" if "contradicted" in verdicts else "inconclusive")
         assert (got.loc[got["claim"] == claim, "claim_verdict"] == overall).all()
         assert f"- {claim}: {overall.upper()}." in md
+
+
+def test_run_table_and_divergence_summary_agree_on_a_real_grid(real_grid):
+    """The report's per-run table and `grid collect --summary` state the same divergence numbers, and both
+    match the largest grad norm and the spike total read straight from each run's metrics.jsonl."""
+    from harness.collect import collect_grid, divergence_summary
+    from reports.data import load_grid
+    from reports.stats import run_table
+
+    runs = run_table(load_grid(grid_dir=real_grid))
+    summary = divergence_summary(collect_grid(real_grid)).set_index(["arm", "seed"])
+    assert len(summary) == len(runs) == len(ARMS) * 2
+    for (arm, seed), row in runs.iterrows():
+        train = [r for r in read_jsonl(real_grid / arm / f"seed-{seed}" / "metrics.jsonl") if r["kind"] == "train"]
+        norms = [r[k] for r in train for k in ("grad_norm/max", "grad_norm/total")
+                 if isinstance(r.get(k), float) and math.isfinite(r[k])]
+        assert row["max_grad_norm"] == summary.loc[(arm, seed), "max_grad_norm"] == max(norms)
+        assert row["spikes"] == summary.loc[(arm, seed), "n_spikes"] == train[-1]["count/spikes"]
