@@ -333,34 +333,45 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, *, max_shift:
     return padded[torch.arange(b)[:, None, None], rows, cols].unsqueeze(1)
 
 
+def _fit_minibatches(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int,
+                     lr: float, batch: int, desc: str, progress: bool | None,
+                     batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]) -> None:
+    """The auxiliaries' training loop: random mini-batches from one seeded generator, AdamW, cosine decay to 2%
+    of ``lr``, one thread. ``batch_loss(x, y, gen)`` augments the batch with ``gen`` and returns the loss."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.02)
+    n = images.shape[0]
+    model.train()
+    with single_thread():
+        for _ in tqdm(range(steps), desc=desc, disable=None if progress is None else not progress, mininterval=1.0):
+            idx = torch.randint(0, n, (min(batch, n),), generator=gen)
+            loss = batch_loss(images[idx], labels[idx], gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
 def fit_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int,
                    noise_max: float, shift: bool, desc: str, progress: bool | None = None) -> None:
     """Cross-entropy with optional pixel-noise and 1-pixel-shift augmentation, AdamW, cosine decay.
 
     The noise std is drawn per sample in [0, noise_max].
     """
-    from tqdm.auto import tqdm
+    def batch_loss(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if shift:
+            x = random_shift(x, gen)
+        if noise_max > 0:
+            sigma = noise_max * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+            x = x + sigma * torch.randn(x.shape, generator=gen)
+        return F.cross_entropy(model(x), y)
 
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER_LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=CLASSIFIER_LR * 0.02)
-    n = images.shape[0]
-    model.train()
-    with single_thread():
-        for _ in tqdm(range(steps), desc=desc, disable=None if progress is None else not progress, mininterval=1.0):
-            idx = torch.randint(0, n, (min(CLASSIFIER_BATCH, n),), generator=gen)
-            x, y = images[idx], labels[idx]
-            if shift:
-                x = random_shift(x, gen)
-            if noise_max > 0:
-                sigma = noise_max * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
-                x = x + sigma * torch.randn(x.shape, generator=gen)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    _fit_minibatches(model, images, labels, steps=steps, seed=seed, lr=CLASSIFIER_LR, batch=CLASSIFIER_BATCH,
+                     desc=desc, progress=progress, batch_loss=batch_loss)
 
 
 @torch.no_grad()
@@ -545,27 +556,15 @@ def fit_proxy(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor,
               label_std: float, progress: bool | None = None) -> None:
     """MSE regression on noisy gold labels: 1-pixel shifts and pixel noise (std up to PROXY_NOISE_MAX) on the
     inputs, the gold score of the augmented image plus Gaussian label noise of std ``label_std`` as target."""
-    from tqdm.auto import tqdm
+    def batch_loss(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = random_shift(x, gen)
+        sigma = PROXY_NOISE_MAX * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+        x = x + sigma * torch.randn(x.shape, generator=gen)
+        target = gold_score(x, {"labels": y}) + label_std * torch.randn(x.shape[0], generator=gen)
+        return F.mse_loss(model(x, y), target)
 
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=PROXY_LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=PROXY_LR * 0.02)
-    n = images.shape[0]
-    model.train()
-    with single_thread():
-        for _ in tqdm(range(steps), desc="proxy reward", disable=None if progress is None else not progress,
-                      mininterval=1.0):
-            idx = torch.randint(0, n, (min(PROXY_BATCH, n),), generator=gen)
-            x, y = random_shift(images[idx], gen), labels[idx]
-            sigma = PROXY_NOISE_MAX * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
-            x = x + sigma * torch.randn(x.shape, generator=gen)
-            target = gold_score(x, {"labels": y}) + label_std * torch.randn(x.shape[0], generator=gen)
-            loss = F.mse_loss(model(x, y), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    _fit_minibatches(model, images, labels, steps=steps, seed=seed, lr=PROXY_LR, batch=PROXY_BATCH,
+                     desc="proxy reward", progress=progress, batch_loss=batch_loss)
 
 
 @torch.no_grad()
