@@ -283,10 +283,16 @@ def _randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like
     return z.to(device=like.device, dtype=torch.float32)
 
 
+def _to_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class TwinFlow:
     """TwinFlow training objective; ``loss(...)`` does every forward of one training step."""
 
-    def __init__(self, cfg: MethodConfig, *, time_samplers: Mapping[str, TimeSampler]):
+    def __init__(self, cfg: MethodConfig, *, time_samplers: Mapping[str, TimeSampler], with_rect_grad: bool = True):
+        """``with_rect_grad``: return the rectification term's output gradient (``TwinFlowOutput.rect_grad``),
+        which only the output-space RL clip reads; the trainer turns it off otherwise (an autograd pass a step)."""
         if cfg.layout not in LAYOUTS:
             raise ValueError(f"method.layout: unknown layout {cfg.layout!r}; valid: {', '.join(map(repr, LAYOUTS))}")
         if cfg.loss not in LOSSES:
@@ -295,6 +301,7 @@ class TwinFlow:
         if missing:
             raise ValueError(f"time_samplers: missing {missing}; need {', '.join(map(repr, TIME_KEYS))}")
         self.cfg = cfg
+        self.with_rect_grad = with_rect_grad
         self.layout = cfg.layout
         self.loss_kind = cfg.loss
         self.time_samplers = dict(time_samplers)
@@ -329,7 +336,7 @@ class TwinFlow:
 
     def _rectify(self, model: FlowModel, F_gen: torch.Tensor, x_gen: torch.Tensor, cond: Cond,
                  generator: torch.Generator, step: int,
-                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(loss_rect, dV, rect_grad)``; rect_grad = ``d(rect_weight * loss_rect)/dF_gen`` (no graph)."""
         n = x_gen.shape[0]
         s = self.time_samplers["rect"].sample(n, generator=generator, step=step).to(x_gen.device)
@@ -337,7 +344,7 @@ class TwinFlow:
         dv = rectify_delta(model=model, x_gen=x_gen, cond=cond, s=s, noise=noise, clamp=self.cfg.target_clamp,
                            rows=rows)
         loss_rect = self._rho(F_gen, (F_gen.detach().float() - dv)).mean()
-        return loss_rect, dv, self._rect_output_grad(F_gen, dv)
+        return loss_rect, dv, (self._rect_output_grad(F_gen, dv) if self.with_rect_grad else None)
 
     def _rect_output_grad(self, F_gen: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
         """The rectification term's actual gradient on the generator output (the output-space RL clip's yardstick).
@@ -420,7 +427,7 @@ class TwinFlow:
             x_gen = x_hat(x_t[:n_e2e].to(F.dtype), 1.0, F_gen)
             cond_gen = cond_rows(cond, slice(0, n_e2e))
             loss_rect, dv, rect_grad = self._rectify(model, F_gen, x_gen, cond_gen, generator, step, rows)
-            dv, rect_grad = dv.to(x_gen.dtype), rect_grad.to(x_gen.dtype)
+            dv, rect_grad = dv.to(x_gen.dtype), _to_dtype(rect_grad, x_gen.dtype)
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond_gen,
                               dv=dv, rect_grad=rect_grad, forward_rows=rows.as_dict(),
@@ -474,5 +481,5 @@ class TwinFlow:
         loss_main = loss_any + loss_real + loss_gen + loss_adv
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond,
-                              dv=dv.to(x_gen.dtype), rect_grad=rect_grad.to(x_gen.dtype), forward_rows=rows.as_dict(),
+                              dv=dv.to(x_gen.dtype), rect_grad=_to_dtype(rect_grad, x_gen.dtype), forward_rows=rows.as_dict(),
                               group_sizes={k: B for k in GROUPS})

@@ -276,7 +276,8 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
         guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
     samplers = build_time_samplers(cfg.renoise)
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
-               method=TwinFlow(cfg.method, time_samplers=samplers), time_samplers=samplers,
+               method=TwinFlow(cfg.method, time_samplers=samplers,
+                               with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
                policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
                evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
                fsdp=use_fsdp(cfg.parallel, family=cfg.model.family, world=d.world),

@@ -164,3 +164,15 @@ def test_preflight_checks_the_launchers_world_size(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="0 of the 2 rows per rank per micro-batch"):
         trainer.preflight(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layout", ["partitioned", "tutorial"])
+def test_rect_grad_is_computed_only_when_asked_and_changes_nothing_else(layout):
+    x, c = batch(16)
+    outs = {}
+    for flag in (True, False):
+        m = TwinFlow(MethodConfig(layout=layout), time_samplers=build_time_samplers(RenoiseConfig()), with_rect_grad=flag)
+        outs[flag] = m.loss(model=tiny_model(0), target=tiny_model(0), x=x, cond=c,
+                            generator=torch.Generator().manual_seed(0), step=0)
+    assert outs[True].rect_grad is not None and outs[False].rect_grad is None
+    assert torch.equal(outs[True].loss, outs[False].loss) and torch.equal(outs[True].dv, outs[False].dv)
