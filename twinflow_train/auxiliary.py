@@ -458,16 +458,7 @@ class DigitsReward(nn.Module):
         self.classifier = _frozen(classifier)
 
     def forward(self, images: torch.Tensor, prompts: Cond) -> torch.Tensor:
-        if "labels" not in prompts:
-            raise KeyError(f"DigitsReward needs prompts['labels']; got keys {sorted(prompts)}")
-        labels = prompts["labels"]
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"DigitsReward: prompts['labels'] has shape {list(labels.shape)}, "
-                             f"expected [{images.shape[0]}] (one class per image)")
-        # a host sync, but an out-of-range class would otherwise index silently (CPU) or assert (CUDA)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-            raise ValueError(f"DigitsReward: prompt classes must be in [0, {NUM_CLASSES}) "
-                             f"(got min {int(labels.min())}, max {int(labels.max())}; the null prompt has no reward)")
+        labels = _checked_labels(images, prompts, "DigitsReward")
         logp = F.log_softmax(self.classifier(images).float(), dim=-1)
         return logp.gather(1, labels.long().view(-1, 1)).squeeze(1)
 
@@ -615,8 +606,12 @@ def _checked_labels(images: torch.Tensor, prompts: Cond, who: str) -> torch.Tens
         raise KeyError(f"{who} needs prompts['labels']; got keys {sorted(prompts)}")
     labels = prompts["labels"]
     if labels.shape != (images.shape[0],):
-        raise ValueError(f"{who}: prompts['labels'] has shape {list(labels.shape)}, expected [{images.shape[0]}]")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-        raise ValueError(f"{who}: prompt classes must be in [0, {NUM_CLASSES}) "
-                         f"(got min {int(labels.min())}, max {int(labels.max())}; the null prompt has no reward)")
+        raise ValueError(f"{who}: prompts['labels'] has shape {list(labels.shape)}, "
+                         f"expected [{images.shape[0]}] (one class per image)")
+    if labels.numel():
+        # one host sync, but an out-of-range class would otherwise index silently (CPU) or assert (CUDA)
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        if lo < 0 or hi >= NUM_CLASSES:
+            raise ValueError(f"{who}: prompt classes must be in [0, {NUM_CLASSES}) "
+                             f"(got min {lo}, max {hi}; the null prompt has no reward)")
     return labels
