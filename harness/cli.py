@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from twinflow_train.rundir import RESTART_FLAG
 from twinflow_train.yamlio import InputError, dir_problem, parse_value, reading_input
 
 
@@ -93,7 +94,7 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
                    help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
                    "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
-    p.add_argument("--restart-on-corrupt", action="store_true", help="a run whose checkpoints all fail to verify "
+    p.add_argument(RESTART_FLAG, action="store_true", help="a run whose checkpoints all fail to verify "
                    "starts again from step 0 (default: it fails, naming them)")
     p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
                    "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")

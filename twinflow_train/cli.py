@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+from .rundir import RESTART_FLAG
 from .yamlio import INT_MAX, InputError, dir_problem, reading_input
 
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher)
     p = sub.add_parser("fit", help="TwinFlow distillation into a run directory (resumes automatically)")
     _common(p, run_dir=True)
-    p.add_argument("--restart-on-corrupt", action="store_true", help="when the run directory holds checkpoints "
+    p.add_argument(RESTART_FLAG, action="store_true", help="when the run directory holds checkpoints "
                    "but none verifies, start again from step 0 (default: fail, naming them)")
     p.set_defaults(func=cmd_fit)
     for name, func, text in (("sample", cmd_sample, "fixed-noise samples (.npz + .png) from a run's weights"),
