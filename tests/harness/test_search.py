@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from harness.collect import run_statuses
 from harness.launchers import LocalLauncher
+from harness.matrix import load_matrix
 from harness.monitor import pid_is_trainer
 from harness.search import Owner, Search, main, open_study, stale_reason, storage_for, this_process
 from harness.search_spec import SearchSpecError, load_search_spec
@@ -118,7 +119,13 @@ def test_example_spec_and_matrix_arm_base_load():
     assert spec.config({"rl.weight": 0.01}).rl.weight == 0.01
     assert spec.objective.metrics == ("val/fd_nfe2", "val/proxy_nfe2")
     assert spec.objective.directions == ("minimize", "maximize") and spec.objective.record == ("val/gold_nfe2",)
-    assert spec.pruner.kind == "none" and (spec.parameters[0].low, spec.parameters[0].high) == (0.1, 300.0)
+    assert spec.pruner.kind == "none" and (spec.parameters[0].low, spec.parameters[0].high) == (0.1, 30.0)
+    # the ladder's own rl_hard arm: a weight on the front is one the ladder can run as is
+    ladder = load_matrix(REPO / "ablations" / "blog-digits.yaml", root=Path("/nonexistent"))
+    rl_hard = next(r.config for r in ladder.runs if r.arm == "rl_hard")
+    cfg = spec.config({"rl.weight": 2.0})
+    assert (cfg.run.steps, cfg.rl.warmup, cfg.rl.reward, cfg.eval.n_samples) == (
+        rl_hard.run.steps, rl_hard.rl.warmup, rl_hard.rl.reward, rl_hard.eval.n_samples)
 
 
 def test_matrix_arm_as_base(tmp_path):
