@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twinflow_train.rundir import RESTART_FLAG
-from twinflow_train.yamlio import InputError, dir_problem, parse_value, reading_input
+from twinflow_train.yamlio import InputError, dir_problem, reading_input
+
+from .launchers import add_launcher_arguments
 
 
 @dataclass(frozen=True)
@@ -61,37 +63,13 @@ def _load(args: argparse.Namespace, problems: list[str] | None = None) -> Any:
     return grid
 
 
-def parse_launcher_params(items: list[str]) -> dict[str, Any]:
-    """``--slurm-param KEY=VALUE`` items -> a dict, the values read as YAML; raises ``InputError``."""
-    out: dict[str, Any] = {}
-    problems = []
-    for item in items:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            problems.append(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
-            continue
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = parse_value(v, where=f"--slurm-param {item!r}")
-        except InputError as e:
-            problems += e.problems
-    if problems:
-        raise InputError(problems)
-    return out
-
-
 def grid_run_args(p: argparse.ArgumentParser) -> None:
     _matrix_args(p)
     p.add_argument("--workers", type=int, default=1, help="runs in flight at once (local: the cores are divided "
                    "between them)")
-    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
+    add_launcher_arguments(p)
     p.add_argument("--retries", type=int, default=0, help="start a failed run again up to this many times "
                    "(counted over every invocation; diverged runs are final)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
-                   "and slurm (default 1)")
-    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
-                   help="submitit backend: a Slurm cluster, or submitit's local executor")
-    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
                    "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
     p.add_argument(RESTART_FLAG, action="store_true", help="a run whose checkpoints all fail to verify "
@@ -102,18 +80,16 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
 
 def grid_run(args: argparse.Namespace) -> int:
     from .grid import run_grid
-    from .launchers import make_launcher
+    from .launchers import make_launcher, parse_launcher_params
 
     problems = []
     if args.workers < 1:
         problems.append(f"--workers must be >= 1 (got {args.workers})")
     if args.retries < 0:
         problems.append(f"--retries must be >= 0 (got {args.retries})")
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
     params: dict[str, Any] = {}
     try:
-        params = parse_launcher_params(args.slurm_param)
+        params = parse_launcher_params(args)
     except InputError as e:
         problems += e.problems
     grid = _load(args, problems)
