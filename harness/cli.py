@@ -1,10 +1,11 @@
-"""``twinflow-lab``: ablation grids (run, status, collect) and the commands other packages register.
+"""The harness's commands (``grid run``, ``grid status``, ``grid collect``, ``grid plan``, ``search``)
+and the command-line machinery ``twinflow_lab.cli`` builds the ``twinflow-lab`` command from.
 
 Commands live in ``COMMANDS``: a space-separated command path -> either a
-``Command`` or the name of a module that defines ``HELP: str``,
-``add_arguments(parser)`` and ``run(args) -> int``. Adding a command is one line,
-e.g. ``"report": "reports.cli"`` or ``"search run": "harness.search"``; the module
-is imported only when the parser is built.
+``Command`` or the name of a harness module that defines ``HELP: str``,
+``add_arguments(parser)`` and ``run(args) -> int`` (imported only when the parser is
+built). The harness knows nothing of the packages above it: the ``twinflow-lab``
+table adds ``report``. ``python -m harness.cli`` runs the harness's commands alone.
 
 Exit codes: 0 success; 2 bad matrix file or usage; 3 the grid ran but some run
 failed or diverged; 1 the grid could not run (a changed run, a failed teacher);
@@ -18,7 +19,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twinflow_train.rundir import RESTART_FLAG
 from twinflow_train.yamlio import InputError, dir_problem, reading_input
@@ -222,7 +223,6 @@ COMMANDS: dict[str, Command | str] = {
                             grid_collect_args, grid_collect),
     "grid plan": Command("per-rank GPU memory of every arm (Qwen-Image; meta tensors, no GPU) and whether it fits",
                          grid_plan_args, grid_plan),
-    "report": "reports.cli",
     "search": "harness.search",
 }
 
@@ -234,11 +234,11 @@ def _resolve(entry: Command | str) -> Command:
     return Command(getattr(mod, "HELP", mod.__doc__ or ""), mod.add_arguments, mod.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twinflow-lab", description="Ablation grids, reports and searches "
-                                     "for TwinFlow distillation.")
+def build_parser(commands: Mapping[str, Command | str] = COMMANDS, *, prog: str = "twinflow-lab",
+                 description: str = "Ablation grids and searches for TwinFlow distillation.") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="cmd0", required=True, metavar="COMMAND")}
-    for path, entry in COMMANDS.items():
+    for path, entry in commands.items():
         parts = tuple(path.split())
         for depth in range(1, len(parts)):
             prefix = parts[:depth]
@@ -252,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` with a ``build_parser`` parser and run the command; the exit status (see the module
+    docstring): 2 for what the user gave, 1 for a grid that cannot run, 130 when interrupted."""
     from .grid import GridError, GridInterrupted
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args._run(args))
     except InputError as e:  # what the user gave; anything else is an internal error and keeps its traceback
@@ -269,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, GridInterrupted) as e:
         _err(f"interrupted ({e or 'Ctrl-C'}); the runs in flight were stopped; re-run the same command to resume")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command_line(build_parser(), argv)
 
 
 if __name__ == "__main__":
