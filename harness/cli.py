@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from twinflow_train.rundir import RESTART_FLAG
 from twinflow_train.yamlio import InputError, dir_problem, reading_input
 
-from .launchers import add_launcher_arguments
+from .launchers import add_launcher_arguments, make_launcher, parse_launcher_params
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,6 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
 
 def grid_run(args: argparse.Namespace) -> int:
     from .grid import run_grid
-    from .launchers import make_launcher, parse_launcher_params
 
     problems = []
     if args.workers < 1:
