@@ -234,7 +234,8 @@ def _resolve(entry: Command | str) -> Command:
 
 
 def build_parser(commands: Mapping[str, Command | str] = COMMANDS, *, prog: str = "twinflow-lab",
-                 description: str = "Ablation grids and searches for TwinFlow distillation.") -> argparse.ArgumentParser:
+                 description: str = "Ablation grids and searches for TwinFlow distillation.",
+                 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="cmd0", required=True, metavar="COMMAND")}
     for path, entry in commands.items():

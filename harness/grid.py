@@ -29,9 +29,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from .launchers import Launcher
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
 from .runs import (HARNESS_DIR, ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
-                   prepare_shared_assets, start_run, status_or_none, stop_runs, supersede)
+                   prepare_shared_assets, sigterm_raises, start_run, status_or_none, stop_runs, supersede)
 from .store import write_grid_manifest
 
 Action = Literal["new", "resume", "retry", "skip", "exhausted", "changed"]
@@ -230,49 +228,38 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
     lock = GridLock(grid.grid_dir)
     lock.acquire({"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "launcher": launcher.kind, "slots": launcher.slots, "matrix": str(grid.matrix_path)})
-    # SIGTERM (a scheduler stopping the harness) unwinds like Ctrl-C so the runs in flight are stopped and
-    # recorded; handlers can only be set from the main thread
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = signal.getsignal(signal.SIGTERM) if main_thread else None
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise GridInterrupted(f"received {signal.Signals(signum).name}")
-
-    if main_thread:
-        signal.signal(signal.SIGTERM, on_term)
     try:
-        plans = plan_grid(grid, retries=retries, own_lock=True)
-        check(plans)
-        # the arm order and the claims, for readers of the grid directory (reports) that never load the matrix
-        write_grid_manifest(grid.grid_dir, kind="grid", source=grid.matrix_path, arms=[a.name for a in grid.arms],
-                            claims=[c.to_json() for c in grid.claims])
-        for p in plans:
-            if p.action == "changed":
-                supersede(p.spec, grid_dir=grid.grid_dir)
-                p.action = "new"
-        for p in plans:
-            if p.action not in LAUNCH_ACTIONS:
-                result.skipped.append(p.spec.key)
-                result.outcomes[p.spec.key] = (status_or_none(p.spec.run_dir) or {}).get("state", "?")
-        todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
-        display = LiveDisplay(stream, tty=tty)
-        stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
-                     f"skipped; {launcher.describe()}\n")
-        stream.flush()
-        if todo and prepare_teacher:
-            result.teacher_s = prepare_shared_assets(todo[0].spec, launcher, grid_dir=grid.grid_dir, stream=stream)
-        for p in todo:
-            prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
-        _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
-        monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
-        stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
-                                  title=f"grid {grid.name}: finished") + "\n")
-        stream.flush()
-        return result
+        with sigterm_raises(GridInterrupted):
+            plans = plan_grid(grid, retries=retries, own_lock=True)
+            check(plans)
+            # the arm order and the claims, for readers of the grid directory (reports) that never load the matrix
+            write_grid_manifest(grid.grid_dir, kind="grid", source=grid.matrix_path, arms=[a.name for a in grid.arms],
+                                claims=[c.to_json() for c in grid.claims])
+            for p in plans:
+                if p.action == "changed":
+                    supersede(p.spec, grid_dir=grid.grid_dir)
+                    p.action = "new"
+            for p in plans:
+                if p.action not in LAUNCH_ACTIONS:
+                    result.skipped.append(p.spec.key)
+                    result.outcomes[p.spec.key] = (status_or_none(p.spec.run_dir) or {}).get("state", "?")
+            todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
+            display = LiveDisplay(stream, tty=tty)
+            stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
+                         f"skipped; {launcher.describe()}\n")
+            stream.flush()
+            if todo and prepare_teacher:
+                result.teacher_s = prepare_shared_assets(todo[0].spec, launcher, grid_dir=grid.grid_dir, stream=stream)
+            for p in todo:
+                prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
+            _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
+                      poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
+            monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
+            stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
+                                      title=f"grid {grid.name}: finished") + "\n")
+            stream.flush()
+            return result
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
         lock.release()
 
 

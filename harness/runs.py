@@ -8,6 +8,7 @@ runs it:
 - ``prepare_run_dir``: ``launch.yaml``, ``harness.json`` (identity, attempts), ``status.json`` queued;
 - ``start_run`` / ``finish_run``: one attempt, from its launch to its recorded outcome;
 - ``stop_runs``: stop live runs (SIGTERM, SIGKILL after a grace period) and record why;
+- ``sigterm_raises``: SIGTERM stops the runs in flight as Ctrl-C does;
 - ``supersede``: set a directory of another identity aside under ``<grid>/.superseded/`` (never deleted);
 - ``prepare_shared_assets``: ``twinflow-train teacher`` once, before the runs start.
 
@@ -17,12 +18,14 @@ The files are those of ``harness.store`` (the harness's side of a run directory)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, TextIO
+from typing import Any, Iterator, Literal, Mapping, TextIO
 
 from twinflow_train.config import to_dict, to_yaml
 from twinflow_train.rundir import EXIT_DONE, EXIT_STATES, RESTART_FLAG
@@ -31,8 +34,8 @@ from .identity import wandb_run_id
 from .launchers import TRAINER_MODULE, Handle, Launcher, LaunchJob, LocalLauncher, SubmititHandle
 from .matrix import RunSpec
 from .monitor import pid_is_trainer
-from .store import (HARNESS_DIR, LAUNCH_CONFIG, LOG_DIR, Attempt, RunDirError, RunRecord, atomic_write_text, read_record,
-                    read_status, resume_step, write_record, write_status)
+from .store import (HARNESS_DIR, LAUNCH_CONFIG, LOG_DIR, Attempt, RunDirError, RunRecord, atomic_write_text,
+                    read_record, read_status, resume_step, write_record, write_status)
 
 DirKind = Literal["new", "done", "diverged", "retry", "resume", "changed", "alive"]
 ENDED = ("done", "failed", "diverged")
@@ -41,11 +44,13 @@ SUPERSEDED_DIR = ".superseded"
 STOP_GRACE_S = 15.0
 
 RunEnv = Mapping[str, Mapping[str, str]]
-"""Extra environment per arm name or per run key (``arm/seed-k``), e.g. ``{"crash": {"TWINFLOW_FAULT_AT_STEP": "5"}}``."""
+"""Extra environment per arm name or per run key (``arm/seed-k``), e.g.
+``{"crash": {"TWINFLOW_FAULT_AT_STEP": "5"}}`` (tests inject faults this way)."""
 
 
 class GridError(RuntimeError):
-    """Runs cannot be started as asked (a changed run, a run still alive, failed shared assets); nothing was launched."""
+    """Runs cannot be started as asked (a changed run, a run still alive, failed shared assets); nothing was
+    launched."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -314,6 +319,25 @@ def stop_runs(actives: list[ActiveRun], *, state: Literal["queued", "diverged"] 
         write_record(d, a.record)
         outcomes.append(None)
     return outcomes
+
+
+@contextlib.contextmanager
+def sigterm_raises(error: type[BaseException]) -> Iterator[None]:
+    """While the block runs, SIGTERM (a scheduler stopping the harness) raises ``error`` like Ctrl-C raises
+    KeyboardInterrupt, so the runs in flight are stopped and recorded. Handlers belong to the main thread: in
+    another thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise error(f"received {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- reasons

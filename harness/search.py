@@ -27,7 +27,6 @@ import argparse
 import csv
 import io
 import os
-import signal
 import socket
 import sys
 import threading
@@ -42,7 +41,7 @@ from twinflow_train.yamlio import InputError, dir_problem, is_number, reading_in
 
 from .identity import code_version
 from .launchers import Launcher, add_launcher_arguments, make_launcher, parse_launcher_params
-from .runs import GridError, prepare_shared_assets
+from .runs import GridError, prepare_shared_assets, sigterm_raises
 from .search_runs import TrialError, TrialExecutor, TrialResult
 from .search_spec import SearchSpec, SearchSpecError, load_search_spec, storage_problem
 from .store import HARNESS_DIR, atomic_write_json, atomic_write_text, write_grid_manifest
@@ -438,13 +437,6 @@ class Search:
         if counted < self.trials:
             if self.prepare_teacher:
                 self._ensure_teacher()
-            previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() \
-                else None
-            if previous is not None:
-                def on_term(signum: int, _frame: Any) -> None:
-                    raise SearchInterrupted(f"received {signal.Signals(signum).name}")
-
-                signal.signal(signal.SIGTERM, on_term)
             self._bar = tqdm(total=self.trials, initial=min(counted, self.trials), unit="trial",
                              desc=f"search {self.spec.name}", file=sys.stderr, disable=not self.progress)
             finished = [threading.Event() for _ in range(self.workers)]
@@ -457,27 +449,26 @@ class Search:
                 while not all(f.is_set() for f in finished):
                     time.sleep(0.1)
 
-            try:
-                for t in threads:
-                    t.start()
-                    time.sleep(0.05)  # stagger the first asks: the constant liar then sees the trial before it
-                wait_workers()
-            except (KeyboardInterrupt, SearchInterrupted) as e:
-                result.interrupted = True
-                self._stop.set()
-                self._emit(f"stopping ({e or 'Ctrl-C'}): running trials are stopped and will resume on a re-run")
-                while True:
-                    try:
-                        wait_workers()
-                        break
-                    except (KeyboardInterrupt, SearchInterrupted):
-                        # leaving now would orphan the runs' records half-written; the stop takes seconds
-                        self._emit("still stopping the running trials (at most 15 s per run)")
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
-                self._bar.close()
-                self._bar = None
+            with sigterm_raises(SearchInterrupted):
+                try:
+                    for t in threads:
+                        t.start()
+                        time.sleep(0.05)  # stagger the first asks: the constant liar then sees the trial before it
+                    wait_workers()
+                except (KeyboardInterrupt, SearchInterrupted) as e:
+                    result.interrupted = True
+                    self._stop.set()
+                    self._emit(f"stopping ({e or 'Ctrl-C'}): running trials are stopped and will resume on a re-run")
+                    while True:
+                        try:
+                            wait_workers()
+                            break
+                        except (KeyboardInterrupt, SearchInterrupted):
+                            # leaving now would orphan the runs' records half-written; the stop takes seconds
+                            self._emit("still stopping the running trials (at most 15 s per run)")
+                finally:
+                    self._bar.close()
+                    self._bar = None
         with self._lock:
             result.best_config = write_results(self.spec, self.study, self.study_dir, storage_name=storage_name)
         counts: dict[str, int] = {}
