@@ -87,6 +87,21 @@ class Claim:
     text: str
     tests: tuple[ClaimTest, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        """As the grid manifest stores it (``from_json`` reads it back)."""
+        return {"text": self.text, "tests": [{k: getattr(t, k) for k in ClaimTest.__dataclass_fields__}
+                                             for t in self.tests]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Claim":
+        tests = []
+        for t in data["tests"]:
+            t = dict(t)
+            window = t.get("window")
+            t["window"] = None if window is None else (int(window[0]), None if window[1] is None else int(window[1]))
+            tests.append(ClaimTest(**t))
+        return cls(text=str(data["text"]), tests=tuple(tests))
+
 
 def known_keys(cfg: "Config") -> set[str]:
     """metrics.jsonl keys a run of ``cfg`` writes (docs/run-directory.md): what a claim may name."""

@@ -1,10 +1,11 @@
-"""``twinflow-lab``: ablation grids (run, status, collect) and the commands other packages register.
+"""The harness's commands (``grid run``, ``grid status``, ``grid collect``, ``grid plan``, ``search``)
+and the command-line machinery ``twinflow_lab.cli`` builds the ``twinflow-lab`` command from.
 
 Commands live in ``COMMANDS``: a space-separated command path -> either a
-``Command`` or the name of a module that defines ``HELP: str``,
-``add_arguments(parser)`` and ``run(args) -> int``. Adding a command is one line,
-e.g. ``"report": "reports.cli"`` or ``"search run": "harness.search"``; the module
-is imported only when the parser is built.
+``Command`` or the name of a harness module that defines ``HELP: str``,
+``add_arguments(parser)`` and ``run(args) -> int`` (imported only when the parser is
+built). The harness knows nothing of the packages above it: the ``twinflow-lab``
+table adds ``report``. ``python -m harness.cli`` runs the harness's commands alone.
 
 Exit codes: 0 success; 2 bad matrix file or usage; 3 the grid ran but some run
 failed or diverged; 1 the grid could not run (a changed run, a failed teacher);
@@ -18,10 +19,12 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twinflow_train.rundir import RESTART_FLAG
-from twinflow_train.yamlio import InputError, dir_problem, parse_value, reading_input
+from twinflow_train.yamlio import InputError, dir_problem, reading_input
+
+from .launchers import add_launcher_arguments, make_launcher, parse_launcher_params
 
 
 @dataclass(frozen=True)
@@ -61,37 +64,13 @@ def _load(args: argparse.Namespace, problems: list[str] | None = None) -> Any:
     return grid
 
 
-def parse_launcher_params(items: list[str]) -> dict[str, Any]:
-    """``--slurm-param KEY=VALUE`` items -> a dict, the values read as YAML; raises ``InputError``."""
-    out: dict[str, Any] = {}
-    problems = []
-    for item in items:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            problems.append(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
-            continue
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = parse_value(v, where=f"--slurm-param {item!r}")
-        except InputError as e:
-            problems += e.problems
-    if problems:
-        raise InputError(problems)
-    return out
-
-
 def grid_run_args(p: argparse.ArgumentParser) -> None:
     _matrix_args(p)
     p.add_argument("--workers", type=int, default=1, help="runs in flight at once (local: the cores are divided "
                    "between them)")
-    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
+    add_launcher_arguments(p)
     p.add_argument("--retries", type=int, default=0, help="start a failed run again up to this many times "
                    "(counted over every invocation; diverged runs are final)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
-                   "and slurm (default 1)")
-    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
-                   help="submitit backend: a Slurm cluster, or submitit's local executor")
-    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate every run (plan, paths, weights, reward: the "
                    "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
     p.add_argument(RESTART_FLAG, action="store_true", help="a run whose checkpoints all fail to verify "
@@ -102,18 +81,15 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
 
 def grid_run(args: argparse.Namespace) -> int:
     from .grid import run_grid
-    from .launchers import make_launcher
 
     problems = []
     if args.workers < 1:
         problems.append(f"--workers must be >= 1 (got {args.workers})")
     if args.retries < 0:
         problems.append(f"--retries must be >= 0 (got {args.retries})")
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
     params: dict[str, Any] = {}
     try:
-        params = parse_launcher_params(args.slurm_param)
+        params = parse_launcher_params(args)
     except InputError as e:
         problems += e.problems
     grid = _load(args, problems)
@@ -246,7 +222,6 @@ COMMANDS: dict[str, Command | str] = {
                             grid_collect_args, grid_collect),
     "grid plan": Command("per-rank GPU memory of every arm (Qwen-Image; meta tensors, no GPU) and whether it fits",
                          grid_plan_args, grid_plan),
-    "report": "reports.cli",
     "search": "harness.search",
 }
 
@@ -258,11 +233,12 @@ def _resolve(entry: Command | str) -> Command:
     return Command(getattr(mod, "HELP", mod.__doc__ or ""), mod.add_arguments, mod.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twinflow-lab", description="Ablation grids, reports and searches "
-                                     "for TwinFlow distillation.")
+def build_parser(commands: Mapping[str, Command | str] = COMMANDS, *, prog: str = "twinflow-lab",
+                 description: str = "Ablation grids and searches for TwinFlow distillation.",
+                 ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     tree: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(dest="cmd0", required=True, metavar="COMMAND")}
-    for path, entry in COMMANDS.items():
+    for path, entry in commands.items():
         parts = tuple(path.split())
         for depth in range(1, len(parts)):
             prefix = parts[:depth]
@@ -276,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` with a ``build_parser`` parser and run the command; the exit status (see the module
+    docstring): 2 for what the user gave, 1 for a grid that cannot run, 130 when interrupted."""
     from .grid import GridError, GridInterrupted
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args._run(args))
     except InputError as e:  # what the user gave; anything else is an internal error and keeps its traceback
@@ -293,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, GridInterrupted) as e:
         _err(f"interrupted ({e or 'Ctrl-C'}); the runs in flight were stopped; re-run the same command to resume")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command_line(build_parser(), argv)
 
 
 if __name__ == "__main__":

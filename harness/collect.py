@@ -1,6 +1,6 @@
 """Telemetry of a grid as pandas tables, read from run directories alone.
 
-Three functions with stable signatures (the reports package imports them):
+Four functions with stable signatures (the reports package imports them):
 
 ``collect_grid(grid_dir, *, use_cache=True, on_bad_line="raise") -> DataFrame``
     One row per metrics record of every run (``event`` records, which are not
@@ -17,12 +17,19 @@ Three functions with stable signatures (the reports package imports them):
 
 ``run_statuses(grid_dir) -> DataFrame``
     One row per run: ``arm``, ``seed``, ``state``, ``reason``, ``step``, ``wall_s``,
-    ``run_dir``, plus ``attempts``, ``identity`` and ``problem``. ``state`` is status.json's,
+    ``run_dir``, plus ``attempts``, ``identity``, ``created`` (when the harness made the run directory,
+    seconds since the epoch; NaN without ``harness.json``) and ``problem``. ``state`` is status.json's,
     except a ``running`` run that no harness and no live process is running, shown as
     ``interrupted``; ``step`` and ``wall_s`` (the last ``time/wall_s``, summed over resumes)
     come from the end of metrics.jsonl, read from the end of the file. ``problem`` names a
     file of the run that could not be read (status.json, harness.json, a bad metrics line
     in the part read); such a run is still listed.
+
+``grid_manifest(grid_dir) -> dict | None``
+    What the harness wrote about the grid as a whole (``<grid>/.harness/grid.json``): ``kind``
+    (``grid`` | ``search``), ``source`` (the matrix or search spec), ``arms`` (the matrix's
+    order; None for a search), ``claims`` (``harness.claims.Claim.to_json``). None for a grid
+    run before the harness wrote one; ``RunDirError`` when the file does not parse.
 
 ``divergence_summary(df, *, rise_k=3) -> DataFrame``
     One row per run of a ``collect_grid`` table: ``grid``, ``arm``, ``seed``,
@@ -42,10 +49,12 @@ import pandas as pd
 
 from twinflow_train.rundir import atomic_path, read_metrics, record_kind, tail_metrics
 
-from .store import HARNESS_FILE, METRICS_FILE, RunDirError, iter_run_dirs, read_json, read_status
+from .store import (HARNESS_FILE, METRICS_FILE, RunDirError, iter_run_dirs, read_grid_manifest, read_json,
+                    read_status)
 
 ID_COLUMNS = ["grid", "arm", "seed", "run_dir", "kind", "step"]
-STATUS_COLUMNS = ["arm", "seed", "state", "reason", "step", "wall_s", "run_dir", "attempts", "identity", "problem"]
+STATUS_COLUMNS = ["arm", "seed", "state", "reason", "step", "wall_s", "run_dir", "attempts", "identity", "created",
+                  "problem"]
 SUMMARY_COLUMNS = ["grid", "arm", "seed", "run_dir", "first_nonfinite_step", "n_spikes", "max_grad_norm",
                    "val_rise_step", "val_rise_k"]
 CACHE_NAME = "metrics.parquet"
@@ -143,6 +152,11 @@ def collect_grid(grid_dir: str | Path, *, use_cache: bool = True,
     return df
 
 
+def grid_manifest(grid_dir: str | Path) -> dict[str, Any] | None:
+    """The grid manifest (see the module docstring)."""
+    return read_grid_manifest(Path(grid_dir))
+
+
 def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
     """One row per run of a grid: state, reason, last step, wall-clock seconds (see the module docstring)."""
     from .grid import grid_is_live
@@ -176,11 +190,13 @@ def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
         rows.append({"arm": arm, "seed": seed, "state": state, "reason": status.get("reason"), "step": step,
                      "wall_s": float(wall) if isinstance(wall, (int, float)) else float("nan"),
                      "run_dir": str(run_dir), "attempts": len(record.get("attempts", [])),
-                     "identity": record.get("identity"), "problem": "; ".join(problems) or None})
+                     "identity": record.get("identity"), "created": float(record.get("created") or "nan"),
+                     "problem": "; ".join(problems) or None})
     df = pd.DataFrame(rows, columns=STATUS_COLUMNS)
     df["seed"] = df["seed"].astype("int64")
     df["step"] = df["step"].astype("int64")
     df["attempts"] = df["attempts"].astype("int64")
+    df["created"] = df["created"].astype("float64")
     return df
 
 

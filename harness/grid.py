@@ -19,7 +19,8 @@ code changed), or no ``harness.json``   "supersede"``: the old directory is move
                                         (never deleted) and the run starts fresh
 =====================================  ===============================================
 
-Only one harness runs a grid at a time (``<grid>/.harness/lock``, an OS lock that a
+The states come from ``harness.runs.classify``, the executor grids and searches share (prepare,
+start, finish, stop, supersede). Only one harness runs a grid at a time (``<grid>/.harness/lock``, an OS lock that a
 killed harness releases by dying).
 """
 
@@ -28,36 +29,23 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
-from twinflow_train.config import to_dict, to_yaml
-from twinflow_train.rundir import EXIT_DONE, EXIT_STATES, RESTART_FLAG
-
-from .identity import wandb_run_id
-from .launchers import TRAINER_MODULE, Handle, Launcher, LaunchJob, LocalLauncher, SubmititHandle
+from .launchers import Launcher
 from .matrix import Grid, RunSpec
-from .monitor import GridMonitor, LiveDisplay, pid_is_trainer, render_table
-from .store import (LAUNCH_CONFIG, LOG_DIR, Attempt, RunDirError, RunRecord, atomic_write_text, read_record,
-                    read_status, resume_step, write_record, write_status)
+from .monitor import GridMonitor, LiveDisplay, render_table
+from .runs import (HARNESS_DIR, ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
+                   prepare_shared_assets, sigterm_raises, start_run, status_or_none, stop_runs, supersede)
+from .store import write_grid_manifest
 
 Action = Literal["new", "resume", "retry", "skip", "exhausted", "changed"]
 LAUNCH_ACTIONS = ("new", "resume", "retry")
-HARNESS_DIR = ".harness"
-SUPERSEDED_DIR = ".superseded"
-
-
-class GridError(RuntimeError):
-    """The grid cannot be run as asked (a changed run, a run still alive, a failed teacher); nothing was launched."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+__all__ = ["GridError", "GridInterrupted", "GridLock", "GridResult", "PlannedRun", "RunCheck", "dry_run_grid",
+           "grid_is_live", "lock_info", "plan_grid", "run_grid"]
 
 
 class GridInterrupted(Exception):
@@ -134,34 +122,6 @@ class PlannedRun:
     note: str = ""
 
 
-def _changed_note(spec: RunSpec, record: RunRecord, code: str) -> str:
-    parts = []
-    if record.code_version != code:
-        parts.append(f"trainer code changed ({record.code_version} -> {code})")
-    launch = spec.run_dir / LAUNCH_CONFIG
-    if launch.is_file():
-        import yaml
-
-        before = _flat(yaml.safe_load(launch.read_text()) or {})
-        after = _flat(to_dict(spec.config))
-        keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        if keys:
-            shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys[:5])
-            parts.append(f"config changed ({shown}{', ...' if len(keys) > 5 else ''})")
-    return "; ".join(parts) or f"identity {record.identity} != {spec.identity}"
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[PlannedRun]:
     """What to do with every run of ``grid`` given its directory (read-only). See the module docstring.
 
@@ -176,46 +136,16 @@ def plan_grid(grid: Grid, *, retries: int = 0, own_lock: bool = False) -> list[P
                          f"started {info.get('started_at', '?')}); `twinflow-lab grid status` shows its progress"])
     plans = []
     for spec in grid.runs:
-        d = spec.run_dir
-        if not d.is_dir() or not any(d.iterdir()):
-            plans.append(PlannedRun(spec, "new"))
-            continue
-        try:
-            record = read_record(d)
-        except (RunDirError, TypeError) as e:  # its identity cannot be told: like a directory of unknown origin
-            plans.append(PlannedRun(spec, "changed", f"its harness.json does not load ({e})"))
-            continue
-        if record is None:
-            plans.append(PlannedRun(spec, "changed", "the directory exists but was not made by the harness "
-                                                     "(no harness.json)"))
-            continue
-        if record.identity != spec.identity:
-            plans.append(PlannedRun(spec, "changed", _changed_note(spec, record, grid.code_version)))
-            continue
-        try:
-            status = read_status(d)
-        except RunDirError as e:  # this run alone: resume it from its newest checkpoint, which the trainer verifies
-            step = resume_step(d)
-            plans.append(PlannedRun(spec, "resume" if step else "new", f"{e}; resumes from step {step}"))
-            continue
-        state = status["state"] if status else None
-        if state == "done":
-            plans.append(PlannedRun(spec, "skip", "done"))
-        elif state == "diverged":
-            plans.append(PlannedRun(spec, "skip", f"diverged: {status.get('reason')}"))
-        elif state == "failed":
-            if record.failures <= retries:
-                plans.append(PlannedRun(spec, "retry", f"failed {record.failures} time(s): {status.get('reason')}"))
-            else:
-                plans.append(PlannedRun(spec, "exhausted", f"failed {record.failures} time(s), retries={retries}: "
-                                                           f"{status.get('reason')}"))
-        elif state == "running" and pid_is_trainer(status.get("pid")):
-            raise GridError([f"{d}: run {spec.key} is still running (pid {status.get('pid')}); "
-                             "wait for it or stop it before re-running the grid"])
+        state = classify(spec, code_version=grid.code_version)
+        if state.kind == "alive":
+            raise GridError([f"{state.note}; wait for it or stop it before re-running the grid"])
+        if state.kind in ("done", "diverged"):
+            plans.append(PlannedRun(spec, "skip", state.note))
+        elif state.kind == "retry" and state.failures > retries:
+            plans.append(PlannedRun(spec, "exhausted", f"failed {state.failures} time(s), retries={retries}: "
+                                                       f"{state.reason}"))
         else:
-            step = resume_step(d)
-            note = f"interrupted; resumes from step {step}" if step else "interrupted before a checkpoint"
-            plans.append(PlannedRun(spec, "resume" if step else "new", note))
+            plans.append(PlannedRun(spec, state.kind, state.note))
     return plans
 
 
@@ -267,41 +197,9 @@ class GridResult:
         return 0 if all(v == "done" for v in self.outcomes.values()) else 3
 
 
-@dataclass
-class _Active:
-    spec: RunSpec
-    handle: Handle
-    record: RunRecord
-    attempt: Attempt
-
-
-def _tail_reason(log_path: Path, limit: int = 300) -> str | None:
-    """Last meaningful line of a log (the exception line of a traceback)."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    # "$ ..." lines are the launch commands the launchers write, not output of the process
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("$ ")]
-    return lines[-1][:limit] if lines else None
-
-
-def _exit_text(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exit code {rc}"
-
-
 def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
              on_changed: Literal["error", "supersede"] = "error",
-             run_env: Mapping[str, Mapping[str, str]] | None = None,
+             run_env: RunEnv | None = None,
              stream: TextIO | None = None, tty: bool | None = None, poll_s: float = 0.1,
              prepare_teacher: bool = True, restart_on_corrupt: bool = False) -> GridResult:
     """Launch every run of ``grid`` that is not done, watch them, record what happened.
@@ -330,207 +228,53 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
     lock = GridLock(grid.grid_dir)
     lock.acquire({"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "launcher": launcher.kind, "slots": launcher.slots, "matrix": str(grid.matrix_path)})
-    # SIGTERM (a scheduler stopping the harness) unwinds like Ctrl-C so the runs in flight are stopped and
-    # recorded; handlers can only be set from the main thread
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = signal.getsignal(signal.SIGTERM) if main_thread else None
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise GridInterrupted(f"received {signal.Signals(signum).name}")
-
-    if main_thread:
-        signal.signal(signal.SIGTERM, on_term)
     try:
-        plans = plan_grid(grid, retries=retries, own_lock=True)
-        check(plans)
-        for p in plans:
-            if p.action == "changed":
-                _supersede(grid, p.spec)
-                p.action = "new"
-        for p in plans:
-            if p.action not in LAUNCH_ACTIONS:
-                result.skipped.append(p.spec.key)
-                result.outcomes[p.spec.key] = (_status_or_none(p.spec.run_dir) or {}).get("state", "?")
-        todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
-        display = LiveDisplay(stream, tty=tty)
-        stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
-                     f"skipped; {launcher.describe()}\n")
-        stream.flush()
-        if todo and prepare_teacher:
-            result.teacher_s = _prepare_teacher(grid, todo[0].spec, launcher, display)
-        for p in todo:
-            _prepare_run_dir(grid, p.spec)
-        _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
-        monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
-        stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
-                                  title=f"grid {grid.name}: finished") + "\n")
-        stream.flush()
-        return result
+        with sigterm_raises(GridInterrupted):
+            plans = plan_grid(grid, retries=retries, own_lock=True)
+            check(plans)
+            # the arm order and the claims, for readers of the grid directory (reports) that never load the matrix
+            write_grid_manifest(grid.grid_dir, kind="grid", source=grid.matrix_path, arms=[a.name for a in grid.arms],
+                                claims=[c.to_json() for c in grid.claims])
+            for p in plans:
+                if p.action == "changed":
+                    supersede(p.spec, grid_dir=grid.grid_dir)
+                    p.action = "new"
+            for p in plans:
+                if p.action not in LAUNCH_ACTIONS:
+                    result.skipped.append(p.spec.key)
+                    result.outcomes[p.spec.key] = (status_or_none(p.spec.run_dir) or {}).get("state", "?")
+            todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
+            display = LiveDisplay(stream, tty=tty)
+            stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
+                         f"skipped; {launcher.describe()}\n")
+            stream.flush()
+            if todo and prepare_teacher:
+                result.teacher_s = prepare_shared_assets(todo[0].spec, launcher, grid_dir=grid.grid_dir, stream=stream)
+            for p in todo:
+                prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
+            _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
+                      poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
+            monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
+            stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
+                                      title=f"grid {grid.name}: finished") + "\n")
+            stream.flush()
+            return result
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
         lock.release()
 
 
-def _supersede(grid: Grid, spec: RunSpec) -> None:
-    try:
-        record = read_record(spec.run_dir)
-    except (RunDirError, TypeError):
-        record = None
-    old = record.identity if record else "unknown"
-    dest = grid.grid_dir / SUPERSEDED_DIR / spec.arm / f"seed-{spec.seed}-{old}"
-    n = 1
-    while dest.exists():
-        dest = dest.with_name(f"seed-{spec.seed}-{old}.{n}")
-        n += 1
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(spec.run_dir, dest)
-
-
-def _prepare_teacher(grid: Grid, spec: RunSpec, launcher: Launcher, display: LiveDisplay) -> float:
-    """``twinflow-train teacher`` once, with the first run's resolved config (the cache is process-safe).
-
-    Nothing to do where the base weights come from the model directory (Qwen-Image ``from_pretrained``
-    layout): there is no teacher to train, and the runs' preflight checks the directory."""
-    from twinflow_train.teacher import base_weights_in_model
-
-    if base_weights_in_model(spec.config):
-        display.stream.write("base weights come from the model directory; no teacher preparation step\n")
-        display.stream.flush()
-        return 0.0
-    hdir = grid.grid_dir / HARNESS_DIR
-    cfg_path = hdir / "teacher.yaml"
-    atomic_write_text(cfg_path, to_yaml(spec.config))
-    log = hdir / "teacher.log"
-    # single-process work: locally it gets every core, on Slurm it is a job like the runs
-    runner = launcher if launcher.kind == "slurm" else LocalLauncher(
-        workers=1, module=getattr(launcher, "module", TRAINER_MODULE))
-    display.stream.write(f"preparing shared assets (teacher, codec, reward, eval nets) -> {log}\n")
-    display.stream.flush()
-    t0 = time.perf_counter()
-    rc = runner.run_blocking(LaunchJob(name="teacher", argv=["teacher", "--config", str(cfg_path.resolve()),
-                                                             "--no-progress"], log_path=log))
-    if rc != 0:
-        raise GridError([f"teacher preparation failed ({_exit_text(rc)}): {_tail_reason(log)} (log: {log})"])
-    return time.perf_counter() - t0
-
-
-def _prepare_run_dir(grid: Grid, spec: RunSpec) -> None:
-    d = spec.run_dir
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / LAUNCH_CONFIG, to_yaml(spec.config))
-    record = read_record(d)
-    if record is None:
-        write_record(d, RunRecord(identity=spec.identity, config_hash=spec.config_hash,
-                                  code_version=grid.code_version, grid=grid.name, arm=spec.arm, seed=spec.seed,
-                                  matrix=str(grid.matrix_path), overrides=spec.overrides))
-    elif record.attempts and record.attempts[-1].ended is None:
-        # the previous harness was killed with this attempt in flight: close it in the history
-        last = record.attempts[-1]
-        traces = [p for p in (d / (last.log or ""), d / "metrics.jsonl") if p.is_file()]
-        last.ended = max((p.stat().st_mtime for p in traces), default=time.time())  # its last sign of life
-        last.outcome, last.reason = "interrupted", "the harness was killed while the run was in flight"
-        write_record(d, record)
-    status = _status_or_none(d)
-    write_status(d, "queued", step=int(status.get("step") or 0) if status else resume_step(d),
-                 config_hash=spec.config_hash)
-
-
-def _status_or_none(run_dir: Path) -> dict[str, Any] | None:
-    """status.json where the harness is about to rewrite it: an unreadable one counts as none."""
-    try:
-        return read_status(run_dir)
-    except RunDirError:
-        return None
-
-
-def _env_for(spec: RunSpec, run_env: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-    env = {"WANDB_RUN_ID": wandb_run_id(spec.identity), "WANDB_RESUME": "allow"}
-    env.update(run_env.get(spec.arm, {}))
-    env.update(run_env.get(spec.key, {}))
-    return {k: str(v) for k, v in env.items()}
-
-
-def _start(spec: RunSpec, launcher: Launcher, run_env: Mapping[str, Mapping[str, str]], *,
-           restart_on_corrupt: bool = False) -> _Active:
-    d = spec.run_dir
-    record = read_record(d)
-    assert record is not None, d
-    number = len(record.attempts) + 1
-    log_rel = f"{LOG_DIR}/attempt-{number}.log"
-    attempt = Attempt(number=number, launcher=launcher.kind, started=time.time(), log=log_rel,
-                      start_step=resume_step(d))
-    record.attempts.append(attempt)
-    write_record(d, record)
-    job = LaunchJob(name=spec.key, log_path=d / log_rel, env=_env_for(spec, run_env),
-                    argv=["fit", "--config", str((d / LAUNCH_CONFIG).resolve()), "--run-dir", str(d.resolve()),
-                          "--no-progress", *([RESTART_FLAG] if restart_on_corrupt else [])])
-    handle = launcher.start(job)
-    return _Active(spec=spec, handle=handle, record=record, attempt=attempt)
-
-
-def _finish(active: _Active, rc: int) -> str:
-    """Record the attempt's outcome from status.json (and the exit code when the trainer could not write it)."""
-    spec, attempt, d = active.spec, active.attempt, active.spec.run_dir
-    status = _status_or_none(d) or {}
-    state = status.get("state")
-    fresh = float(status.get("updated") or 0) >= attempt.started - 1.0
-    expected = EXIT_STATES.get(rc)
-    if state in ("done", "failed", "diverged") and fresh and (expected is None or expected == state):
-        outcome, reason = state, status.get("reason")
-    else:
-        # the trainer died without writing its end (signal, OOM, crash in start-up) or
-        # contradicts its exit code: record a failure with what we know
-        outcome = "failed"
-        scheduler = getattr(active.handle, "error", None) if isinstance(active.handle, SubmititHandle) else None
-        tail = _tail_reason(d / (attempt.log or ""))
-        if rc == EXIT_DONE and state != "done":
-            reason = f"exited 0 but status.json says {state!r}"
-        else:
-            reason = "; ".join(x for x in (_exit_text(rc), scheduler, tail) if x)
-        write_status(d, "failed", step=max(int(status.get("step") or 0), resume_step(d)), reason=reason,
-                     config_hash=spec.config_hash)
-    attempt.ended, attempt.exit_code, attempt.outcome, attempt.reason = time.time(), rc, outcome, reason
-    write_record(d, active.record)
-    return outcome
-
-
-def _interrupt(actives: list[_Active], display: LiveDisplay, why: str, grace_s: float = 15.0) -> None:
-    for a in actives:
-        a.handle.terminate()
-    deadline = time.monotonic() + grace_s
-    pending = list(actives)
-    while pending and time.monotonic() < deadline:
-        pending = [a for a in pending if a.handle.poll() is None]
-        time.sleep(0.1)
-    for a in pending:
-        kill = getattr(a.handle, "kill", None)
-        if kill is not None:
-            kill()
-    for a in actives:
-        d = a.spec.run_dir
-        status = _status_or_none(d) or {}
-        if status.get("state") not in ("done", "failed", "diverged"):
-            write_status(d, "queued", step=resume_step(d), config_hash=a.spec.config_hash,
-                         reason=f"interrupted ({why}); re-run the grid to resume")
-        a.attempt.ended, a.attempt.outcome, a.attempt.reason = time.time(), "interrupted", why
-        write_record(d, a.record)
-        display.event(f"{a.spec.key} interrupted ({why})")
-
-
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
-              run_env: Mapping[str, Mapping[str, str]], display: LiveDisplay, poll_s: float,
+              run_env: RunEnv, display: LiveDisplay, poll_s: float,
               result: GridResult, restart_on_corrupt: bool = False) -> None:
     queue = [p.spec for p in todo]
-    active: list[_Active] = []
+    active: list[ActiveRun] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
     first_start: float | None = None
     try:
         while queue or active:
             while queue and len(active) < launcher.slots:
                 spec = queue.pop(0)
-                a = _start(spec, launcher, run_env, restart_on_corrupt=restart_on_corrupt)
+                a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt)
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)
@@ -542,7 +286,7 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                 if rc is None:
                     still.append(a)
                     continue
-                outcome = _finish(a, rc)
+                outcome = finish_run(a, rc)
                 took = a.attempt.ended - a.attempt.started
                 display.event(f"{a.spec.key} {outcome} after {took:.1f}s"
                               f"{f': {a.attempt.reason}' if a.attempt.reason and outcome != 'done' else ''}")
@@ -558,7 +302,10 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
             if queue or active:
                 time.sleep(poll_s)
     except (KeyboardInterrupt, GridInterrupted) as e:
-        _interrupt(active, display, why=str(e) or type(e).__name__)
+        why = str(e) or type(e).__name__
+        ended = stop_runs(active, reason=f"interrupted ({why}); re-run the grid to resume")
+        for a, outcome in zip(active, ended):
+            display.event(f"{a.spec.key} {outcome or f'interrupted ({why})'}")
         raise
     finally:
         if first_start is not None:

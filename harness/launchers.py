@@ -17,6 +17,7 @@ resumed with a different ``--workers`` is still the same run.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import signal
@@ -78,6 +79,8 @@ def child_env(extra: Mapping[str, str], *, threads: int | None) -> dict[str, str
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     # Linux: the child gets SIGKILL when the harness dies, even by SIGKILL, so a killed
     # harness never leaves a trainer behind that a re-run would race on the same directory.
+    # PR_SET_PDEATHSIG fires when the *thread* that started the child ends: a search starts
+    # each run from the worker thread that watches it.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -100,6 +103,9 @@ class Handle(ABC):
 
 
 class ProcessHandle(Handle):
+    """A process started as the leader of its own session: a stop reaches its whole process group (torchrun
+    workers, data-loader processes), not only the direct child."""
+
     def __init__(self, proc: subprocess.Popen, log_file: Any):
         self.proc = proc
         self._log = log_file
@@ -110,13 +116,18 @@ class ProcessHandle(Handle):
             self._log.close()
         return rc
 
-    def terminate(self) -> None:
+    def _signal(self, sig: int) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        self._signal(signal.SIGKILL)
 
     @property
     def pid(self) -> int | None:
@@ -172,8 +183,10 @@ class LocalLauncher(Launcher):
         log = open(job.log_path, "ab")
         log.write(f"$ {' '.join(self.command(job))}\n".encode())
         log.flush()
+        # a session of its own: Ctrl-C at the harness's terminal reaches the harness alone, which stops the runs
+        # in order (their whole process groups) and records it
         proc = subprocess.Popen(self.command(job), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(job.env, threads=self.threads),
+                                env=child_env(job.env, threads=self.threads), start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         return ProcessHandle(proc, log)
 
@@ -318,3 +331,37 @@ def make_launcher(kind: LauncherKind, *, workers: int, grid_dir: Path, nproc_per
         return SlurmLauncher(folder=grid_dir / ".harness" / "submitit", workers=workers, cluster=slurm_cluster,
                              nproc_per_node=nproc_per_node or 1, parameters=slurm_parameters)
     raise ValueError(f"unknown launcher {kind!r}; valid: local, torchrun, slurm")
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """``--launcher``, ``--nproc-per-node``, ``--slurm-cluster``, ``--slurm-param`` (``grid run`` and ``search``)."""
+    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
+                   "and slurm (default 1)")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
+                   help="submitit backend: a Slurm cluster, or submitit's local executor")
+    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=240 (repeatable)")
+
+
+def parse_launcher_params(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the arguments of ``add_launcher_arguments``; returns the ``--slurm-param`` items as a dict (values
+    read as YAML). Raises ``InputError`` listing every problem."""
+    from twinflow_train.yamlio import InputError, parse_value
+
+    out: dict[str, Any] = {}
+    problems = []
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
+    for item in args.slurm_param:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            problems.append(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")
+            continue
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = parse_value(v, where=f"--slurm-param {item!r}")
+        except InputError as e:
+            problems += e.problems
+    if problems:
+        raise InputError(problems)
+    return out

@@ -168,10 +168,6 @@ class RunSpec:
     def key(self) -> str:
         return f"{self.arm}/seed-{self.seed}"
 
-    @property
-    def wandb_name(self) -> str:
-        return f"{self.arm}-{self.seed}"
-
 
 @dataclass(frozen=True)
 class Grid:

@@ -27,7 +27,6 @@ import argparse
 import csv
 import io
 import os
-import signal
 import socket
 import sys
 import threading
@@ -40,14 +39,12 @@ from typing import Any, Literal, Mapping, TextIO
 from twinflow_train.config import to_yaml
 from twinflow_train.yamlio import InputError, dir_problem, is_number, reading_input
 
-from .grid import HARNESS_DIR, GridError, _prepare_teacher
 from .identity import code_version
-from .launchers import Launcher, make_launcher
-from .matrix import Grid
-from .monitor import LiveDisplay
-from .search_runs import TrialError, TrialExecutor, TrialResult, group_launcher
+from .launchers import Launcher, add_launcher_arguments, make_launcher, parse_launcher_params
+from .runs import GridError, prepare_shared_assets, sigterm_raises
+from .search_runs import TrialError, TrialExecutor, TrialResult
 from .search_spec import SearchSpec, SearchSpecError, load_search_spec, storage_problem
-from .store import atomic_write_json, atomic_write_text
+from .store import HARNESS_DIR, atomic_write_json, atomic_write_text, write_grid_manifest
 
 HELP = "Optuna search over trainer config keys (default rl.weight): parallel, resumable, prunes diverging trials"
 JOURNAL_SUFFIX = ".journal"
@@ -340,7 +337,7 @@ class Search:
             launcher = make_launcher(launcher_kind, workers=slots, grid_dir=self.study_dir,
                                      nproc_per_node=nproc_per_node, slurm_cluster=slurm_cluster,
                                      slurm_parameters=slurm_parameters)
-        self.launcher = group_launcher(launcher)
+        self.launcher = launcher
         self.storage_override = storage
         self.run_env = run_env
         self.me = this_process()
@@ -425,10 +422,11 @@ class Search:
         self.study_dir.mkdir(parents=True, exist_ok=True)
         self.study = open_study(self.spec, self.storage)
         result = SearchResult(study=self.spec.name, storage=storage_name, study_dir=self.study_dir)
-        self.grid = Grid(name=self.spec.name, matrix_path=self.spec.path.resolve(), base_path=self.spec.base_path,
-                         root=self.root, seeds=self.spec.seeds, arms=(), runs=(), code_version=code_version())
-        self.executor = TrialExecutor(spec=self.spec, grid=self.grid, launcher=self.launcher, stop=self._stop,
-                                      emit=self._emit, poll_s=self.poll_s, beat=self._beat, run_env=self.run_env)
+        # a study directory reads like a grid; its trial groups (the arms) are made as the search runs
+        write_grid_manifest(self.study_dir, kind="search", source=self.spec.path, arms=None, claims=[])
+        self.executor = TrialExecutor(spec=self.spec, study_dir=self.study_dir, code_version=code_version(),
+                                      launcher=self.launcher, stop=self._stop, emit=self._emit, poll_s=self.poll_s,
+                                      beat=self._beat, run_env=self.run_env)
         self._fail_stale(result)
         for params in self.spec.enqueue:
             self.study.enqueue_trial(dict(params), skip_if_exists=True)
@@ -439,13 +437,6 @@ class Search:
         if counted < self.trials:
             if self.prepare_teacher:
                 self._ensure_teacher()
-            previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() \
-                else None
-            if previous is not None:
-                def on_term(signum: int, _frame: Any) -> None:
-                    raise SearchInterrupted(f"received {signal.Signals(signum).name}")
-
-                signal.signal(signal.SIGTERM, on_term)
             self._bar = tqdm(total=self.trials, initial=min(counted, self.trials), unit="trial",
                              desc=f"search {self.spec.name}", file=sys.stderr, disable=not self.progress)
             finished = [threading.Event() for _ in range(self.workers)]
@@ -458,27 +449,26 @@ class Search:
                 while not all(f.is_set() for f in finished):
                     time.sleep(0.1)
 
-            try:
-                for t in threads:
-                    t.start()
-                    time.sleep(0.05)  # stagger the first asks: the constant liar then sees the trial before it
-                wait_workers()
-            except (KeyboardInterrupt, SearchInterrupted) as e:
-                result.interrupted = True
-                self._stop.set()
-                self._emit(f"stopping ({e or 'Ctrl-C'}): running trials are stopped and will resume on a re-run")
-                while True:
-                    try:
-                        wait_workers()
-                        break
-                    except (KeyboardInterrupt, SearchInterrupted):
-                        # leaving now would orphan the runs' records half-written; the stop takes seconds
-                        self._emit("still stopping the running trials (at most 15 s per run)")
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
-                self._bar.close()
-                self._bar = None
+            with sigterm_raises(SearchInterrupted):
+                try:
+                    for t in threads:
+                        t.start()
+                        time.sleep(0.05)  # stagger the first asks: the constant liar then sees the trial before it
+                    wait_workers()
+                except (KeyboardInterrupt, SearchInterrupted) as e:
+                    result.interrupted = True
+                    self._stop.set()
+                    self._emit(f"stopping ({e or 'Ctrl-C'}): running trials are stopped and will resume on a re-run")
+                    while True:
+                        try:
+                            wait_workers()
+                            break
+                        except (KeyboardInterrupt, SearchInterrupted):
+                            # leaving now would orphan the runs' records half-written; the stop takes seconds
+                            self._emit("still stopping the running trials (at most 15 s per run)")
+                finally:
+                    self._bar.close()
+                    self._bar = None
         with self._lock:
             result.best_config = write_results(self.spec, self.study, self.study_dir, storage_name=storage_name)
         counts: dict[str, int] = {}
@@ -498,11 +488,11 @@ class Search:
         is process-safe, so even if it was emptied since, the runs rebuild it one at a time.
         """
         first = self.executor.run_specs({}, "trial-base")[0]
-        marker = self.grid.grid_dir / HARNESS_DIR / "teacher.ok"
+        marker = self.study_dir / HARNESS_DIR / "teacher.ok"
         wanted = to_yaml(first.config)
         if marker.is_file() and marker.read_text() == wanted:
             return
-        _prepare_teacher(self.grid, first, self.launcher, LiveDisplay(self.stream, tty=False))
+        prepare_shared_assets(first, self.launcher, grid_dir=self.study_dir, stream=self.stream)
         atomic_write_text(marker, wanted)
 
     def _worker(self, index: int, result: SearchResult, finished: threading.Event) -> None:
@@ -621,13 +611,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                    "(overrides the spec)")
     p.add_argument("--storage", default=None, help="journal file path or SQLAlchemy URL (e.g. postgresql://...); "
                    "overrides the spec (default: ROOT/<study>/<study>.journal)")
-    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
-                   "and slurm (default 1)")
-    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
-                   help="submitit backend: a Slurm cluster, or submitit's local executor")
-    p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="submitit parameter, e.g. slurm_partition=gpu (repeatable)")
+    add_launcher_arguments(p)
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between reads of the runs' files")
     p.add_argument("--heartbeat-s", type=float, default=30.0, help="seconds between a trial's heartbeats")
     p.add_argument("--stale-after-s", type=float, default=600.0, help="a RUNNING trial of another host without a "
@@ -641,22 +625,18 @@ def _err(message: str) -> None:
 
 def _prepare(args: argparse.Namespace) -> Search:
     """Everything the command reads and checks before it writes anything; raises ``InputError``."""
-    from .cli import parse_launcher_params
-
     problems = [f"--{flag} must be >= 1 (got {v})" for flag in ("trials", "workers")
                 if (v := getattr(args, flag)) is not None and v < 1]
     problems += [f"--{flag.replace('_', '-')} must be > 0 (got {v})" for flag in ("poll_s", "heartbeat_s",
                                                                                "stale_after_s")
                  if not is_number(v := getattr(args, flag)) or v <= 0]
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
     if (problem := dir_problem(args.root)) is not None:
         problems.append(f"--root: {problem}")
     if args.storage is not None and (problem := storage_problem(args.storage)) is not None:
         problems.append(f"--storage: {problem}")
     params: dict[str, Any] = {}
     try:
-        params = parse_launcher_params(args.slurm_param)
+        params = parse_launcher_params(args)
     except InputError as e:
         problems += e.problems
     try:

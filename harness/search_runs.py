@@ -4,108 +4,36 @@ A trial's runs live where a grid's would: ``<root>/<study>/<group>/seed-<k>/``, 
 ``<group>`` is ``trial-<nnnn>`` (the number of the first trial that ran these
 parameters; a trial re-run after its search process died continues in the same
 directory). Each run directory is prepared, started and recorded by the harness's
-own grid machinery (``harness.json`` with its identity and attempts, ``launch.yaml``,
-``logs/attempt-<n>.log``), so ``grid status``-style tables, ``collect_grid`` and the
+run executor (``harness.runs``: ``harness.json`` with its identity and attempts,
+``launch.yaml``, ``logs/attempt-<n>.log``), so ``grid status``-style tables, ``collect_grid`` and the
 reports read a study directory like any grid.
 
 While the runs are alive their ``metrics.jsonl`` is read incrementally: validation
 records feed the pruner (the mean over seeds at each evaluation step), training
 records are checked for divergence (non-finite values, grad-norm or spike
-thresholds). A trial stopped early has its runs' process groups terminated.
+thresholds). A trial stopped early has its runs' process groups terminated (the local
+launchers start every run as the leader of its own session).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from twinflow_train.config import ConfigError, config_hash
 
-# The grid's run-directory protocol is reused as it is, so that a trial's runs are
-# recorded exactly like grid runs (see docs/search.md for the request to make these public).
-from .grid import _Active, _finish, _prepare_run_dir, _start, _supersede
 from .identity import run_identity
-from .launchers import Handle, LaunchJob, Launcher, LocalLauncher, ProcessHandle, child_env
-from .matrix import Grid, RunSpec
-from .monitor import pid_is_trainer
+from .launchers import Launcher
+from .matrix import RunSpec
+from .runs import ActiveRun, RunEnv, classify, finish_run, prepare_run_dir, start_run, stop_runs, supersede
 from .search_spec import SearchSpec
-from .store import METRICS_FILE, MetricsTail, read_record, read_status, resume_step, write_record, write_status
+from .store import METRICS_FILE, MetricsTail
 
 TrialOutcome = Literal["complete", "pruned", "failed", "interrupted"]
-STOP_GRACE_S = 15.0
-
-
-# --------------------------------------------------------------------------- process groups
-
-
-def _new_group_child() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # the child is already a session leader (start_new_session); it also dies with the search
-    # process, even by SIGKILL, so a killed search never leaves a trainer racing a re-run
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class GroupHandle(ProcessHandle):
-    """A process started as the leader of its own process group: stopping it stops its whole tree."""
-
-    def _signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-
-class GroupLauncher(Launcher):
-    """Runs the commands of a local or torchrun pool, each in a new process group.
-
-    ``LocalLauncher`` starts children in the harness's own group, where a stop can
-    only reach the direct child (torchrun workers or data-loader processes would
-    outlive it). Note: PR_SET_PDEATHSIG fires when the *thread* that started the
-    child ends, so each run is started by the worker thread that watches it.
-    """
-
-    def __init__(self, inner: LocalLauncher):
-        self.inner = inner
-        self.kind = inner.kind
-        self.slots = inner.slots
-
-    def start(self, job: LaunchJob) -> Handle:
-        command = self.inner.command(job)
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(job.log_path, "ab")
-        log.write(f"$ {' '.join(command)}\n".encode())
-        log.flush()
-        linux = sys.platform.startswith("linux")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(job.env, threads=self.inner.threads), start_new_session=True,
-                                preexec_fn=_new_group_child if linux else None)
-        return GroupHandle(proc, log)
-
-    def describe(self) -> str:
-        return self.inner.describe()
-
-
-def group_launcher(launcher: Launcher) -> Launcher:
-    """Wrap pool launchers so a pruned run's whole process tree is stopped; Slurm jobs are cancelled as they are."""
-    return GroupLauncher(launcher) if isinstance(launcher, LocalLauncher) else launcher
 
 
 # --------------------------------------------------------------------------- results
@@ -137,7 +65,7 @@ class TrialError(RuntimeError):
 class SeedRun:
     spec: RunSpec
     tail: MetricsTail
-    active: _Active | None = None
+    active: ActiveRun | None = None
     outcome: str | None = None
     """done | failed | diverged once the run has ended (None while it runs or before it starts)."""
     reason: str | None = None
@@ -160,17 +88,18 @@ def _finite(v: Any) -> bool:
 class TrialExecutor:
     """Runs trials for one search process: builds run specs, launches, watches, stops."""
 
-    def __init__(self, *, spec: SearchSpec, grid: Grid, launcher: Launcher, stop: threading.Event,
-                 emit: Callable[[str], None], poll_s: float = 1.0, beat: Callable[[Any], None] | None = None,
-                 run_env: Mapping[str, Mapping[str, str]] | None = None):
+    def __init__(self, *, spec: SearchSpec, study_dir: Path, code_version: str, launcher: Launcher,
+                 stop: threading.Event, emit: Callable[[str], None], poll_s: float = 1.0,
+                 beat: Callable[[Any], None] | None = None, run_env: RunEnv | None = None):
         self.spec = spec
-        self.grid = grid
+        self.study_dir = Path(study_dir)
+        self.code_version = code_version
         self.launcher = launcher
         self.stop = stop
         self.emit = emit
         self.poll_s = poll_s
         self.beat = beat or (lambda trial: None)
-        self.run_env = dict(run_env or {})
+        self.run_env: RunEnv = dict(run_env or {})
         """Extra environment per run group or ``group/seed-k`` (tests inject faults this way)."""
 
     # ----------------------------------------------------------------- specs
@@ -183,8 +112,8 @@ class TrialExecutor:
                                                   "telemetry.name": f"{group}-{seed}"})
             out.append(RunSpec(grid=self.spec.name, arm=group, seed=seed,
                                overrides={**self.spec.overrides, **dict(params)}, config=cfg,
-                               config_hash=config_hash(cfg), identity=run_identity(cfg, self.grid.code_version),
-                               run_dir=self.grid.grid_dir / group / f"seed-{seed}"))
+                               config_hash=config_hash(cfg), identity=run_identity(cfg, self.code_version),
+                               run_dir=self.study_dir / group / f"seed-{seed}"))
         return out
 
     # ----------------------------------------------------------------- one trial
@@ -202,7 +131,7 @@ class TrialExecutor:
         try:
             for r in runs:
                 if r.launch:
-                    r.active = _start(r.spec, self.launcher, self._env(r.spec))
+                    r.active = start_run(r.spec, self.launcher, run_env=self.run_env)
                     step = r.active.attempt.start_step
                     self.emit(f"trial {trial.number} ({r.spec.key}) started"
                               f"{f' from step {step}' if step else ''}")
@@ -215,29 +144,18 @@ class TrialExecutor:
         result.run_dirs = result_dirs
         return result
 
-    def _env(self, spec: RunSpec) -> dict[str, str]:
-        env = dict(self.run_env.get(spec.arm, {}))
-        env.update(self.run_env.get(spec.key, {}))
-        return {k: str(v) for k, v in env.items()}
-
     def _prepare(self, r: SeedRun) -> None:
-        d = r.spec.run_dir
-        if d.is_dir() and any(d.iterdir()):
-            record = read_record(d)
-            if record is None or record.identity != r.spec.identity:
-                # another config or trainer version left this directory: set it aside, never delete it
-                _supersede(self.grid, r.spec)
-            else:
-                status = read_status(d) or {}
-                state = status.get("state")
-                if state in ("done", "diverged"):
-                    # a previous attempt finished (its search died before telling the study): reuse the result
-                    r.outcome, r.reason = state, status.get("reason")
-                    return
-                if state == "running" and pid_is_trainer(status.get("pid")):
-                    raise TrialError(f"{d}: run {r.spec.key} is still running (pid {status.get('pid')}); "
-                                     "stop it before the trial can be run again")
-        _prepare_run_dir(self.grid, r.spec)
+        state = classify(r.spec, code_version=self.code_version)
+        if state.kind == "alive":
+            raise TrialError(f"{state.note}; stop it before the trial can be run again")
+        if state.kind in ("done", "diverged"):
+            # a previous attempt finished (its search died before telling the study): reuse the result
+            r.outcome, r.reason = state.kind, state.reason
+            return
+        if state.kind == "changed":
+            # another config or trainer version left this directory: set it aside, never delete it
+            supersede(r.spec, grid_dir=self.study_dir)
+        prepare_run_dir(r.spec, code_version=self.code_version, matrix=self.spec.path)
         r.launch = True
 
     # ----------------------------------------------------------------- watching
@@ -294,7 +212,7 @@ class TrialExecutor:
             elif kind == "train" and r.divergence is None:
                 r.divergence = self._train_divergence(rec)
         if rc is not None and r.active is not None:
-            r.outcome = _finish(r.active, rc)
+            r.outcome = finish_run(r.active, rc)
             r.reason = r.active.attempt.reason
             r.active = None
 
@@ -403,31 +321,7 @@ class TrialExecutor:
                   outcome: Literal["interrupted", "diverged"], reason: str) -> None:
         """Stop every live run of a trial (process group), then record why in status.json and harness.json."""
         live = [r for r in runs if r.active is not None]
-        for r in live:
-            r.active.handle.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        pending = list(live)
-        while pending and time.monotonic() < deadline:
-            pending = [r for r in pending if r.active.handle.poll() is None]
-            if pending:
-                time.sleep(0.05)
-        for r in pending:
-            kill = getattr(r.active.handle, "kill", None)
-            if kill is not None:
-                kill()
-        for r in live:
-            a, d = r.active, r.spec.run_dir
-            rc = a.handle.poll()
-            status = read_status(d) or {}
-            fresh = float(status.get("updated") or 0) >= a.attempt.started - 1.0
-            if fresh and status.get("state") in ("done", "failed", "diverged"):
-                # it ended by itself before the stop reached it: its own verdict stands
-                r.outcome = _finish(a, rc if rc is not None else -int(signal.SIGTERM))
-            else:
-                step = max(int(status.get("step") or 0), resume_step(d), r.step)
-                write_status(d, state, step=step, reason=reason, config_hash=r.spec.config_hash)
-                a.attempt.ended, a.attempt.exit_code = time.time(), rc
-                a.attempt.outcome, a.attempt.reason = outcome, reason
-                write_record(d, a.record)
-                r.outcome = "stopped"
+        ended = stop_runs([r.active for r in live], state=state, outcome=outcome, reason=reason)
+        for r, own in zip(live, ended):
+            r.outcome = own or "stopped"  # a run that ended by itself before the stop keeps its own verdict
             r.active = None

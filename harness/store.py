@@ -9,7 +9,11 @@ The trainer owns ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and
   ``running`` forever;
 - ``harness.json``: the run's identity and the history of its attempts;
 - ``launch.yaml``: the resolved config the trainer is started with;
-- ``logs/attempt-<n>.log``: stdout and stderr of each attempt.
+- ``logs/attempt-<n>.log``: stdout and stderr of each attempt;
+
+and, once per grid, ``<grid>/.harness/grid.json`` (the grid manifest): what made the grid
+(a matrix or a search spec), its arms in the file's order and its claims, so that readers
+of the directory (``harness.collect``, the reports) never load the matrix file.
 
 Every file is replaced atomically (temp file, fsync, rename), so a reader never
 sees half of one and a kill never leaves one torn.
@@ -30,6 +34,9 @@ from twinflow_train.rundir import read_metrics as _read_metrics
 
 RunState = Literal["queued", "running", "done", "failed", "diverged"]
 
+HARNESS_DIR = ".harness"
+"""The harness's own folder of a grid (lock, manifest, shared-asset logs, metrics cache)."""
+GRID_MANIFEST = "grid.json"
 HARNESS_FILE = "harness.json"
 LAUNCH_CONFIG = "launch.yaml"
 LOG_DIR = "logs"
@@ -116,3 +123,20 @@ def iter_run_dirs(grid_dir: Path) -> Iterator[tuple[str, int, Path]]:
                 continue
         for seed, run_dir in sorted(seeds):
             yield arm_dir.name, seed, run_dir
+
+
+# --------------------------------------------------------------------------- grid manifest
+
+
+def write_grid_manifest(grid_dir: Path, *, kind: Literal["grid", "search"], source: Path,
+                        arms: list[str] | None, claims: list[dict[str, Any]]) -> None:
+    """``<grid>/.harness/grid.json``: ``kind``, the ``source`` file, ``arms`` in its order (None: a search, whose
+    trial groups are made as it runs) and the claims (``harness.claims.Claim.to_json``)."""
+    atomic_write_json(Path(grid_dir) / HARNESS_DIR / GRID_MANIFEST,
+                      {"kind": kind, "source": str(Path(source).resolve()), "arms": arms, "claims": claims,
+                       "written": time.time()})
+
+
+def read_grid_manifest(grid_dir: Path) -> dict[str, Any] | None:
+    """The grid manifest, or None for a grid run before the harness wrote one; raises ``RunDirError`` when torn."""
+    return read_json(Path(grid_dir) / HARNESS_DIR / GRID_MANIFEST)

@@ -38,7 +38,6 @@ from .verdict import (
     RULE,
     evaluate_claims,
     grid_claims,
-    load_claims,
     verdict_csv,
     verdict_figure,
     verdict_sentences,
@@ -250,7 +249,7 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     teacher = teacher_values(data)
     statuses = _resolve_run_dirs(data.statuses, data.grid_dir)
     if claims is None:
-        claims, claims_source = grid_claims(statuses)
+        claims, claims_source = grid_claims(data.grid_dir)
     verdicts = evaluate_claims(data, claims)
     bar.update(1)
 
@@ -366,16 +365,15 @@ def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, bas
                  arm_order: Sequence[str] | None = None, band: Band = "minmax", n_boot: int = 10_000,
                  boot_seed: int = 0, max_points: int = 400, primary_nfe: int | None = None,
                  sample_seed: int | None = None, studies: Sequence["optuna.Study"] | None = None,
-                 claims_from: str | Path | None = None, progress: bool = True) -> Path:
+                 claims: Sequence["Claim"] | None = None, claims_source: str = "",
+                 progress: bool = True) -> Path:
     """Report of the grid in ``grid_dir`` (default output: ``grid_dir/report``); returns report.html's path.
 
     ``studies``: Optuna studies for the study section; None looks for ``*.journal`` in the grid directory.
-    ``claims_from``: a matrix file whose claims the verdict section judges (default: the grid's own matrix).
+    ``claims``: the claims the verdict section judges, and ``claims_source`` where they come from (default: the
+    claims of the grid's own matrix, from the grid manifest).
     """
     grid_dir = Path(grid_dir)
-    claims, source = None, ""
-    if claims_from is not None:
-        claims, source = load_claims(claims_from), f"matrix file {claims_from}"
     data = load_grid(grid_dir=grid_dir, arm_order=arm_order)
     if studies is None:
         from .study import find_studies
@@ -384,4 +382,4 @@ def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, bas
     return write_report(data, out_dir=out_dir if out_dir is not None else grid_dir / "report", baseline=baseline,
                         band=band, n_boot=n_boot, boot_seed=boot_seed, max_points=max_points,
                         primary_nfe=primary_nfe, sample_seed=sample_seed, studies=studies, claims=claims,
-                        claims_source=source, progress=progress)
+                        claims_source=claims_source, progress=progress)

@@ -1,10 +1,20 @@
-"""``twinflow-lab report GRID_DIR``: the argparse hook the twinflow-lab CLI registers."""
+"""``twinflow-lab report GRID_DIR``: the arguments and the run of the command (``twinflow_lab.cli`` registers it).
+
+``--claims MATRIX`` needs the matrix loader, which belongs to the harness: the command table,
+which sits above both packages, passes it in as ``load_claims``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from harness.claims import Claim
+
+ClaimsLoader = Callable[[Path], "tuple[Claim, ...]"]
+"""Matrix file -> its claims, validated with the whole matrix; raises ``InputError`` naming file and key."""
 
 BANDS = ("minmax", "ci95")  # reports.plots.BANDS, repeated so that building the parser imports no matplotlib
 HELP = "comparison report of a grid: report.html (self-contained) and report.md with PNGs"
@@ -59,7 +69,10 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run_report(args: argparse.Namespace, *, load_claims: ClaimsLoader) -> int:
+    """Write the report of ``args.grid_dir``; exit 0, or 2 (each problem printed) when the arguments, the grid's
+    data or the ``--claims`` matrix cannot make one."""
+    from twinflow_train.rundir import RunDirError
     from twinflow_train.yamlio import InputError, reading_input
 
     try:
@@ -82,8 +95,6 @@ def run_report(args: argparse.Namespace) -> int:
                 studies = find_studies(args.grid_dir)
             claims, source = None, ""
             if args.claims is not None:
-                from .verdict import load_claims
-
                 claims, source = load_claims(args.claims), f"matrix file {args.claims}"
         from .build import write_report
 
@@ -93,20 +104,9 @@ def run_report(args: argparse.Namespace) -> int:
                             boot_seed=args.bootstrap_seed, max_points=args.max_points, primary_nfe=args.nfe,
                             sample_seed=args.sample_seed, studies=studies, claims=claims, claims_source=source,
                             progress=not args.no_progress)
-    except (InputError, ValueError, FileNotFoundError) as e:
+    except (InputError, RunDirError, FileNotFoundError) as e:  # arguments, grid data, damaged run files
         for problem in getattr(e, "problems", None) or str(e).splitlines():
             print(f"twinflow-lab report: {problem}", file=sys.stderr)
         return 2
     print(path)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports", description="Comparison report of a grid directory.")
-    add_report_arguments(parser)
-    return run_report(parser.parse_args(argv))
-
-
-# the twinflow-lab command table takes a module with HELP, add_arguments and run
-add_arguments = add_report_arguments
-run = run_report

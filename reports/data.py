@@ -17,11 +17,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from twinflow_train.rundir import NONFINITE_TEXT
+from twinflow_train.yamlio import InputError
 
 METRIC_ID_COLUMNS = ("grid", "arm", "seed", "run_dir", "kind", "step")
 STATUS_COLUMNS = ("arm", "seed", "state", "reason", "step", "wall_s", "run_dir")
 KINDS = ("train", "val", "teacher")
 _NFE_KEY = re.compile(r"^val/fd_nfe(\d+)$")
+
+
+class GridDataError(InputError):
+    """The grid's data (its tables, sample files or studies) cannot make a report; the message names the problem."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ def _numeric(df: pd.DataFrame, columns: Sequence[str], *, table: str) -> pd.Data
         try:
             out[c] = pd.to_numeric(s.replace(NONFINITE_TEXT), errors="raise").astype(float)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{table}: column {c!r} holds a non-numeric value ({e})") from None
+            raise GridDataError(f"{table}: column {c!r} holds a non-numeric value ({e})") from None
     return df.assign(**out) if out else df
 
 
@@ -81,17 +86,17 @@ def prepare(*, name: str, metrics: pd.DataFrame, statuses: pd.DataFrame, arm_ord
     """
     missing = [c for c in METRIC_ID_COLUMNS if c not in metrics.columns]
     if missing:
-        raise ValueError(f"metrics table lacks column(s) {missing}; expected the collect_grid shape "
+        raise GridDataError(f"metrics table lacks column(s) {missing}; expected the collect_grid shape "
                          f"({', '.join(METRIC_ID_COLUMNS)} + metric keys)")
     missing = [c for c in STATUS_COLUMNS if c not in statuses.columns]
     if missing:
-        raise ValueError(f"status table lacks column(s) {missing}; expected {', '.join(STATUS_COLUMNS)}")
+        raise GridDataError(f"status table lacks column(s) {missing}; expected {', '.join(STATUS_COLUMNS)}")
     # unique() first: iterating a million-row string column in Python costs seconds
     bad_kind = sorted({str(k) for k in metrics["kind"].dropna().unique()} - set(KINDS))
     if bad_kind:
-        raise ValueError(f"metrics table: unknown kind value(s) {bad_kind}; valid: {', '.join(KINDS)}")
+        raise GridDataError(f"metrics table: unknown kind value(s) {bad_kind}; valid: {', '.join(KINDS)}")
     if metrics["kind"].isna().any():
-        raise ValueError(f"metrics table: {int(metrics['kind'].isna().sum())} record(s) without 'kind'")
+        raise GridDataError(f"metrics table: {int(metrics['kind'].isna().sum())} record(s) without 'kind'")
 
     seen: list[str] = []
     for frame in (statuses, metrics):
@@ -105,16 +110,16 @@ def prepare(*, name: str, metrics: pd.DataFrame, statuses: pd.DataFrame, arm_ord
         order = [str(a) for a in arm_order]
         unknown = [a for a in order if a not in present]
         if unknown:
-            raise ValueError(f"arm_order names arm(s) {unknown} that are not in the grid; arms: {sorted(present)}")
+            raise GridDataError(f"arm_order names arm(s) {unknown} that are not in the grid; arms: {sorted(present)}")
         if len(set(order)) != len(order):
-            raise ValueError(f"arm_order lists an arm twice: {order}")
+            raise GridDataError(f"arm_order lists an arm twice: {order}")
         left = sorted(present - set(order))
         if left:
-            raise ValueError(f"arm_order does not list arm(s) {left} of the grid")
+            raise GridDataError(f"arm_order does not list arm(s) {left} of the grid")
     else:
         order = [a for a in seen if a in present]
     if not order:
-        raise ValueError("the grid has no runs (empty metrics and status tables)")
+        raise GridDataError("the grid has no runs (empty metrics and status tables)")
 
     metric_cols = [c for c in metrics.columns if c not in METRIC_ID_COLUMNS]
     m = _numeric(metrics, metric_cols, table="metrics table")
@@ -126,14 +131,14 @@ def prepare(*, name: str, metrics: pd.DataFrame, statuses: pd.DataFrame, arm_ord
                    state=st["state"].astype(str)).sort_values(["arm", "seed"]).reset_index(drop=True)
     dup = st.duplicated(["arm", "seed"])
     if dup.any():
-        raise ValueError(f"status table: run(s) listed twice: {st.loc[dup, ['arm', 'seed']].values.tolist()}")
+        raise GridDataError(f"status table: run(s) listed twice: {st.loc[dup, ['arm', 'seed']].values.tolist()}")
     source = "order given" if arm_order is not None else "order of first appearance in the telemetry tables"
     return GridData(name=name, metrics=m, statuses=st, arms=tuple(order), grid_dir=grid_dir, divergence=divergence,
                     arm_order_source=source)
 
 
 def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -> GridData:
-    """Read a grid's run directories through the harness's collection functions."""
+    """Read a grid's run directories through the harness's collection functions (``harness.collect``)."""
     grid_dir = Path(grid_dir)
     if not grid_dir.is_dir():
         raise FileNotFoundError(f"grid directory {grid_dir} does not exist")
@@ -141,70 +146,50 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
 
     statuses = collect.run_statuses(grid_dir)
     if statuses.empty:  # checked first: collecting writes the grid's metrics cache
-        raise ValueError(f"{grid_dir}: no run directories (<arm>/seed-<k>/) in this grid directory")
+        raise GridDataError(f"{grid_dir}: no run directories (<arm>/seed-<k>/) in this grid directory")
     metrics = collect.collect_grid(grid_dir)
     divergence = collect.divergence_summary(metrics) if len(metrics) else None
     source = "order given"
     if arm_order is None:
-        arm_order, source = matrix_arm_order(statuses)
+        arm_order, source = grid_arm_order(grid_dir, statuses)
     data = prepare(name=grid_dir.resolve().name, metrics=metrics, statuses=statuses, arm_order=arm_order,
                    grid_dir=grid_dir, divergence=divergence)
     return dataclasses.replace(data, arm_order_source=source)
 
 
-def is_matrix_file(path: Path) -> bool:
-    """A file with ``arms`` (an ablation matrix), as opposed to a search spec."""
-    from twinflow_train.yamlio import InputError, read_mapping
-
-    try:
-        data = read_mapping(path, kind="matrix")
-    except InputError:
-        return True  # let the matrix loader report what is wrong with it
-    return "arms" in data
-
-
-def run_records(statuses: pd.DataFrame) -> dict[str, list]:
-    """Arm -> the ``harness.json`` records of its runs (runs without one are left out)."""
-    from harness.store import read_record
-
-    records: dict[str, list] = {}
-    for arm, rd in statuses[["arm", "run_dir"]].itertuples(index=False):  # one per run
-        rec = read_record(Path(rd)) if isinstance(rd, str) else None
-        if rec is not None:
-            records.setdefault(str(arm), []).append(rec)
-    return records
-
-
-def matrix_arm_order(statuses: pd.DataFrame) -> tuple[list[str] | None, str]:
+def grid_arm_order(grid_dir: Path, statuses: pd.DataFrame) -> tuple[list[str] | None, str]:
     """The ladder order of the arms and where it came from.
 
-    The harness directory layout sorts arms by name, so the order comes from the
-    matrix file each run's ``harness.json`` names (its arms in file order). When
-    that file is gone or no longer loads, the order in which each arm's first run
-    was created is used, and the returned source says why.
+    The harness directory layout sorts arms by name, so the order comes from the grid
+    manifest the harness writes (the matrix's arms in file order). A search's trial
+    groups, and a grid run before the manifest existed, are ordered by when each arm's
+    first run was created (``run_statuses``' ``created``); the returned source says which.
     """
-    from harness.matrix import MatrixError, load_matrix
+    from harness import collect
+    from twinflow_train.rundir import RunDirError
 
-    records = run_records(statuses)
-    if not records:
-        return None, "status table order, as no run has a harness.json"
-    created = sorted(records, key=lambda a: (min(r.created for r in records[a]), a))
-    created += [str(a) for a in pd.unique(statuses["arm"].astype(str)) if str(a) not in created]
-    matrices = sorted({r.matrix for rs in records.values() for r in rs})
-    why = ""
-    if len(matrices) == 1 and Path(matrices[0]).is_file() and not is_matrix_file(Path(matrices[0])):
-        # an Optuna search writes its spec here; its trials were created in trial order
-        why = f"runs made from {matrices[0]}, which has no 'arms' (a search spec); "
-    elif len(matrices) == 1 and Path(matrices[0]).is_file():
-        try:
-            names = [a.name for a in load_matrix(matrices[0]).arms]
-        except MatrixError as e:
-            why = f"matrix file {matrices[0]} no longer loads ({e.problems[0]}); "
-        else:
-            order = [a for a in names if a in created] + [a for a in created if a not in names]
-            return order, f"matrix file {matrices[0]}"
-    elif len(matrices) > 1:
-        why = f"runs name {len(matrices)} different matrix files; "
+    created = _creation_order(statuses)
+    try:
+        manifest = collect.grid_manifest(grid_dir)
+    except RunDirError as e:
+        return created, f"the grid manifest does not load ({e}); order in which each arm's first run was created"
+    if manifest is None:
+        why = "no grid manifest (the grid was run before the harness wrote one)"
+    elif manifest.get("kind") == "search" or manifest.get("arms") is None:
+        why = f"the trial groups of search spec {manifest.get('source')}"
     else:
-        why = f"matrix file {matrices[0]} is gone; "
-    return created, why + "order in which each arm's first run was created"
+        names = [str(a) for a in manifest["arms"]]
+        order = [a for a in names if a in created] + [a for a in created if a not in names]
+        return order, f"matrix file {manifest.get('source')} (grid manifest)"
+    if created is None:
+        return None, why + "; status table order, as no run has a harness.json"
+    return created, why + "; order in which each arm's first run was created"
+
+
+def _creation_order(statuses: pd.DataFrame) -> list[str] | None:
+    """Arms by the creation time of their first run (ties by name), then arms without one in table order."""
+    if "created" not in statuses.columns or not statuses["created"].notna().any():
+        return None
+    first = statuses.dropna(subset=["created"]).groupby(statuses["arm"].astype(str), sort=False)["created"].min()
+    order = sorted(first.index, key=lambda a: (first[a], a))
+    return order + [str(a) for a in pd.unique(statuses["arm"].astype(str)) if str(a) not in order]

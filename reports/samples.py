@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from .data import GridDataError
 from .plots import FigureOut, fixed_margins, new_figure, render
 
 Which = Literal["final", "best"]
@@ -34,12 +35,12 @@ class SampleRow:
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as z:
         if "images" not in z or "labels" not in z:
-            raise ValueError(f"{path}: expected arrays 'images' and 'labels' (found {sorted(z.files)})")
+            raise GridDataError(f"{path}: expected arrays 'images' and 'labels' (found {sorted(z.files)})")
         images, labels = z["images"], z["labels"]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"{path}: 'images' must be [N, C, H, W] with C in (1, 3) (got shape {images.shape})")
+        raise GridDataError(f"{path}: 'images' must be [N, C, H, W] with C in (1, 3) (got shape {images.shape})")
     if labels.shape[:1] != images.shape[:1]:
-        raise ValueError(f"{path}: {labels.shape[0]} labels for {images.shape[0]} images")
+        raise GridDataError(f"{path}: {labels.shape[0]} labels for {images.shape[0]} images")
     return images, labels
 
 
@@ -124,7 +125,7 @@ def sample_grid_figure(runs: pd.DataFrame, *, arms: Sequence[str], nfe: Sequence
             ref_labels, ref_path = labels, r.path
         elif labels.shape != ref_labels.shape or not np.array_equal(labels, ref_labels):
             # same prompts in every cell is the point of the grid; different ones would mislead
-            raise ValueError(f"{r.path}: prompts (labels) differ from those of {ref_path}; "
+            raise GridDataError(f"{r.path}: prompts (labels) differ from those of {ref_path}; "
                              f"sample files of one grid must share eval.seed and prompts")
         loaded.append(images)
     cols = _columns(ref_labels, max_cols)
@@ -132,7 +133,7 @@ def sample_grid_figure(runs: pd.DataFrame, *, arms: Sequence[str], nfe: Sequence
     shape = next(c for c in cells if c is not None).shape[1:3]
     for r, c in zip(rows, cells):
         if c is not None and c.shape[1:3] != shape:
-            raise ValueError(f"{r.path}: image size {c.shape[1:3]} differs from the grid's {shape}")
+            raise GridDataError(f"{r.path}: image size {c.shape[1:3]} differs from the grid's {shape}")
     h, w = shape
     pad = max(1, h // 8)
     mosaic = np.ones((len(rows) * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), np.float32)

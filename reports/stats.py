@@ -18,7 +18,7 @@ import pandas as pd
 
 from harness.collect import GRAD_NORM_KEYS, run_divergence
 
-from .data import GridData
+from .data import GridData, GridDataError
 
 RUN_KEYS = ["arm", "seed"]
 SAMPLE_METRICS = ("fd", "reward", "accuracy", "gold", "proxy")
@@ -163,7 +163,7 @@ def resolve_primary_nfe(nfe: Sequence[int], primary_nfe: int | None) -> int | No
     """The NFE whose reward/accuracy go in the summary: the one asked for, else 2, else the smallest."""
     if primary_nfe is not None:
         if primary_nfe not in nfe:
-            raise ValueError(f"primary_nfe={primary_nfe} has no validation sample metrics; "
+            raise GridDataError(f"primary_nfe={primary_nfe} has no validation sample metrics; "
                              f"NFEs in the grid: {list(nfe)}")
         return primary_nfe
     if not nfe:

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 
 from harness.search import ATTR_DIVERGED, ATTR_PRUNE, ATTR_RECORDED
 
+from .data import GridDataError
 from .plots import FigureOut, fixed_margins, new_figure, render
 
 if TYPE_CHECKING:
@@ -268,10 +269,6 @@ def load_studies(storage: str, *, name: str | None = None) -> list["optuna.Study
     names = optuna.get_all_study_names(store)
     if name is not None:
         if name not in names:
-            raise ValueError(f"study {name!r} is not in {storage}; studies there: {names}")
+            raise GridDataError(f"study {name!r} is not in {storage}; studies there: {names}")
         names = [name]
     return [optuna.load_study(study_name=n, storage=store) for n in names]
-
-
-def study_sections(studies: Sequence["optuna.Study"]) -> list[StudySection]:
-    return [study_section(s) for s in studies]

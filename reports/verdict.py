@@ -89,9 +89,37 @@ class PartResult:
     """Why each left-out seed has no pair ('rl_hard seed 2: no final value (run diverged)')."""
 
     @property
+    def fold(self) -> bool:
+        """The effect is a fold change (``scale: log``), read back from the mean log-ratio."""
+        return self.test.scale == "log"
+
+    def _back(self, v: float) -> float:
+        return math.exp(v) if self.fold and math.isfinite(v) else v
+
+    @property
     def effect(self) -> float:
         """The effect in the metric's terms: the mean difference, or the fold change on the log scale."""
-        return math.exp(self.mean) if self.test.scale == "log" and math.isfinite(self.mean) else self.mean
+        return self._back(self.mean)
+
+    @property
+    def effect_interval(self) -> tuple[float, float]:
+        """The 95% interval in the metric's terms (a fold-change interval on the log scale)."""
+        return self._back(self.lo), self._back(self.hi)
+
+    def effect_text(self) -> str:
+        """'+0.12 [+0.05, +0.19]' or 'x0.42 [x0.30, x0.59] (fold)'; '[n/a]' without an interval, 'n/a' without
+        a mean. The one wording the table, the sentences and the figure's reader see."""
+        if not math.isfinite(self.mean):
+            return "n/a"
+        fmt = fmt_fold if self.fold else (lambda v: fmt_num(v, signed=True))
+        lo, hi = self.effect_interval
+        interval = f"[{fmt(lo)}, {fmt(hi)}]" if math.isfinite(self.lo) and math.isfinite(self.hi) else "[n/a]"
+        return f"{fmt(self.effect)} {interval}" + (" (fold)" if self.fold else "")
+
+    def mde_text(self) -> str:
+        if not math.isfinite(self.mde):
+            return "n/a"
+        return f"{fmt_fold(math.exp(self.mde))} either way" if self.fold else f"±{fmt_num(self.mde)}"
 
 
 # --------------------------------------------------------------------------- per-run values
@@ -238,25 +266,6 @@ def evaluate_claims(data: GridData, claims: Sequence[Claim]) -> list[list[PartRe
 # --------------------------------------------------------------------------- display
 
 
-def fmt_effect(r: PartResult) -> str:
-    """'+0.12 [+0.05, +0.19]' or 'x0.42 [x0.30, x0.59]'; '[n/a]' without an interval."""
-    if not math.isfinite(r.mean):
-        return "n/a"
-    if r.test.scale == "log":
-        est, lo, hi = fmt_fold(math.exp(r.mean)), fmt_fold(math.exp(r.lo)), fmt_fold(math.exp(r.hi))
-    else:
-        est, lo, hi = (fmt_num(v, signed=True) for v in (r.mean, r.lo, r.hi))
-    if not (math.isfinite(r.lo) and math.isfinite(r.hi)):
-        return f"{est} [n/a]"
-    return f"{est} [{lo}, {hi}]"
-
-
-def fmt_mde(r: PartResult) -> str:
-    if not math.isfinite(r.mde):
-        return "n/a"
-    return f"{fmt_fold(math.exp(r.mde))} either way" if r.test.scale == "log" else f"±{fmt_num(r.mde)}"
-
-
 def predicted(test: ClaimTest) -> str:
     """What the test expects, in words: 'decrease' or 'at most x1.5 worse'."""
     if test.tolerance is None:
@@ -266,98 +275,104 @@ def predicted(test: ClaimTest) -> str:
     return f"not {worse} by more than {margin}"
 
 
-def verdict_table(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
+@dataclass(frozen=True, slots=True)
+class VerdictRow:
+    """One test of a claim with what its claim as a whole came to: what every writer of the section reads."""
+
+    result: PartResult
+    claim_verdict: Verdict
+    parts: int
+    """Tests of the claim."""
+
+    @property
+    def label(self) -> str:
+        """The claim, with '(part i/n)' when it has several tests."""
+        r = self.result
+        return r.claim + (f" (part {r.part + 1}/{self.parts})" if self.parts > 1 else "")
+
+
+def verdict_rows(results: Sequence[Sequence[PartResult]]) -> list[VerdictRow]:
+    """Every test in claim order, each with its claim's verdict (computed once per claim)."""
     rows = []
     for parts in results:
         overall = claim_verdict([r.verdict for r in parts])
-        for r in parts:
-            t = r.test
-            rows.append({
-                "claim": r.claim + (f" (part {r.part + 1}/{len(parts)})" if len(parts) > 1 else ""),
-                "verdict": overall if r.part == 0 else "",
-                "treatment vs baseline": f"{t.treatment} vs {t.baseline}",
-                "metric (per run)": t.describe(),
-                "predicted": predicted(t),
-                "effect [95% CI]": fmt_effect(r) + (" (fold)" if t.scale == "log" and math.isfinite(r.mean) else ""),
-                "n": r.n,
-                "part verdict": r.verdict,
-                "smallest detectable (80% power)": fmt_mde(r),
-                "left out": "; ".join(r.excluded) or "—",
-            })
-    return pd.DataFrame(rows)
+        rows += [VerdictRow(result=r, claim_verdict=overall, parts=len(parts)) for r in parts]
+    return rows
+
+
+def verdict_table(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "claim": row.label,
+        "verdict": row.claim_verdict if row.result.part == 0 else "",
+        "treatment vs baseline": f"{row.result.test.treatment} vs {row.result.test.baseline}",
+        "metric (per run)": row.result.test.describe(),
+        "predicted": predicted(row.result.test),
+        "effect [95% CI]": row.result.effect_text(),
+        "n": row.result.n,
+        "part verdict": row.result.verdict,
+        "smallest detectable (80% power)": row.result.mde_text(),
+        "left out": "; ".join(row.result.excluded) or "—",
+    } for row in verdict_rows(results)])
 
 
 def verdict_sentences(results: Sequence[Sequence[PartResult]]) -> list[str]:
     out = []
     for parts in results:
-        overall = claim_verdict([r.verdict for r in parts])
+        rows = verdict_rows([parts])
         bits = []
-        for r in parts:
-            t = r.test
+        for row in rows:
+            r, t = row.result, row.result.test
             seeds = f"n={r.n} paired seed{'s' if r.n != 1 else ''}"
-            mde = "" if not math.isfinite(r.mde) else f"; detectable at 80% power: {fmt_mde(r)}"
+            mde = "" if not math.isfinite(r.mde) else f"; detectable at 80% power: {r.mde_text()}"
             left = "" if not r.excluded else f"; left out: {'; '.join(r.excluded)}"
             bits.append(f"{t.treatment} vs {t.baseline}, {t.describe()}, predicted {predicted(t)}: "
-                        f"{fmt_effect(r)} ({seeds}{mde}{left}) -> {r.verdict}")
-        out.append(f"{parts[0].claim}: {overall.upper()}. " + "; ".join(bits) + ".")
+                        f"{r.effect_text()} ({seeds}{mde}{left}) -> {r.verdict}")
+        out.append(f"{parts[0].claim}: {rows[0].claim_verdict.upper()}. " + "; ".join(bits) + ".")
     return out
 
 
 def verdict_csv(results: Sequence[Sequence[PartResult]]) -> pd.DataFrame:
     """Every number of the section at full precision (verdicts.csv)."""
     rows = []
-    for parts in results:
-        overall = claim_verdict([r.verdict for r in parts])
-        for r in parts:
-            t = r.test
-            rows.append({"claim": r.claim, "part": r.part, "claim_verdict": overall, "verdict": r.verdict,
-                         "treatment": t.treatment, "baseline": t.baseline, "metric": t.metric,
-                         "baseline_metric": t.baseline_metric, "reduce": t.reduce,
-                         "window_start": t.window[0] if t.window else None,
-                         "window_end": t.window[1] if t.window else None, "direction": t.direction,
-                         "scale": t.scale, "tolerance": t.tolerance, "n": r.n,
-                         "seeds": ",".join(map(str, r.seeds)), "mean": r.mean, "sd": r.sd, "lo": r.lo, "hi": r.hi,
-                         "mde": r.mde, "effect": r.effect,
-                         "effect_lo": math.exp(r.lo) if t.scale == "log" else r.lo,
-                         "effect_hi": math.exp(r.hi) if t.scale == "log" else r.hi,
-                         "excluded": "; ".join(r.excluded)})
+    for row in verdict_rows(results):
+        r, t = row.result, row.result.test
+        lo, hi = r.effect_interval
+        rows.append({"claim": r.claim, "part": r.part, "claim_verdict": row.claim_verdict, "verdict": r.verdict,
+                     "treatment": t.treatment, "baseline": t.baseline, "metric": t.metric,
+                     "baseline_metric": t.baseline_metric, "reduce": t.reduce,
+                     "window_start": t.window[0] if t.window else None,
+                     "window_end": t.window[1] if t.window else None, "direction": t.direction,
+                     "scale": t.scale, "tolerance": t.tolerance, "n": r.n,
+                     "seeds": ",".join(map(str, r.seeds)), "mean": r.mean, "sd": r.sd, "lo": r.lo, "hi": r.hi,
+                     "mde": r.mde, "effect": r.effect, "effect_lo": lo, "effect_hi": hi,
+                     "excluded": "; ".join(r.excluded)})
     return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- where the claims come from
 
 
-def load_claims(matrix: str | Path) -> tuple[Claim, ...]:
-    """The claims of a matrix file, validated with the whole matrix; raises ``harness.matrix.MatrixError`` (a
-    ``ValueError``) listing every problem, each naming the file and key."""
-    from harness.matrix import load_matrix
-
-    return load_matrix(matrix).claims
-
-
-def grid_claims(statuses: pd.DataFrame) -> tuple[tuple[Claim, ...], str]:
-    """The claims of the matrix the grid's runs were made from (named in each run's harness.json), and a
+def grid_claims(grid_dir: Path | None) -> tuple[tuple[Claim, ...], str]:
+    """The claims of the matrix the grid was run from (the harness keeps them in the grid manifest), and a
     sentence saying where they came from, or why there are none."""
-    from .data import is_matrix_file, run_records
+    from harness import collect
+    from twinflow_train.rundir import RunDirError
 
-    records = run_records(statuses)
-    matrices = sorted({r.matrix for rs in records.values() for r in rs})
-    if not matrices:
-        return (), "no run has a harness.json naming its matrix file"
-    if len(matrices) > 1:
-        return (), f"the runs name {len(matrices)} different matrix files ({', '.join(matrices)})"
-    path = Path(matrices[0])
-    if not path.is_file():
-        return (), f"matrix file {path} is gone"
-    if not is_matrix_file(path):
-        return (), f"the runs were made from {path}, which has no arms (a search spec)"
+    if grid_dir is None:
+        return (), "the data were not read from a grid directory"
     try:
-        claims = load_claims(path)
-    except ValueError as e:
-        return (), f"matrix file {path} no longer loads ({str(e).splitlines()[0]})"
+        manifest = collect.grid_manifest(grid_dir)
+    except RunDirError as e:
+        return (), f"the grid manifest does not load ({e})"
+    if manifest is None:
+        return (), ("no grid manifest (the grid was run before the harness wrote one; "
+                    "'twinflow-lab report --claims MATRIX' judges a matrix file's claims)")
+    if manifest.get("kind") == "search":
+        return (), f"the runs were made by search spec {manifest.get('source')}, which has no claims"
+    claims = tuple(Claim.from_json(c) for c in manifest.get("claims") or [])
     if not claims:
-        return (), f"matrix file {path} declares no claims"
-    return claims, f"matrix file {path}"
+        return (), f"matrix file {manifest.get('source')} declares no claims"
+    return claims, f"matrix file {manifest.get('source')} (grid manifest)"
 
 
 # --------------------------------------------------------------------------- figure
@@ -370,15 +385,16 @@ def verdict_figure(results: Sequence[Sequence[PartResult]]) -> "FigureOut | None
     seeds could not have detected (±MDE), and the non-inferiority margin where there is one."""
     from .plots import FigureOut, fixed_margins, new_figure, render
 
-    parts = [r for claim in results for r in claim if math.isfinite(r.mean)]
-    n_parts = {r.claim: len(claim) for claim in results for r in claim}
+    rows = [row for row in verdict_rows(results) if math.isfinite(row.result.mean)]
+    parts = [row.result for row in rows]
     if not parts:
         return None
     fig = new_figure(width=7.5, height=0.75 + 0.62 * len(parts))
     fixed_margins(fig, left=0.3, right=0.3, top=0.3, bottom=0.45, hspace=1.6)
     axes = fig.subplots(len(parts), 1, squeeze=False)[:, 0]
-    for ax, r in zip(axes, parts):
-        log = r.test.scale == "log"
+    for ax, row in zip(axes, rows):
+        r = row.result
+        log = r.fold
         null = 1.0 if log else 0.0
         to_axis = math.exp if log else (lambda v: v)
         est = to_axis(r.mean)
@@ -408,7 +424,7 @@ def verdict_figure(results: Sequence[Sequence[PartResult]]) -> "FigureOut | None
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_yticks([])
         ax.tick_params(labelsize=7)
-        part = f" (part {r.part + 1}/{n_parts[r.claim]})" if n_parts[r.claim] > 1 else ""
+        part = f" (part {r.part + 1}/{row.parts})" if row.parts > 1 else ""
         ax.set_title(f"{r.claim[:70]}{part}: "
                      f"{r.test.treatment} vs {r.test.baseline}, {r.test.metric} "
                      f"({'fold' if log else 'difference'}), n={r.n} -> {r.verdict}", fontsize=7, loc="left")

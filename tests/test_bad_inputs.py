@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main as lab_main
+from twinflow_lab.cli import main as lab_main
 from twinflow_train.cli import main as train_main
 
 from .harness.conftest import TINY_BASE
@@ -328,7 +328,7 @@ def test_console_command_exits_2_without_traceback(case, workdir):
     files, cli, argv, needles = CASES[case]
     _write(workdir, files, base="base.yaml" not in files)
     before = _tree(workdir)
-    module = "twinflow_train.cli" if cli == "train" else "harness.cli"
+    module = "twinflow_train.cli" if cli == "train" else "twinflow_lab"
     env = dict(_env(), TWINFLOW_LAB_CACHE=str(workdir / "cache"))
     proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -361,7 +361,7 @@ _FAULT = """\
 import sys
 import harness.{module} as m
 m.{name} = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected fault"))
-from harness.cli import main
+from twinflow_lab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

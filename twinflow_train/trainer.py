@@ -169,7 +169,6 @@ class Run:
     step: int = 0
     """The last optimizer step completed (what status.json reports on failure)."""
     counters: Counters = field(default_factory=Counters)
-    window: dict[str, list[float]] = field(default_factory=dict)
     eval_ema: nn.Module | None = None
     """The evaluation EMA of the student (``eval.ema_decay`` > 0): validated, sampled and checkpointed."""
     fsdp: bool = True

@@ -191,6 +191,7 @@ def status(state, reason=None, step=0):
     write_status(d, state, step=step, reason=reason)
 w, n, every, seed = cfg["rl"]["weight"], cfg["run"]["steps"], cfg["run"]["val_every"], cfg["run"]["seed"]
 status("running")
+(d / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in ("STANDIN_MARK", "WANDB_RUN_ID")}))
 child = subprocess.Popen(["sleep", "120"])
 (d / "grandchild.pid").write_text(str(child.pid))
 with open(d / "metrics.jsonl", "a") as f:
@@ -293,6 +294,25 @@ def test_median_pruner_stops_live_runs_and_objective_is_seed_mean(tmp_path, stan
                                                               ("trial-0001", 0), ("trial-0001", 1)]
     best = (root / "s" / "best.yaml").read_text()
     assert "trial 0" in best.splitlines()[0]
+
+
+def test_a_trials_runs_get_their_run_env(tmp_path, standin):
+    """``run_env`` reaches each seed's process: per run group, overridden per ``group/seed-k``."""
+    path = _spec(tmp_path, RL + OBJ + textwrap.dedent("""\
+        seeds: [0, 1]
+        trials: 1
+        workers: 1
+        pruner: {kind: none}
+        enqueue: [{rl.weight: 1.0}]
+        """))
+    root = tmp_path / "runs"
+    search, result = _search(path, root, standin, run_env={"trial-0000": {"STANDIN_MARK": "group"},
+                                                           "trial-0000/seed-1": {"STANDIN_MARK": "seed"}})
+    assert result.exit_code == 0, search.stream.getvalue()
+    seen = {k: json.loads((root / "s" / "trial-0000" / f"seed-{k}" / "env.json").read_text()) for k in (0, 1)}
+    assert [seen[k]["STANDIN_MARK"] for k in (0, 1)] == ["group", "seed"]
+    identity = read_record(root / "s" / "trial-0000" / "seed-0").identity
+    assert seen[0]["WANDB_RUN_ID"] == f"tfl-{identity}"  # the harness's own variables are kept
 
 
 def test_constraints_crash_pareto_and_changed_spec(tmp_path, standin, capsys):

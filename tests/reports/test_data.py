@@ -53,28 +53,34 @@ def test_nfe_found_from_the_telemetry(frames):
     assert prepare(name="g", metrics=m, statuses=s).nfe == (1, 2, 4)
 
 
-def _runs_with_records(tmp_path, matrix: str, created: dict[str, float]) -> pd.DataFrame:
+def _runs_with_records(grid_dir, created: dict[str, float]) -> pd.DataFrame:
+    from harness.collect import run_statuses
     from harness.store import RunRecord, write_record
 
-    rows = []
     for arm, t in created.items():
-        d = tmp_path / "grid" / arm / "seed-0"
+        d = grid_dir / arm / "seed-0"
         d.mkdir(parents=True)
-        write_record(d, RunRecord(identity="x", config_hash="y", code_version="z", grid="grid", arm=arm, seed=0,
-                                  matrix=matrix, overrides={}, created=t))
-        rows.append({"arm": arm, "run_dir": str(d)})
-    return pd.DataFrame(rows)
+        write_record(d, RunRecord(identity="x", config_hash="y", code_version="z", grid=grid_dir.name, arm=arm,
+                                  seed=0, matrix="m.yaml", overrides={}, created=t))
+    return run_statuses(grid_dir)
 
 
-def test_arm_order_falls_back_to_creation_order_and_says_why(tmp_path):
-    from reports.data import matrix_arm_order
+def test_arm_order_comes_from_the_grid_manifest_else_creation_order_and_says_why(tmp_path):
+    from harness.store import write_grid_manifest
+    from reports.data import grid_arm_order
 
-    spec = tmp_path / "search.yaml"
-    spec.write_text("name: s\nparams: {}\n")
-    runs = _runs_with_records(tmp_path, str(spec), {"trial-0001": 2.0, "trial-0000": 1.0, "trial-0002": 3.0})
-    order, source = matrix_arm_order(runs)
+    grid = tmp_path / "grid"
+    runs = _runs_with_records(grid, {"trial-0001": 2.0, "trial-0000": 1.0, "trial-0002": 3.0})
+    order, source = grid_arm_order(grid, runs)
     assert order == ["trial-0000", "trial-0001", "trial-0002"]
-    assert "has no 'arms' (a search spec)" in source and "created" in source
-    runs = _runs_with_records(tmp_path / "b", str(tmp_path / "gone.yaml"), {"z": 1.0, "a": 2.0})
-    order, source = matrix_arm_order(runs)
-    assert order == ["z", "a"] and "is gone" in source
+    assert "no grid manifest" in source and "created" in source
+    write_grid_manifest(grid, kind="search", source=tmp_path / "s.yaml", arms=None, claims=[])
+    order, source = grid_arm_order(grid, runs)
+    assert order == ["trial-0000", "trial-0001", "trial-0002"] and f"search spec {tmp_path / 's.yaml'}" in source
+    write_grid_manifest(grid, kind="grid", source=tmp_path / "m.yaml", arms=["trial-0002", "x", "trial-0000"],
+                        claims=[])
+    order, source = grid_arm_order(grid, runs)  # an arm without runs is left out; one the matrix lost goes last
+    assert order == ["trial-0002", "trial-0000", "trial-0001"] and "(grid manifest)" in source
+    (grid / ".harness" / "grid.json").write_text("{")
+    order, source = grid_arm_order(grid, runs)
+    assert order == ["trial-0000", "trial-0001", "trial-0002"] and "does not load" in source

@@ -153,7 +153,7 @@ def test_verdict_section_opens_both_reports(tmp_path):
 
 
 def test_claims_from_another_matrix_file_on_the_command_line(disk_grid, tmp_path, capsys):
-    from reports.cli import main
+    from twinflow_lab.cli import main
 
     repo = Path(__file__).resolve().parents[2]
     text = (f"base: {repo / 'configs' / 'digits.yaml'}\nseeds: [0]\narms:\n  vanilla: {{}}\n"
@@ -165,11 +165,12 @@ def test_claims_from_another_matrix_file_on_the_command_line(disk_grid, tmp_path
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace("treatment: rl_hard", "treatment: rl_hardd"))
     out = tmp_path / "bad-report"
-    assert main([str(disk_grid), "--out", str(out), "--claims", str(bad), "--no-progress"]) == 2
+    assert main(["report", str(disk_grid), "--out", str(out), "--claims", str(bad), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: claims[0], key 'treatment': no arm named 'rl_hardd'" in err and not out.exists()
     out = tmp_path / "report"
-    assert main([str(disk_grid), "--out", str(out), "--claims", str(good), "--no-progress", "--bootstrap", "200"]) == 0
+    assert main(["report", str(disk_grid), "--out", str(out), "--claims", str(good), "--no-progress", "--bootstrap",
+                 "200"]) == 0
     md = (out / "report.md").read_text()
     assert f"Claims from matrix file {good}." in md and "- RL spikes: " in md
     assert pd.read_csv(out / "verdicts.csv").loc[0, "n"] == 3  # the synthetic grid's 3 seeds, all with a max
