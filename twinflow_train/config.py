@@ -366,6 +366,8 @@ class RlConfig:
 
     def __post_init__(self) -> None:
         _require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
+        _require(not self.enabled or self.reward != "hpsv2" or self.hpsv2_checkpoint is not None,
+                 "hpsv2_checkpoint must be set to the local HPS v2/v2.1 checkpoint file when reward is 'hpsv2'")
         _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
         _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
         _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
@@ -542,6 +544,19 @@ class Config:
                  f"finite distilled guidance (1 / (1 - r)); use r < 1 or set teacher.cfg_scale")
         _require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
                  "model.family 'qwen_image' needs codec.kind 'qwen_vae' or data.dataset 'latent_shards'")
+        rl = self.rl
+        # the reward guides the one-step generator output, which only the e2e rows produce
+        _require(not rl.enabled or self.method.layout == "tutorial" or self.method.group_ratios[0] > 0,
+                 f"rl.enabled guides the one-step generator output of the e2e rows; method.group_ratios[0] (e2e) "
+                 f"must be > 0 (got {self.method.group_ratios})")
+        _require(not rl.enabled or rl.reward not in ("digits", "proxy") or self.data.dataset == "digits",
+                 f"rl.reward {rl.reward!r} scores 8x8 digit images; it needs data.dataset 'digits' "
+                 f"(got {self.data.dataset!r})")
+        _require(self.schedule.warmup_steps < self.run.steps,
+                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < run.steps ({self.run.steps}): "
+                 f"the learning rate would never reach optim.lr")
+        _require(self.schedule.min_lr <= self.optim.lr,
+                 f"schedule.min_lr ({self.schedule.min_lr}) must be <= optim.lr ({self.optim.lr})")
 
     @property
     def teacher_cfg_scale(self) -> float:
@@ -565,6 +580,15 @@ def distilled_guidance(*, target: str, ratio: float) -> float:
             raise ValueError(f"method.enhanced_ratio {ratio} >= 1 with target {target!r}: no finite fixed point")
         return 1.0 / (1.0 - ratio)
     raise ValueError(f"method.target: unknown value {target!r}; valid: 'ema', 'student', 'frozen'")
+
+
+def literal_values(cls: type, name: str) -> tuple[Any, ...]:
+    """The valid values of the ``Literal`` field ``name`` of config section ``cls``.
+
+    Functions that are also called without a config (plain keyword arguments) check their
+    option against this, so the config's type is the one list of valid strings.
+    """
+    return typing.get_args(typing.get_type_hints(cls)[name])
 
 
 # --------------------------------------------------------------------------- loading
