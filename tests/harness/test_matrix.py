@@ -143,12 +143,12 @@ BAD = {
         base: base.yaml
         seeds: []
         arms: {a: {}}
-        """, ["seeds must be a non-empty list"]),
+        """, ["key 'seeds': expected a non-empty list of integers"]),
     "seeds_not_ints": ("""\
         base: base.yaml
         seeds: [0, one]
         arms: {a: {}}
-        """, ["seeds must be a non-empty list of integers"]),
+        """, ["key 'seeds[1]': expected an integer, got 'one'"]),
     "yaml_syntax": ("""\
         base: base.yaml
         seeds: [0
@@ -190,7 +190,7 @@ BAD = {
         base: base.yaml
         seeds: [0]
         arms: [a, b]
-        """, ["arms must be a non-empty mapping"]),
+        """, ["key 'arms': expected a non-empty mapping"]),
     "combination_invalid": ("""\
         base: base.yaml
         seeds: [0]
