@@ -13,9 +13,12 @@ A matrix file (see docs/harness.md for the full format)::
       renoise: {extends: vanilla, renoise.schedule: blog_linear}
     claims: [...]                      # optional: which arm pair tests which claim (harness/claims.py)
 
-Everything is resolved with ``twinflow_train.config.load_config`` (the trainer's own
-resolution) before any file is written; every problem found is reported at once,
-each naming the matrix file, the arm and the key.
+The file's shape is ``MatrixFile``, read by the trainer config's own loader
+(``twinflow_train.config.from_dict``) in its every-problem mode; this module then
+expands ``extends`` and ``${expr}`` values and resolves every arm with
+``twinflow_train.config.load_config`` (the trainer's own resolution, cross-field
+rules included) before any file is written. Every problem found is reported at
+once, each naming the matrix file, the arm and the key.
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ import importlib.util
 import itertools
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from twinflow_train.config import Config, ConfigError, config_hash, load_config, set_dotted, to_dict
-from twinflow_train.yamlio import InputError, is_number, read_mapping
+from twinflow_train.config import (Config, ConfigError, Where, checked, config_hash, from_dict, load_config,
+                                   raise_problems, set_dotted, to_dict)
+from twinflow_train.yamlio import InputError, read_mapping
 
 from .claims import Claim, parse_claims
 from .identity import code_version as trainer_code_version
 from .identity import run_identity
 
-TOP_KEYS = ("name", "description", "base", "seeds", "vars", "overrides", "axes", "arms", "claims")
 ARM_EXTENDS = "extends"
 # set by the harness for every run; an arm setting them would be silently overridden
 RESERVED_KEYS = ("run.seed", "telemetry.group", "telemetry.name")
@@ -57,7 +60,7 @@ class MatrixError(InputError):
 def read_matrix_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a matrix file, read like every input file (``twinflow_train.yamlio.read_mapping``)."""
     try:
-        return read_mapping(path, kind="matrix", top_keys=TOP_KEYS, named={"arms": "arm name"})
+        return read_mapping(path, kind="matrix", top_keys=[f.name for f in fields(MatrixFile)], named={"arms": "arm name"})
     except InputError as e:
         raise MatrixError(e.problems) from None
 
@@ -187,10 +190,10 @@ class Grid:
         return self.root / self.name
 
 
-# --------------------------------------------------------------------------- parsing helpers
+# --------------------------------------------------------------------------- dotted keys
 
 
-def _flatten(mapping: Mapping[Any, Any], *, prefix: str, where: str, problems: list[str]) -> dict[str, Any]:
+def flatten(mapping: Mapping[Any, Any], *, where: str, problems: list[str], prefix: str = "") -> dict[str, Any]:
     """Nested mappings and dotted keys -> one dotted-key dict; a key given twice is a problem."""
     out: dict[str, Any] = {}
     for k, v in mapping.items():
@@ -198,10 +201,7 @@ def _flatten(mapping: Mapping[Any, Any], *, prefix: str, where: str, problems: l
             problems.append(f"{where}: key {k!r} is not a dotted config key like 'section.field'")
             continue
         key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, Mapping) and v:
-            sub = _flatten(v, prefix=key, where=where, problems=problems)
-        else:
-            sub = {key: v}
+        sub = flatten(v, where=where, problems=problems, prefix=key) if isinstance(v, Mapping) and v else {key: v}
         for sk, sv in sub.items():
             if sk in out:
                 problems.append(f"{where}: key '{sk}' is given twice")
@@ -209,7 +209,8 @@ def _flatten(mapping: Mapping[Any, Any], *, prefix: str, where: str, problems: l
     return out
 
 
-def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+def nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted-key dict -> the nested mapping the trainer config loader reads."""
     tree: dict[str, Any] = {}
     for key, value in overrides.items():
         set_dotted(tree, key.split("."), value)
@@ -222,15 +223,14 @@ def _format_axis_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
 
 
-def _strip_prefix(message: str, base: Path) -> str:
-    for prefix in (f"{base}: ", f"{str(base)}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
+def strip_file(message: str, base: Path) -> str:
+    """A trainer config problem without its file prefix (the caller names the file its own way)."""
+    prefix = f"{base}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _resolve(base: Path, overrides: Mapping[str, Any]) -> Config:
-    return load_config(base, _nested(overrides))
+    return load_config(base, nested(overrides))
 
 
 def _canonical_hash(cfg: Config) -> str:
@@ -242,7 +242,130 @@ def _canonical_hash(cfg: Config) -> str:
     return config_hash(data, length=64)
 
 
+# --------------------------------------------------------------------------- the file
+
+
+def _name_problem(name: str) -> str | None:
+    return None if _NAME_RE.match(name) else f"must be a string of letters, digits, '_', '.', '-' (got {name!r})"
+
+
+def _seeds_problem(seeds: list[int]) -> str | None:
+    if not seeds or any(s < 0 for s in seeds):
+        return f"expected a non-empty list of integers in [0, 2**31 - 1], got {seeds!r}"
+    return f"has duplicates ({seeds})" if len(set(seeds)) != len(seeds) else None
+
+
+@dataclass(kw_only=True, slots=True)
+class MatrixFile:
+    """An ablation matrix file as written (the format is in docs/harness.md)."""
+
+    name: str | None = checked(None, check=_name_problem)
+    """The grid: ``runs/<name>/``; default: the file's stem."""
+    description: str = ""
+    base: str = checked(missing="the trainer config the arms override, relative to this file")
+    seeds: list[int] = checked(check=_seeds_problem, expect="a non-empty list of integers in [0, 2**31 - 1]",
+                               missing="a non-empty list of integers")
+    vars: dict[str, bool | int | float | str] | None = None
+    """Names usable in ``${expr}`` values."""
+    overrides: dict[str, Any] | None = None
+    """Dotted keys applied to every arm first."""
+    axes: dict[str, list[Any]] | None = None
+    """Dotted key -> values: every arm runs at every combination."""
+    arms: dict[str, dict[str, Any] | None] = checked(
+        check=lambda arms: None if arms else "expected a non-empty mapping of arm name -> dotted overrides, got {}",
+        expect="a non-empty mapping of arm name -> dotted overrides", missing="a mapping of arm name -> dotted overrides")
+    claims: list[Any] | None = None
+    """Which arm pair tests which claim (harness/claims.py reads them)."""
+
+    def __post_init__(self) -> None:
+        out: list[tuple[str | None, str]] = []
+        out += [(None, f"vars: {k!r} is not a valid variable name") for k in self.vars or {} if not _VAR_RE.match(k)]
+        for k, values in (self.axes or {}).items():
+            if any(not p for p in k.split(".")):
+                out.append((None, f"axes: {k!r} is not a dotted config key"))
+            elif not values:
+                out.append((None, f"axes: '{k}' must be a non-empty list of values (got [])"))
+        for arm, body in self.arms.items():
+            if not _NAME_RE.match(arm):
+                out.append((None, f"arm name {arm!r} must be letters, digits, '_', '.', '-' (it names the run "
+                                  f"directory)"))
+            parent = (body or {}).get(ARM_EXTENDS)
+            if parent is not None and (not isinstance(parent, str) or parent not in self.arms):
+                out.append((None, f"arm '{arm}', key '{ARM_EXTENDS}': no arm named {parent!r}"))
+            elif parent is not None and (cycle := self._cycle(arm)):
+                out.append((None, f"arm '{arm}', key '{ARM_EXTENDS}': cycle ({' -> '.join(cycle)})"))
+        raise_problems(out)
+
+    def _cycle(self, arm: str) -> list[str]:
+        chain: list[str] = []
+        node: str | None = arm
+        while node is not None:
+            if node in chain:
+                return chain + [node]
+            chain.append(node)
+            node = (self.arms.get(node) or {}).get(ARM_EXTENDS)
+        return []
+
+    def chain(self, arm: str) -> list[str]:
+        """``arm`` and its ``extends`` ancestors, the root last."""
+        out: list[str] = []
+        node: str | None = arm
+        while node is not None:
+            out.append(node)
+            node = (self.arms[node] or {}).get(ARM_EXTENDS)
+        return out
+
+
 # --------------------------------------------------------------------------- load
+
+
+def _check_base(matrix_path: Path, base: Any, problems: list[str]) -> Path | None:
+    """The base config's path when it loads; its problems (named as the matrix's) otherwise."""
+    if not isinstance(base, str):
+        return None  # the file's own reading names it
+    file = str(matrix_path)
+    base_path = (matrix_path.parent / base).resolve()
+    if not base_path.is_file():
+        problems.append(f"{file}: base config '{base}' does not exist (looked at {base_path})")
+        return None
+    try:
+        load_config(base_path)
+    except ConfigError as e:
+        problems.extend(f"{file}: base config {base_path}: {strip_file(p, base_path)}" for p in e.problems)
+        return None
+    return base_path
+
+
+def _arm_specs(m: MatrixFile, file: str, env: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, Any],
+                                                                                               list[ArmSpec]]:
+    """The top-level overrides and every arm's dotted overrides: ``${}`` evaluated, ``extends`` and axes applied."""
+
+    def dotted(over: Mapping[str, Any], where: str) -> dict[str, Any]:
+        out = {}
+        for k, v in flatten(over, where=where, problems=problems).items():
+            if k in RESERVED_KEYS:
+                problems.append(f"{where}, key '{k}': set by the harness for every run "
+                                f"(seeds come from 'seeds', telemetry group/name from the grid and arm)")
+            try:
+                out[k] = evaluate(v, env)
+            except (ValueError, TypeError) as e:
+                problems.append(f"{where}, key '{k}': {e}")
+        return out
+
+    top = dotted(m.overrides or {}, f"{file}: overrides")
+    axes = dotted(m.axes or {}, f"{file}: axes")
+    own = {arm: dotted({k: v for k, v in (body or {}).items() if k != ARM_EXTENDS}, f"{file}: arm '{arm}'")
+           for arm, body in m.arms.items()}
+    arms: list[ArmSpec] = []
+    for arm in own:
+        merged = dict(top)
+        for ancestor in reversed(m.chain(arm)):
+            merged.update(own[ancestor])
+        for combo in itertools.product(*axes.values()):
+            axis_over = dict(zip(axes, combo))
+            name = "+".join([arm] + [f"{k}={_format_axis_value(v)}" for k, v in axis_over.items()])
+            arms.append(ArmSpec(name=name, overrides={**merged, **axis_over}))
+    return top, arms
 
 
 def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: str | None = None) -> Grid:
@@ -251,147 +374,14 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
     file = str(matrix_path)
     data = read_matrix_yaml(matrix_path)
     problems: list[str] = []
-
-    for key in data:
-        if key not in TOP_KEYS:
-            problems.append(f"{file}: unknown top-level key '{key}'; valid keys: {', '.join(TOP_KEYS)}")
-
-    name = data.get("name", matrix_path.stem)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append(f"{file}: name must be a string of letters, digits, '_', '.', '-' (got {name!r})")
-
-    base_path: Path | None = None
-    if "base" not in data:
-        problems.append(f"{file}: 'base' is missing (the trainer config the arms override, relative to this file)")
-    elif not isinstance(data["base"], str):
-        problems.append(f"{file}: base must be a path string (got {data['base']!r})")
-    else:
-        base_path = (matrix_path.parent / data["base"]).resolve()
-        if not base_path.is_file():
-            problems.append(f"{file}: base config '{data['base']}' does not exist (looked at {base_path})")
-            base_path = None
-        else:
-            try:
-                load_config(base_path)
-            except ConfigError as e:
-                problems.extend(f"{file}: base config {base_path}: {_strip_prefix(p, base_path)}" for p in e.problems)
-                base_path = None
-
-    seeds = data.get("seeds")
-    if seeds is None:
-        problems.append(f"{file}: 'seeds' is missing (a non-empty list of integers)")
-        seeds = []
-    elif (not isinstance(seeds, list) or not seeds
-          or not all(is_number(s, integer=True) and s >= 0 for s in seeds)):
-        problems.append(f"{file}: seeds must be a non-empty list of integers in [0, 2**31 - 1] (got {seeds!r})")
-        seeds = []
-    elif len(set(seeds)) != len(seeds):
-        problems.append(f"{file}: seeds has duplicates ({seeds})")
-
-    env: dict[str, Any] = {}
-    raw_vars = data.get("vars") or {}
-    if not isinstance(raw_vars, Mapping):
-        problems.append(f"{file}: vars must be a mapping of name -> number/string (got {raw_vars!r})")
-    else:
-        for k, v in raw_vars.items():
-            if not isinstance(k, str) or not _VAR_RE.match(k):
-                problems.append(f"{file}: vars: {k!r} is not a valid variable name")
-            elif not isinstance(v, (int, float, str, bool)):
-                problems.append(f"{file}: vars: '{k}' must be a number, string or bool (got {v!r})")
-            elif isinstance(v, float) and not is_number(v):
-                problems.append(f"{file}: vars: '{k}' must be a finite number (got {v!r})")
-                env[k] = v  # its uses are then reported where they are, not as an unknown variable
-            else:
-                env[k] = v
-
-    def evaluated(over: dict[str, Any], where: str) -> dict[str, Any]:
-        out = {}
-        for k, v in over.items():
-            try:
-                out[k] = evaluate(v, env)
-            except (ValueError, TypeError) as e:
-                problems.append(f"{where}, key '{k}': {e}")
-        return out
-
-    def reserved(over: Mapping[str, Any], where: str) -> None:
-        for k in over:
-            if k in RESERVED_KEYS:
-                problems.append(f"{where}, key '{k}': set by the harness for every run "
-                                f"(seeds come from 'seeds', telemetry group/name from the grid and arm)")
-
-    top = data.get("overrides") or {}
-    if not isinstance(top, Mapping):
-        problems.append(f"{file}: overrides must be a mapping of dotted keys (got {top!r})")
-        top = {}
-    top = evaluated(_flatten(top, prefix="", where=f"{file}: overrides", problems=problems), f"{file}: overrides")
-    reserved(top, f"{file}: overrides")
-
-    axes_raw = data.get("axes") or {}
-    axes: dict[str, list[Any]] = {}
-    if not isinstance(axes_raw, Mapping):
-        problems.append(f"{file}: axes must be a mapping of dotted key -> list of values (got {axes_raw!r})")
-    else:
-        for k, vals in axes_raw.items():
-            if not isinstance(k, str) or any(not p for p in k.split(".")):
-                problems.append(f"{file}: axes: {k!r} is not a dotted config key")
-            elif not isinstance(vals, list) or not vals:
-                problems.append(f"{file}: axes: '{k}' must be a non-empty list of values (got {vals!r})")
-            else:
-                try:
-                    axes[k] = [evaluate(v, env) for v in vals]
-                except (ValueError, TypeError) as e:
-                    problems.append(f"{file}: axes, key '{k}': {e}")
-        reserved(axes, f"{file}: axes")
-
-    arms_raw = data.get("arms")
-    own: dict[str, dict[str, Any]] = {}
-    parents: dict[str, str | None] = {}
-    if arms_raw is None:
-        problems.append(f"{file}: 'arms' is missing (a mapping of arm name -> dotted overrides)")
-    elif not isinstance(arms_raw, Mapping) or not arms_raw:
-        problems.append(f"{file}: arms must be a non-empty mapping of arm name -> dotted overrides (got {arms_raw!r})")
-    else:
-        for arm, body in arms_raw.items():
-            where = f"{file}: arm '{arm}'"
-            if not isinstance(arm, str) or not _NAME_RE.match(arm):
-                problems.append(f"{file}: arm name {arm!r} must be letters, digits, '_', '.', '-' "
-                                "(it names the run directory)")
-                continue
-            if body is None:
-                body = {}
-            if not isinstance(body, Mapping):
-                problems.append(f"{where}: expected a mapping of dotted keys to values (got {body!r})")
-                continue
-            body = dict(body)
-            parent = body.pop(ARM_EXTENDS, None)
-            if parent is not None and (not isinstance(parent, str) or parent not in arms_raw):
-                problems.append(f"{where}, key '{ARM_EXTENDS}': no arm named {parent!r}")
-                parent = None
-            parents[arm] = parent
-            flat = evaluated(_flatten(body, prefix="", where=where, problems=problems), where)
-            reserved(flat, where)
-            own[arm] = flat
-
-    arms: list[ArmSpec] = []
-    for arm in own:
-        chain, node, seen = [], arm, set()
-        while node is not None:
-            if node in seen:
-                problems.append(f"{file}: arm '{arm}', key '{ARM_EXTENDS}': cycle ({' -> '.join(chain + [node])})")
-                break
-            seen.add(node)
-            chain.append(node)
-            node = parents.get(node)
-        merged = dict(top)
-        for ancestor in reversed(chain):
-            merged.update(own.get(ancestor, {}))
-        combos = list(itertools.product(*axes.values())) if axes else [()]
-        for combo in combos:
-            axis_over = dict(zip(axes.keys(), combo))
-            arm_name = arm if not axis_over else "+".join(
-                [arm] + [f"{k}={_format_axis_value(v)}" for k, v in axis_over.items()])
-            arms.append(ArmSpec(name=arm_name, overrides={**merged, **axis_over}))
-
+    base_path = _check_base(matrix_path, data.get("base"), problems)
+    try:
+        m = from_dict(MatrixFile, data, Where(file=file))
+    except ConfigError as e:
+        raise MatrixError(problems + e.problems) from None
+    name = m.name or matrix_path.stem
+    env = dict(m.vars or {})
+    top, arms = _arm_specs(m, file, env, problems)
     if problems or base_path is None:
         raise MatrixError(problems)
 
@@ -426,7 +416,7 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
             problems.append(f"{where}, key 'telemetry.wandb': '{cfg.telemetry.wandb}' needs the wandb package, "
                             "which is not installed (pip install 'twinflow-lab[wandb]')")
             continue
-        for seed in seeds:
+        for seed in m.seeds:
             run_over = {**spec.overrides, "run.seed": seed, "telemetry.group": name,
                         "telemetry.name": f"{spec.name}-{seed}"}
             run_cfg = _resolve(base_path, run_over)
@@ -434,11 +424,11 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
                                 config=run_cfg, config_hash=config_hash(run_cfg),
                                 identity=run_identity(run_cfg, code),
                                 run_dir=root / name / spec.name / f"seed-{seed}"))
-    claims = () if problems else parse_claims(data.get("claims"), file=file, arms=arm_configs,
+    claims = () if problems else parse_claims(m.claims, file=file, arms=arm_configs,
                                               evaluate=lambda v: evaluate(v, env), problems=problems)
     if problems:
         raise MatrixError(problems)
-    return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(seeds),
+    return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(m.seeds),
                 arms=tuple(arms), runs=tuple(runs), code_version=code, claims=claims)
 
 
@@ -451,7 +441,7 @@ def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error:
         try:
             _resolve(base, {**top, key: value})
         except ConfigError as e:
-            alone[key] = [_strip_prefix(p, base) for p in e.problems]
+            alone[key] = [strip_file(p, base) for p in e.problems]
     # a key that fails alone only for want of its companions (rl.enabled without the arm's rl.reward) is not a
     # problem of its own: it must also fail beside the arm's keys that are fine alone, and a message about
     # another key the arm sets is left to that key's own line
@@ -469,4 +459,4 @@ def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error:
         return culprits
     # no single key fails: a combination does (e.g. batch size vs groups); name them all
     keys = ", ".join(f"'{k}'" for k in spec.overrides) or "(none)"
-    return [f"{where}, keys {keys}: {_strip_prefix(p, base)}" for p in error.problems]
+    return [f"{where}, keys {keys}: {strip_file(p, base)}" for p in error.problems]

@@ -14,9 +14,12 @@ trials, seeds per trial and workers (the full format is in docs/search.md)::
     trials: 20
     workers: 2
 
-Every problem found is reported at once (``SearchSpecError.problems``), each
-naming the spec file and the key, like the matrix loader does; nothing is
-written while a spec is loaded.
+The file's shape is the typed dataclasses below, read by the trainer config's
+own loader (``twinflow_train.config.from_dict``) in its every-problem mode; the
+loader here only resolves: the base config or matrix arm, dotted keys, the
+storage, and every trainer config a parameter's range can reach. Every problem
+found is reported at once (``SearchSpecError.problems``), each naming the spec
+file and the key; nothing is written while a spec is loaded.
 """
 
 from __future__ import annotations
@@ -24,26 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping
 
-from twinflow_train.config import Config, ConfigError, load_config, set_dotted, to_dict
-
+from twinflow_train.config import (Config, ConfigError, SectionProblems, Where, at_least, checked, from_dict,
+                                   load_config, raise_problems, to_dict)
 from twinflow_train.yamlio import InputError, float_problem, is_number, read_mapping
 
-from .matrix import RESERVED_KEYS, MatrixError, load_matrix
+from .matrix import RESERVED_KEYS, MatrixError, flatten, load_matrix, nested, strip_file
 
-TOP_KEYS = ("name", "description", "base", "matrix", "arm", "overrides", "seeds", "parameters", "objective",
-            "trials", "workers", "sampler", "pruner", "divergence", "storage", "enqueue")
-PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
-PARAM_TYPES = ("float", "int", "categorical", "log")
-OBJECTIVE_KEYS = ("metric", "direction", "metrics", "directions", "reduce", "constraints", "record")
-SAMPLER_KEYS = ("kind", "seed", "n_startup_trials")
-PRUNER_KEYS = ("kind", "percentile", "n_startup_trials", "n_warmup_steps", "interval_steps")
-DIVERGENCE_KEYS = ("nonfinite", "max_grad_norm", "max_spikes")
-DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {"rl.weight": {"type": "float", "low": 1.0e-3, "high": 1.0,
-                                                               "log": True}}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Direction = Literal["minimize", "maximize"]
@@ -61,7 +54,17 @@ class SearchSpecError(MatrixError):
     """
 
 
-# --------------------------------------------------------------------------- specs
+def _number(v: Any) -> bool:
+    """A finite number; an integer too large for a float is not one (``float()`` would overflow)."""
+    return float_problem(v) is None
+
+
+def _int(v: Any) -> bool:
+    """An integer within the bounds every count and seed of an input file shares (``yamlio.INT_MAX``)."""
+    return is_number(v, integer=True)
+
+
+# --------------------------------------------------------------------------- what runs
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,24 @@ class ObjectiveSpec:
 @dataclass(frozen=True)
 class SamplerSpec:
     kind: SamplerKind = "tpe"
-    seed: int = 0
-    n_startup_trials: int = 10
+    seed: int = checked(0, check=at_least(0))
+    n_startup_trials: int = checked(10, check=at_least(0))
 
 
 @dataclass(frozen=True)
 class PrunerSpec:
-    kind: PrunerKind = "median"
-    percentile: float = 25.0
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
+    kind: PrunerKind | None = None
+    """None in the file: ``median`` for one objective, ``none`` for several (resolved by the loader)."""
+    percentile: float | None = checked(None, check=lambda v: None if 0 < v < 100 else
+                                       f"expected a number in (0, 100), got {v!r}")
+    """Kind ``percentile`` only (default 25)."""
+    n_startup_trials: int = checked(5, check=at_least(0))
+    n_warmup_steps: int = checked(0, check=at_least(0))
+    interval_steps: int = checked(1, check=at_least(1))
+
+    def __post_init__(self) -> None:
+        if self.percentile is not None and self.kind != "percentile":
+            raise SectionProblems([("percentile", "only used by kind: percentile")])
 
     def build(self) -> Any:
         import optuna
@@ -143,21 +153,21 @@ class PrunerSpec:
             return optuna.pruners.MedianPruner(n_startup_trials=self.n_startup_trials,
                                                n_warmup_steps=self.n_warmup_steps, interval_steps=self.interval_steps)
         if self.kind == "percentile":
-            return optuna.pruners.PercentilePruner(self.percentile, n_startup_trials=self.n_startup_trials,
+            return optuna.pruners.PercentilePruner(25.0 if self.percentile is None else self.percentile,
+                                                   n_startup_trials=self.n_startup_trials,
                                                    n_warmup_steps=self.n_warmup_steps,
                                                    interval_steps=self.interval_steps)
-        if self.kind == "none":
-            return optuna.pruners.NopPruner()
-        raise ValueError(f"unknown pruner kind {self.kind!r}; valid: median, percentile, none")
+        return optuna.pruners.NopPruner()
 
 
 @dataclass(frozen=True)
 class DivergenceSpec:
     nonfinite: bool = True
     """A non-finite loss, grad norm or objective value (or any skipped non-finite step) marks the trial diverging."""
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = checked(None, check=lambda v: None if v > 0 else
+                                          f"expected a number > 0 or null, got {v!r}")
     """Pre-clip global grad norm above this marks the trial diverging (None: off)."""
-    max_spikes: int | None = None
+    max_spikes: int | None = checked(None, check=at_least(0))
     """More grad-norm spikes than this (the trainer's ``count/spikes``) marks the trial diverging (None: off)."""
 
 
@@ -206,30 +216,197 @@ class SearchSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- the file
 
 
-def nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in overrides.items():
-        set_dotted(tree, key.split("."), value)
-    return tree
+@dataclass(kw_only=True, slots=True)
+class ParamEntry:
+    """One ``parameters:`` entry as written; a list of values is shorthand for ``{type: categorical, choices: ...}``."""
+
+    type: Literal["float", "int", "categorical", "log"] | None = None
+    """Omitted: ``categorical`` with choices, ``int`` for integer bounds without log, else ``float``."""
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool | None = None
+    """Log-uniform; ``type: log`` is a log-uniform float."""
+    step: int | float | None = checked(None, check=lambda v: None if v > 0 else f"expected a number > 0, got {v!r}")
+    choices: list[Any] | None = None
+
+    @property
+    def kind(self) -> ParamKind:
+        if self.type is None:
+            return ("categorical" if self.choices is not None
+                    else "int" if _int(self.low) and _int(self.high) and not self.log else "float")
+        return "float" if self.type == "log" else self.type
+
+    def __post_init__(self) -> None:
+        out: list[tuple[str | None, str]] = []
+        if self.type == "log" and self.log is False:
+            out.append((None, "type 'log' is a log-uniform float; 'log: false' contradicts it"))
+        if self.kind == "categorical":
+            out += [(None, f"'{k}' has no meaning for a categorical parameter (give 'choices')")
+                    for k in ("low", "high", "log", "step") if getattr(self, k) is not None]
+            if not self.choices:
+                out.append(("choices", f"empty range: expected a non-empty list of values, got {self.choices!r}"))
+            elif any(not (c is None or isinstance(c, (bool, int, float, str))) for c in self.choices):
+                out.append(("choices", f"values must be numbers, strings, booleans or null (got {self.choices!r})"))
+            elif len({json.dumps(c) for c in self.choices}) != len(self.choices):
+                out.append(("choices", f"has duplicates ({self.choices})"))
+            raise_problems(out)
+            return
+        if self.choices is not None:
+            out.append((None, "'choices' belongs to a categorical parameter (type: categorical)"))
+        integer = self.kind == "int"
+        for k in ("low", "high"):
+            v = getattr(self, k)
+            if v is None:
+                out.append((None, f"'{k}' is missing"))
+            elif integer and not _int(v):
+                out.append((k, f"expected an integer, got {v!r}"))
+        if integer and self.step is not None and not _int(self.step):
+            out.append(("step", f"expected a positive integer, got {self.step!r}"))
+        raise_problems(out)
+        low, high, step, log = self.low, self.high, self.step, bool(self.log) or self.type == "log"
+        if low >= high:
+            out.append((None, f"empty range: low ({low}) must be below high ({high})"))
+        if log and low <= 0:
+            out.append((None, f"a log range needs low > 0 (got low={low}, high={high})"))
+        if log and step is not None:
+            out.append((None, "'step' cannot be combined with 'log: true'"))
+        if step is not None and low < high and step > high - low:
+            out.append((None, f"empty range: step {step} is larger than high - low ({high - low})"))
+        raise_problems(out)
+
+    def spec(self, path: str) -> ParamSpec:
+        if self.kind == "categorical":
+            return ParamSpec(path=path, kind="categorical", choices=tuple(self.choices or ()))
+        return ParamSpec(path=path, kind=self.kind, low=self.low, high=self.high,
+                         log=bool(self.log) or self.type == "log", step=self.step)
 
 
-def flatten(mapping: Mapping[Any, Any], *, where: str, problems: list[str], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings and dotted keys -> one dotted-key dict (a key given twice is a problem)."""
-    out: dict[str, Any] = {}
-    for k, v in mapping.items():
-        if not isinstance(k, str) or not k or any(not part for part in k.split(".")):
-            problems.append(f"{where}: key {k!r} is not a dotted config key like 'section.field'")
-            continue
-        key = f"{prefix}.{k}" if prefix else k
-        sub = flatten(v, where=where, problems=problems, prefix=key) if isinstance(v, Mapping) and v else {key: v}
-        for sk, sv in sub.items():
-            if sk in out:
-                problems.append(f"{where}: key '{sk}' is given twice")
-            out[sk] = sv
-    return out
+@dataclass(kw_only=True, slots=True)
+class ConstraintEntry:
+    metric: str = checked(missing="a metrics.jsonl key")
+    max: float | None = None
+    """Feasible when the metric is <= this."""
+    min: float | None = None
+    """Feasible when the metric is >= this."""
+
+    def __post_init__(self) -> None:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("expected {metric: KEY, max: NUMBER} or {metric: KEY, min: NUMBER}")
+
+    def spec(self) -> ConstraintSpec:
+        side = "max" if self.max is not None else "min"
+        return ConstraintSpec(metric=self.metric, bound=float(getattr(self, side)), side=side)
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveEntry:
+    metric: str | None = None
+    """One objective: a metrics.jsonl key like ``val/fd_nfe2``."""
+    direction: Direction | None = None
+    """Of ``metric`` (default minimize)."""
+    metrics: list[str] | None = None
+    """Several objectives (a Pareto front)."""
+    directions: list[Direction] | None = None
+    """One per entry of ``metrics``."""
+    reduce: Reduce = "final"
+    constraints: list[ConstraintEntry] = checked(default_factory=list,
+                                                 expect="a list like [{metric: val/fd_nfe2, max: 30}]")
+    record: list[str] = checked(default_factory=list, expect="a list of metrics.jsonl keys like [val/gold_nfe2]")
+
+    def __post_init__(self) -> None:
+        out: list[tuple[str | None, str]] = []
+        single, multi = self.metric is not None, self.metrics is not None
+        if single == multi:
+            raise ValueError("give either 'metric' + 'direction' (one objective) or 'metrics' + 'directions' "
+                             "(several objectives, a Pareto front)")
+        if single and self.directions is not None:
+            out.append((None, "'directions' goes with 'metrics'; use 'direction' with 'metric'"))
+        if multi:
+            if self.direction is not None:
+                out.append((None, "'direction' goes with 'metric'; use 'directions' with 'metrics'"))
+            if len(self.metrics) < 2:
+                out.append(("metrics", f"expected a list of at least two metrics, got {self.metrics!r}"))
+            elif self.directions is None or len(self.directions) != len(self.metrics):
+                out.append(("directions", f"expected one direction per metric ({len(self.metrics)}), "
+                                          f"got {self.directions!r}"))
+            elif len(set(self.metrics)) != len(self.metrics):
+                out.append(("metrics", f"has duplicates ({self.metrics})"))
+        out += [(None, f"a metric must be a metrics.jsonl key like 'val/fd_nfe2', got {m!r}")
+                for m in self.names if not m]
+        out += [("record", f"expected metrics.jsonl keys like [val/gold_nfe2], got {self.record!r}")
+                for m in self.record if not m][:1]
+        if set(self.record) & set(self.names):
+            out.append(("record", f"{sorted(set(self.record) & set(self.names))} is already an objective"))
+        raise_problems(out)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.metric] if self.metric is not None else list(self.metrics or ())
+
+    def spec(self) -> ObjectiveSpec:
+        directions = [self.direction or "minimize"] if self.metric is not None else list(self.directions or ())
+        return ObjectiveSpec(metrics=tuple(self.names), directions=tuple(directions), reduce=self.reduce,
+                             constraints=tuple(c.spec() for c in self.constraints),
+                             record=tuple(dict.fromkeys(self.record)))
+
+
+def _name_problem(name: str) -> str | None:
+    if _NAME_RE.match(name):
+        return None
+    return f"must be a string of letters, digits, '_', '.', '-' (got {name!r}); it names the study and its directory"
+
+
+def _seeds_problem(seeds: list[int]) -> str | None:
+    if not seeds or any(s < 0 for s in seeds):
+        return f"expected a non-empty list of integers >= 0 (got {seeds!r}); the objective is the mean over them"
+    return f"has duplicates ({seeds})" if len(set(seeds)) != len(seeds) else None
+
+
+@dataclass(kw_only=True, slots=True)
+class SpecFile:
+    """A search spec file as written (the format is in docs/search.md)."""
+
+    name: str | None = checked(None, check=_name_problem)
+    """The study and its directory; default: the file's stem."""
+    description: str = ""
+    base: str | None = None
+    """A trainer config, relative to this file; or ``matrix`` + ``arm``."""
+    matrix: str | None = None
+    """An ablation matrix, relative to this file, whose ``arm`` is the base."""
+    arm: str | None = None
+    overrides: dict[str, Any] | None = None
+    """Dotted trainer config keys applied to the base before the parameters."""
+    seeds: list[int] = checked(default_factory=lambda: [0], check=_seeds_problem,
+                               expect="a non-empty list of integers >= 0")
+    parameters: dict[str, ParamEntry] = checked(
+        default_factory=lambda: {"rl.weight": ParamEntry(type="float", low=1.0e-3, high=1.0, log=True)},
+        check=lambda p: None if p else "expected a non-empty mapping of dotted config key -> distribution")
+    objective: ObjectiveEntry = checked(missing="e.g. objective: {metric: val/fd_nfe2, direction: minimize}")
+    trials: int = checked(20, check=at_least(1))
+    workers: int = checked(1, check=at_least(1))
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    divergence: DivergenceSpec = field(default_factory=DivergenceSpec)
+    storage: str | None = None
+    """A journal file path or an SQLAlchemy URL (``storage_problem``)."""
+    enqueue: list[dict[str, Any]] = checked(default_factory=list, expect="a list of parameter mappings")
+
+    def __post_init__(self) -> None:
+        out: list[tuple[str | None, str]] = []
+        if (self.base is None) == (self.matrix is None):
+            out.append((None, "give exactly one of 'base' (a trainer config) or 'matrix' + 'arm' "
+                              "(an arm of an ablation matrix)"))
+        elif self.base is not None and self.arm is not None:
+            out.append((None, "'arm' goes with 'matrix', not with 'base'"))
+        elif self.matrix is not None and self.arm is None:
+            out.append(("arm", "'matrix' needs the name of one of its arms"))
+        if len(self.objective.names) > 1 and self.pruner.kind not in (None, "none"):
+            out.append(("pruner", "Optuna cannot prune on intermediate values of a study with several objectives; "
+                                  "use kind: none (diverging trials are still pruned)"))
+        raise_problems(out)
 
 
 def known_metrics(cfg: Config) -> list[str]:
@@ -241,14 +418,17 @@ def known_metrics(cfg: Config) -> list[str]:
     return out
 
 
-def _number(v: Any) -> bool:
-    """A finite number; an integer too large for a float is not one (``float()`` would overflow)."""
-    return float_problem(v) is None
-
-
-def _int(v: Any) -> bool:
-    """An integer within the bounds every count and seed of an input file shares (``yamlio.INT_MAX``)."""
-    return is_number(v, integer=True)
+def _search_keys(raw: Mapping[str, Any], over: Mapping[str, Any], file: str) -> list[str]:
+    """The ``parameters`` keys' problems: each must be a dotted config key the search may set."""
+    out = []
+    for key in raw.get("parameters") or {}:
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+            out.append(f"{file}: parameters: {key!r} is not a dotted config key like 'rl.weight'")
+        elif key in RESERVED_KEYS:
+            out.append(f"{file}: parameters, '{key}': set by the search for every run and cannot be searched")
+        elif key in over:
+            out.append(f"{file}: parameters, '{key}': also set in 'overrides'; a searched key must not be fixed there")
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -318,399 +498,108 @@ def storage_problem(value: Any, *, must_exist: bool = False) -> str | None:
     return None
 
 
-def _strip(message: str, base: Path) -> str:
-    prefix = f"{base}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
-
-
-# --------------------------------------------------------------------------- sections
-
-
-def _parse_param(path: str, body: Any, where: str, problems: list[str]) -> ParamSpec | None:
-    if isinstance(body, list):  # shorthand: a list of values is a categorical choice
-        body = {"type": "categorical", "choices": body}
-    if not isinstance(body, Mapping):
-        problems.append(f"{where}: expected a mapping with {', '.join(PARAM_KEYS)} (or a list of choices), "
-                        f"got {body!r}")
-        return None
-    n0 = len(problems)
-    for k in body:
-        if k not in PARAM_KEYS:
-            problems.append(f"{where}: unknown key '{k}'; valid keys: {', '.join(PARAM_KEYS)}")
-    kind = body.get("type")
-    if kind is None:
-        kind = ("categorical" if "choices" in body
-                else "int" if _int(body.get("low")) and _int(body.get("high")) and not body.get("log") else "float")
-    if kind not in PARAM_TYPES:
-        problems.append(f"{where}, key 'type': unknown type {kind!r}; valid: {', '.join(PARAM_TYPES)}")
-        return None
-    log = body.get("log", kind == "log")
-    if kind == "log":
-        kind = "float"
-        if log is not True:
-            problems.append(f"{where}: type 'log' is a log-uniform float; 'log: false' contradicts it")
-    if not isinstance(log, bool):
-        problems.append(f"{where}, key 'log': expected true/false, got {log!r}")
-        log = False
-    if kind == "categorical":
-        for k in ("low", "high", "log", "step"):
-            if k in body:
-                problems.append(f"{where}: '{k}' has no meaning for a categorical parameter (give 'choices')")
-        choices = body.get("choices")
-        if not isinstance(choices, list) or not choices:
-            problems.append(f"{where}, key 'choices': empty range: expected a non-empty list of values, "
-                            f"got {choices!r}")
-            return None
-        if any(not (c is None or isinstance(c, (bool, int, float, str))) for c in choices):
-            problems.append(f"{where}, key 'choices': values must be numbers, strings, booleans or null "
-                            f"(got {choices!r})")
-            return None
-        if len({json.dumps(c) for c in choices}) != len(choices):
-            problems.append(f"{where}, key 'choices': has duplicates ({choices})")
-        return None if len(problems) > n0 else ParamSpec(path=path, kind="categorical", choices=tuple(choices))
-    if "choices" in body:
-        problems.append(f"{where}: 'choices' belongs to a categorical parameter (type: categorical)")
-    low, high, step = body.get("low"), body.get("high"), body.get("step")
-    for k, v in (("low", low), ("high", high)):
-        if v is None:
-            problems.append(f"{where}: '{k}' is missing")
-        elif not _number(v) or (kind == "int" and not _int(v)):
-            problems.append(f"{where}, key '{k}': expected {'an integer' if kind == 'int' else 'a finite number'}, "
-                            f"got {v!r}")
-    if step is not None and (not _number(step) or step <= 0 or (kind == "int" and not _int(step))):
-        problems.append(f"{where}, key 'step': expected a {'positive integer' if kind == 'int' else 'number > 0'}, "
-                        f"got {step!r}")
-    if len(problems) > n0:
-        return None
-    if low >= high:
-        problems.append(f"{where}: empty range: low ({low}) must be below high ({high})")
-    if log and low <= 0:
-        problems.append(f"{where}: a log range needs low > 0 (got low={low}, high={high})")
-    if log and step is not None:
-        problems.append(f"{where}: 'step' cannot be combined with 'log: true'")
-    if step is not None and low < high and step > high - low:
-        problems.append(f"{where}: empty range: step {step} is larger than high - low ({high - low})")
-    if len(problems) > n0:
-        return None
-    return ParamSpec(path=path, kind=kind, low=low, high=high, log=log, step=step)
-
-
-def _parse_objective(raw: Any, file: str, problems: list[str]) -> ObjectiveSpec | None:
-    where = f"{file}: objective"
-    if raw is None:
-        problems.append(f"{where}: missing; e.g. objective: {{metric: val/fd_nfe2, direction: minimize}}")
-        return None
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected a mapping with {', '.join(OBJECTIVE_KEYS)}, got {raw!r}")
-        return None
-    n0 = len(problems)
-    for k in raw:
-        if k not in OBJECTIVE_KEYS:
-            problems.append(f"{where}: unknown key '{k}'; valid keys: {', '.join(OBJECTIVE_KEYS)}")
-    single, multi = "metric" in raw, "metrics" in raw
-    if single == multi:
-        problems.append(f"{where}: give either 'metric' + 'direction' (one objective) or 'metrics' + 'directions' "
-                        f"(several objectives, a Pareto front)")
-        return None
-    if single:
-        metrics, directions = [raw.get("metric")], [raw.get("direction", "minimize")]
-        if "directions" in raw:
-            problems.append(f"{where}: 'directions' goes with 'metrics'; use 'direction' with 'metric'")
-    else:
-        metrics, directions = raw.get("metrics"), raw.get("directions")
-        if "direction" in raw:
-            problems.append(f"{where}: 'direction' goes with 'metric'; use 'directions' with 'metrics'")
-        if not isinstance(metrics, list) or len(metrics) < 2:
-            problems.append(f"{where}, key 'metrics': expected a list of at least two metrics, got {metrics!r}")
-            return None
-        if not isinstance(directions, list) or len(directions) != len(metrics):
-            problems.append(f"{where}, key 'directions': expected one direction per metric ({len(metrics)}), "
-                            f"got {directions!r}")
-            return None
-        if len(set(map(str, metrics))) != len(metrics):
-            problems.append(f"{where}, key 'metrics': has duplicates ({metrics})")
-    for m in metrics:
-        if not isinstance(m, str) or not m:
-            problems.append(f"{where}: a metric must be a metrics.jsonl key like 'val/fd_nfe2', got {m!r}")
-    for d in directions:
-        if d not in ("minimize", "maximize"):
-            problems.append(f"{where}: unknown direction {d!r}; valid: minimize, maximize")
-    reduce = raw.get("reduce", "final")
-    if reduce not in ("final", "best"):
-        problems.append(f"{where}, key 'reduce': unknown value {reduce!r}; valid: final, best")
-    constraints = []
-    raw_c = raw.get("constraints") or []
-    if not isinstance(raw_c, list):
-        problems.append(f"{where}, key 'constraints': expected a list like [{{metric: val/fd_nfe2, max: 30}}], "
-                        f"got {raw_c!r}")
-        raw_c = []
-    for i, c in enumerate(raw_c):
-        cw = f"{where}, constraints[{i}]"
-        if not isinstance(c, Mapping) or "metric" not in c or len(set(c) & {"max", "min"}) != 1 or len(c) != 2:
-            problems.append(f"{cw}: expected {{metric: KEY, max: NUMBER}} or {{metric: KEY, min: NUMBER}}, got {c!r}")
-            continue
-        side = "max" if "max" in c else "min"
-        if not isinstance(c["metric"], str) or not _number(c[side]):
-            problems.append(f"{cw}: expected a metric key and a finite number, got {c!r}")
-            continue
-        constraints.append(ConstraintSpec(metric=c["metric"], bound=float(c[side]), side=side))
-    record = raw.get("record") or []
-    if not isinstance(record, list) or not all(isinstance(m, str) and m for m in record):
-        problems.append(f"{where}, key 'record': expected a list of metrics.jsonl keys like [val/gold_nfe2], "
-                        f"got {record!r}")
-        record = []
-    elif set(record) & set(map(str, metrics)):
-        problems.append(f"{where}, key 'record': {sorted(set(record) & set(map(str, metrics)))} is already an "
-                        f"objective")
-    if len(problems) > n0:
-        return None
-    return ObjectiveSpec(metrics=tuple(metrics), directions=tuple(directions), reduce=reduce,
-                         constraints=tuple(constraints), record=tuple(dict.fromkeys(record)))
-
-
-def _section(raw: Any, keys: Sequence[str], where: str, problems: list[str]) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        problems.append(f"{where}: expected a mapping with {', '.join(keys)}, got {raw!r}")
-        return {}
-    out = {}
-    for k, v in raw.items():
-        if k not in keys:
-            problems.append(f"{where}: unknown key '{k}'; valid keys: {', '.join(keys)}")
-        else:
-            out[k] = v
-    return out
-
-
-def _count(raw: dict[str, Any], key: str, default: int, where: str, problems: list[str], *, minimum: int) -> int:
-    v = raw.get(key, default)
-    if not _int(v) or v < minimum:
-        problems.append(f"{where}, key '{key}': expected an integer >= {minimum}, got {v!r}")
-        return default
-    return v
-
-
-def _parse_sampler(raw: Any, file: str, problems: list[str]) -> SamplerSpec:
-    where = f"{file}: sampler"
-    s = _section(raw, SAMPLER_KEYS, where, problems)
-    kind = s.get("kind", "tpe")
-    if kind not in ("tpe", "random"):
-        problems.append(f"{where}, key 'kind': unknown sampler {kind!r}; valid: tpe, random")
-        kind = "tpe"
-    return SamplerSpec(kind=kind, seed=_count(s, "seed", 0, where, problems, minimum=0),
-                       n_startup_trials=_count(s, "n_startup_trials", 10, where, problems, minimum=0))
-
-
-def _parse_pruner(raw: Any, file: str, problems: list[str], *, multi: bool) -> PrunerSpec:
-    where = f"{file}: pruner"
-    s = _section(raw, PRUNER_KEYS, where, problems)
-    kind = s.get("kind", "none" if multi else "median")
-    if kind not in ("median", "percentile", "none"):
-        problems.append(f"{where}, key 'kind': unknown pruner {kind!r}; valid: median, percentile, none")
-        kind = "none"
-    if multi and kind != "none":
-        problems.append(f"{where}, key 'kind': Optuna cannot prune on intermediate values of a study with several "
-                        f"objectives; use kind: none (diverging trials are still pruned)")
-    percentile = s.get("percentile", 25.0)
-    if kind == "percentile" and (not _number(percentile) or not 0 < percentile < 100):
-        problems.append(f"{where}, key 'percentile': expected a number in (0, 100), got {percentile!r}")
-        percentile = 25.0
-    elif kind != "percentile" and "percentile" in s:
-        problems.append(f"{where}, key 'percentile': only used by kind: percentile")
-    return PrunerSpec(kind=kind, percentile=float(percentile),
-                      n_startup_trials=_count(s, "n_startup_trials", 5, where, problems, minimum=0),
-                      n_warmup_steps=_count(s, "n_warmup_steps", 0, where, problems, minimum=0),
-                      interval_steps=_count(s, "interval_steps", 1, where, problems, minimum=1))
-
-
-def _parse_divergence(raw: Any, file: str, problems: list[str]) -> DivergenceSpec:
-    where = f"{file}: divergence"
-    s = _section(raw, DIVERGENCE_KEYS, where, problems)
-    nonfinite = s.get("nonfinite", True)
-    if not isinstance(nonfinite, bool):
-        problems.append(f"{where}, key 'nonfinite': expected true/false, got {nonfinite!r}")
-        nonfinite = True
-    norm = s.get("max_grad_norm")
-    if norm is not None and (not _number(norm) or norm <= 0):
-        problems.append(f"{where}, key 'max_grad_norm': expected a number > 0 or null, got {norm!r}")
-        norm = None
-    spikes = s.get("max_spikes")
-    if spikes is not None and (not _int(spikes) or spikes < 0):
-        problems.append(f"{where}, key 'max_spikes': expected an integer >= 0 or null, got {spikes!r}")
-        spikes = None
-    return DivergenceSpec(nonfinite=nonfinite, max_grad_norm=None if norm is None else float(norm),
-                          max_spikes=spikes)
-
-
 # --------------------------------------------------------------------------- load
+
+
+def _read(spec_path: Path) -> tuple[SpecFile | None, dict[str, Any], list[str]]:
+    """The typed file, its flattened overrides, and every problem of its shape."""
+    file = str(spec_path)
+    try:
+        data = read_mapping(spec_path, kind="search spec", top_keys=[f.name for f in fields(SpecFile)])
+    except InputError as e:
+        raise SearchSpecError(e.problems) from None
+    params = data.get("parameters")
+    if isinstance(params, Mapping):  # the shorthand: a list of values is a categorical choice
+        data["parameters"] = {k: {"type": "categorical", "choices": v} if isinstance(v, list) else v
+                              for k, v in params.items()}
+    problems: list[str] = []
+    try:
+        spec_file = from_dict(SpecFile, data, Where(file=file))
+    except ConfigError as e:
+        problems.extend(e.problems)
+        spec_file = None
+    raw_over = data.get("overrides") or {}
+    over = flatten(raw_over, where=f"{file}: overrides", problems=problems) if isinstance(raw_over, Mapping) else {}
+    problems += [f"{file}: overrides, key '{k}': set by the search for every run "
+                 f"(seeds come from 'seeds', telemetry group/name from the study and trial)"
+                 for k in over if k in RESERVED_KEYS]
+    problems += _search_keys(data, over, file)
+    return spec_file, over, problems
+
+
+def _base(f: SpecFile, spec_path: Path, problems: list[str]) -> tuple[Path | None, dict[str, Any], str]:
+    """The base config file, a matrix arm's overrides, and how messages name the source."""
+    file = str(spec_path)
+    if f.base is not None:
+        base_path = (spec_path.parent / f.base).resolve()
+        if not base_path.is_file():
+            problems.append(f"{file}: base config '{f.base}' does not exist (looked at {base_path})")
+            return None, {}, ""
+        return base_path, {}, str(base_path)
+    matrix_path = (spec_path.parent / str(f.matrix)).resolve()
+    try:
+        grid = load_matrix(matrix_path)
+    except MatrixError as e:
+        problems.extend(f"{file}: matrix: {p}" for p in e.problems)
+        return None, {}, ""
+    arms = {a.name: a for a in grid.arms}
+    if f.arm not in arms:
+        problems.append(f"{file}, key 'arm': matrix {matrix_path} has no arm {f.arm!r}; arms: {', '.join(arms)}")
+        return None, {}, ""
+    return grid.base_path, dict(arms[f.arm].overrides), f"matrix {matrix_path}, arm {f.arm}"
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:
     """Parse and validate a search spec; raises ``SearchSpecError`` listing every problem. Writes nothing."""
     spec_path = Path(path)
     file = str(spec_path)
-    try:
-        data = read_mapping(spec_path, kind="search spec", top_keys=TOP_KEYS)
-    except InputError as e:
-        raise SearchSpecError(e.problems) from None
-    problems: list[str] = []
-    for key in data:
-        if key not in TOP_KEYS:
-            problems.append(f"{file}: unknown top-level key '{key}'; valid keys: {', '.join(TOP_KEYS)}")
-
-    name = data.get("name", spec_path.stem)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        problems.append(f"{file}: name must be a string of letters, digits, '_', '.', '-' (got {name!r}); "
-                        f"it names the study and its directory")
-    description = data.get("description") or ""
-
-    # base: a trainer config, or one arm of a matrix
-    base_path: Path | None = None
-    arm_overrides: dict[str, Any] = {}
-    source = ""
-    if ("base" in data) == ("matrix" in data):
-        problems.append(f"{file}: give exactly one of 'base' (a trainer config) or 'matrix' + 'arm' "
-                        f"(an arm of an ablation matrix)")
-    elif "base" in data:
-        if "arm" in data:
-            problems.append(f"{file}: 'arm' goes with 'matrix', not with 'base'")
-        if not isinstance(data["base"], str):
-            problems.append(f"{file}: base must be a path string (got {data['base']!r})")
-        else:
-            base_path = (spec_path.parent / data["base"]).resolve()
-            source = str(base_path)
-            if not base_path.is_file():
-                problems.append(f"{file}: base config '{data['base']}' does not exist (looked at {base_path})")
-                base_path = None
-    else:
-        arm = data.get("arm")
-        if not isinstance(data["matrix"], str) or not isinstance(arm, str):
-            problems.append(f"{file}: 'matrix' must be a path and 'arm' the name of one of its arms "
-                            f"(got matrix={data['matrix']!r}, arm={arm!r})")
-        else:
-            matrix_path = (spec_path.parent / data["matrix"]).resolve()
-            try:
-                grid = load_matrix(matrix_path)
-            except MatrixError as e:
-                problems.extend(f"{file}: matrix: {p}" for p in e.problems)
-            else:
-                arms = {a.name: a for a in grid.arms}
-                if arm not in arms:
-                    problems.append(f"{file}, key 'arm': matrix {matrix_path} has no arm {arm!r}; "
-                                    f"arms: {', '.join(arms)}")
-                else:
-                    base_path, arm_overrides = grid.base_path, dict(arms[arm].overrides)
-                    source = f"matrix {matrix_path}, arm {arm}"
-
-    raw_over = data.get("overrides") or {}
-    if not isinstance(raw_over, Mapping):
-        problems.append(f"{file}: overrides must be a mapping of dotted keys (got {raw_over!r})")
-        raw_over = {}
-    spec_over = flatten(raw_over, where=f"{file}: overrides", problems=problems)
-    for k in spec_over:
-        if k in RESERVED_KEYS:
-            problems.append(f"{file}: overrides, key '{k}': set by the search for every run "
-                            f"(seeds come from 'seeds', telemetry group/name from the study and trial)")
-    overrides = {**arm_overrides, **spec_over}
-
-    seeds = data.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds
-            or not all(_int(s) and s >= 0 for s in seeds)):
-        problems.append(f"{file}: seeds must be a non-empty list of integers >= 0 (got {seeds!r}); "
-                        f"the objective is the mean over them")
-        seeds = [0]
-    elif len(set(seeds)) != len(seeds):
-        problems.append(f"{file}: seeds has duplicates ({seeds})")
-
-    raw_params = data.get("parameters", DEFAULT_PARAMETERS)
-    params: list[ParamSpec] = []
-    if not isinstance(raw_params, Mapping) or not raw_params:
-        problems.append(f"{file}: parameters must be a non-empty mapping of dotted config key -> distribution "
-                        f"(got {raw_params!r})")
-    else:
-        for p_path, body in raw_params.items():
-            where = f"{file}: parameters, '{p_path}'"
-            if not isinstance(p_path, str) or not p_path or any(not part for part in p_path.split(".")):
-                problems.append(f"{file}: parameters: {p_path!r} is not a dotted config key like 'rl.weight'")
-                continue
-            if p_path in RESERVED_KEYS:
-                problems.append(f"{where}: set by the search for every run and cannot be searched")
-                continue
-            if p_path in spec_over:
-                problems.append(f"{where}: also set in 'overrides'; a searched key must not be fixed there")
-            p = _parse_param(p_path, body, where, problems)
-            if p is not None:
-                params.append(p)
-
-    objective = _parse_objective(data.get("objective"), file, problems)
-    trials = data.get("trials", 20)
-    if not _int(trials) or trials < 1:
-        problems.append(f"{file}: trials must be an integer >= 1 (got {trials!r})")
-        trials = 1
-    workers = data.get("workers", 1)
-    if not _int(workers) or workers < 1:
-        problems.append(f"{file}: workers must be an integer >= 1 (got {workers!r})")
-        workers = 1
-    sampler = _parse_sampler(data.get("sampler"), file, problems)
-    pruner = _parse_pruner(data.get("pruner"), file, problems, multi=bool(objective and objective.multi))
-    divergence = _parse_divergence(data.get("divergence"), file, problems)
-    storage = data.get("storage")
-    if storage is not None:
-        problem = storage_problem(storage)
-        if problem is not None:
-            problems.append(f"{file}, key 'storage': {problem}")
-            storage = None
-
-    raw_enqueue = data.get("enqueue") or []
-    enqueue: list[dict[str, Any]] = []
-    if not isinstance(raw_enqueue, list):
-        problems.append(f"{file}: enqueue must be a list of parameter mappings (got {raw_enqueue!r})")
-        raw_enqueue = []
-    names = {p.path for p in params}
+    f, spec_over, problems = _read(spec_path)
+    if f is None or problems:
+        raise SearchSpecError(problems)
+    base_path, arm_over, source = _base(f, spec_path, problems)
+    if f.storage is not None and (problem := storage_problem(f.storage)) is not None:
+        problems.append(f"{file}, key 'storage': {problem}")
+    params = [entry.spec(key) for key, entry in f.parameters.items()]
     by_name = {p.path: p for p in params}
-    for i, entry in enumerate(raw_enqueue):
+    enqueue: list[dict[str, Any]] = []
+    for i, entry in enumerate(f.enqueue):
         where = f"{file}: enqueue[{i}]"
-        if not isinstance(entry, Mapping) or not entry:
-            problems.append(f"{where}: expected a mapping of searched parameter -> value, got {entry!r}")
-            continue
         flat = flatten(entry, where=where, problems=problems)
+        if not flat:
+            problems.append(f"{where}: expected a mapping of searched parameter -> value, got {entry!r}")
         for k, v in flat.items():
-            if k not in names:
-                problems.append(f"{where}, key '{k}': not a searched parameter ({', '.join(sorted(names)) or 'none'})")
+            if k not in by_name:
+                problems.append(f"{where}, key '{k}': not a searched parameter ({', '.join(sorted(by_name))})")
             elif (problem := enqueue_problem(by_name[k], v)) is not None:
                 problems.append(f"{where}, key '{k}': {problem}")
         enqueue.append(flat)
-
-    if problems or base_path is None or objective is None:
+    if problems or base_path is None:
         raise SearchSpecError(problems or [f"{file}: the base config cannot be resolved"])
 
     # everything below resolves trainer configs: the trainer's own validation names the key
+    overrides = {**arm_over, **spec_over}
     try:
         base_cfg = load_config(base_path, nested(overrides))
     except ConfigError as e:
-        raise SearchSpecError([f"{file}: base config ({source}) with the overrides: {_strip(p, base_path)}"
+        raise SearchSpecError([f"{file}: base config ({source}) with the overrides: {strip_file(p, base_path)}"
                                for p in e.problems]) from None
-
     for p in params:
-        where = f"{file}: parameters, '{p.path}'"
-        values = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
-        for v in values:
+        for v in list(p.choices) if p.kind == "categorical" else [p.low, p.high]:
             try:
                 load_config(base_path, nested({**overrides, p.path: v}))
             except ConfigError as e:
-                problems.extend(f"{where}: value {v!r} does not make a valid trainer config: {_strip(q, base_path)}"
-                                for q in e.problems)
+                problems.extend(f"{file}: parameters, '{p.path}': value {v!r} does not make a valid trainer config: "
+                                f"{strip_file(q, base_path)}" for q in e.problems)
                 break
-    if any(p.path == "rl.weight" for p in params) and not base_cfg.rl.enabled:
+    if "rl.weight" in by_name and not base_cfg.rl.enabled:
         problems.append(f"{file}: parameters, 'rl.weight': the base config has rl.enabled false, so the weight "
                         f"would change nothing; set rl.enabled: true and rl.reward in 'overrides'")
     for i, entry in enumerate(enqueue):
         try:
             load_config(base_path, nested({**overrides, **entry}))
         except ConfigError as e:
-            problems.extend(f"{file}: enqueue[{i}]: {_strip(p, base_path)}" for p in e.problems)
-
+            problems.extend(f"{file}: enqueue[{i}]: {strip_file(p, base_path)}" for p in e.problems)
+    objective = f.objective.spec()
     valid = known_metrics(base_cfg)
     for m in list(objective.metrics) + [c.metric for c in objective.constraints] + list(objective.record):
         if m not in valid:
@@ -718,7 +607,8 @@ def load_search_spec(path: str | Path) -> SearchSpec:
                             f"(eval.nfe = {base_cfg.eval.nfe})")
     if problems:
         raise SearchSpecError(problems)
-    return SearchSpec(name=name, path=spec_path, base_path=base_path, source=source, overrides=overrides,
-                      seeds=tuple(seeds), parameters=tuple(params), objective=objective, trials=trials,
-                      workers=workers, sampler=sampler, pruner=pruner, divergence=divergence, storage=storage,
-                      enqueue=tuple(enqueue), description=str(description))
+    pruner = f.pruner if f.pruner.kind is not None else replace(f.pruner, kind="none" if objective.multi else "median")
+    return SearchSpec(name=f.name or spec_path.stem, path=spec_path, base_path=base_path, source=source,
+                      overrides=overrides, seeds=tuple(f.seeds), parameters=tuple(params), objective=objective,
+                      trials=f.trials, workers=f.workers, sampler=f.sampler, pruner=pruner, divergence=f.divergence,
+                      storage=f.storage, enqueue=tuple(enqueue), description=f.description)

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 
@@ -366,6 +366,8 @@ class RlConfig:
 
     def __post_init__(self) -> None:
         _require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
+        _require(not self.enabled or self.reward != "hpsv2" or self.hpsv2_checkpoint is not None,
+                 "hpsv2_checkpoint must be set to the local HPS v2/v2.1 checkpoint file when reward is 'hpsv2'")
         _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
         _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
         _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
@@ -542,6 +544,19 @@ class Config:
                  f"finite distilled guidance (1 / (1 - r)); use r < 1 or set teacher.cfg_scale")
         _require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
                  "model.family 'qwen_image' needs codec.kind 'qwen_vae' or data.dataset 'latent_shards'")
+        rl = self.rl
+        # the reward guides the one-step generator output, which only the e2e rows produce
+        _require(not rl.enabled or self.method.layout == "tutorial" or self.method.group_ratios[0] > 0,
+                 f"rl.enabled guides the one-step generator output of the e2e rows; method.group_ratios[0] (e2e) "
+                 f"must be > 0 (got {self.method.group_ratios})")
+        _require(not rl.enabled or rl.reward not in ("digits", "proxy") or self.data.dataset == "digits",
+                 f"rl.reward {rl.reward!r} scores 8x8 digit images; it needs data.dataset 'digits' "
+                 f"(got {self.data.dataset!r})")
+        _require(self.schedule.warmup_steps < self.run.steps,
+                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < run.steps ({self.run.steps}): "
+                 f"the learning rate would never reach optim.lr")
+        _require(self.schedule.min_lr <= self.optim.lr,
+                 f"schedule.min_lr ({self.schedule.min_lr}) must be <= optim.lr ({self.optim.lr})")
 
     @property
     def teacher_cfg_scale(self) -> float:
@@ -567,7 +582,88 @@ def distilled_guidance(*, target: str, ratio: float) -> float:
     raise ValueError(f"method.target: unknown value {target!r}; valid: 'ema', 'student', 'frozen'")
 
 
+def literal_values(cls: type, name: str) -> tuple[Any, ...]:
+    """The valid values of the ``Literal`` field ``name`` of config section ``cls``.
+
+    Functions that are also called without a config (plain keyword arguments) check their
+    option against this, so the config's type is the one list of valid strings.
+    """
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
 # --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Where a value sits, written the way its file's messages name places.
+
+    Trainer configs write dotted paths (``optim.lr``, ``eval.nfe[1]``); other input files
+    (``file`` set: matrices, search specs) write ``F: objective, constraints[0], key 'max'``
+    with the names of user-chosen mapping keys quoted (``F: parameters, 'rl.weight'``).
+    """
+
+    file: str | None = None
+    parts: tuple[str, ...] = ()
+
+    def key(self, name: str, *, item: bool = False) -> Where:
+        return Where(self.file, self.parts + (f"'{name}'" if item and self.file is not None else name,))
+
+    def index(self, i: int) -> Where:
+        return Where(self.file, self.parts[:-1] + (f"{self.parts[-1]}[{i}]",))
+
+    def section(self) -> str:
+        """Where a mapping's own problems (unknown keys, its checks across fields) are written."""
+        if self.file is None:
+            return ".".join(self.parts) or "config"
+        return f"{self.file}: {', '.join(self.parts)}" if self.parts else self.file
+
+    def field(self) -> str:
+        """Where the problems of one value are written."""
+        if self.file is None:
+            return ".".join(self.parts)
+        *context, last = self.parts
+        last = last if last.startswith("'") else f"key '{last}'"
+        return f"{self.file}: {', '.join(context)}, {last}" if context else f"{self.file}, {last}"
+
+    def own(self, message: str) -> str:
+        """A section's own check: the trainer's read ``run.steps must be ...``, the files' ``F: objective: ...``."""
+        if self.file is None:
+            return f"{'.'.join(self.parts)}.{message}" if self.parts else message
+        return f"{self.section()}: {message}"
+
+
+class SectionProblems(ValueError):
+    """Raised by a ``__post_init__`` with several problems; each is ``(field or None, text)``."""
+
+    def __init__(self, items: Sequence[tuple[str | None, str]]):
+        self.items = list(items)
+        super().__init__("; ".join(text for _, text in self.items))
+
+
+def raise_problems(items: Sequence[tuple[str | None, str]]) -> None:
+    """End a ``__post_init__`` that collected its problems: raise them all together, if any."""
+    if items:
+        raise SectionProblems(items)
+
+
+def checked(default: Any = dataclasses.MISSING, *, check: Callable[[Any], str | None] | None = None,
+            expect: str | None = None, missing: str | None = None, **kw: Any) -> Any:
+    """A dataclass field with loader metadata.
+
+    ``check(value)``: the field's own rule (a problem text or None), run whatever the other fields
+    hold, so every problem of a file is found in one reading. ``expect``: what a value of the wrong
+    type is told it should be (instead of the item-level message). ``missing``: the hint of a
+    required field's absence.
+    """
+    meta = {k: v for k, v in (("check", check), ("expect", expect), ("missing", missing)) if v is not None}
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata=meta, **kw)
+
+
+def at_least(low: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"expected an integer >= {low}, got {v!r}"
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -577,37 +673,80 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
+def _shape_fits(tp: Any, value: Any) -> bool:
+    """Whether ``value`` has the shape of ``tp`` (a mapping for a section, a list for a list, ...)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_shape_fits(a, value) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, Mapping)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is Literal:
+        return any(type(a) is type(value) for a in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+def _coerce(tp: Any, value: Any, where: Where) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    path = where.field()
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (only, *rest) = [a for a in args if a is not type(None)]
-        if not rest:  # Optional[X]: X's own message says what is wrong
-            return _coerce(only, value, path)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        errors: list[ConfigError] = []
+        for arg in options:
             try:
-                return _coerce(arg, value, path)
+                return _coerce(arg, value, where)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        # the message of the option the value was meant for (the last one of its shape: int, then float)
+        fitting = [e for arg, e in zip(options, errors) if _shape_fits(arg, value)]
+        if len(options) == 1 or fitting:
+            raise (fitting or errors)[-1]
         raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
-        if value not in args:
+        if value not in args or not any(type(a) is type(value) for a in args):
             raise ConfigError(f"{path}: unknown value {value!r}; valid values: {', '.join(map(repr, args))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = args[:1] or (Any,)
-        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        problems: list[str] = []
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(item, v, where.index(i)))
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        return out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        problems, out_map = [], {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.append(f"{where.section()}: key {k!r} is not a string")
+                continue
+            try:
+                out_map[k] = _coerce(args[1], v, where.key(k, item=True))
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        return out_map
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
@@ -634,34 +773,62 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values (all of them at once)."""
-    where = path or "config"
+def _field_value(f: dataclasses.Field, tp: Any, value: Any, where: Where) -> Any:
+    """One field coerced to its type, then its own ``check``; raises ``ConfigError`` with every problem."""
+    try:
+        out = _coerce(tp, value, where)
+    except ConfigError as e:
+        if "expect" in f.metadata and not _shape_fits(tp, value):  # the item's own message is the precise one
+            raise ConfigError(f"{where.field()}: expected {f.metadata['expect']}, got {value!r}") from None
+        raise
+    check = f.metadata.get("check")
+    problem = check(out) if check is not None and out is not None else None
+    if problem is not None:
+        raise ConfigError(f"{where.field()}: {problem}")
+    return out
+
+
+def from_dict(cls: type, data: Any, path: str | Where = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, reporting every problem at once in one ``ConfigError``.
+
+    Unknown keys, missing required fields and values of the wrong type are collected over the
+    whole tree, and each field's own ``check`` runs whatever its neighbours hold; a section's
+    ``__post_init__`` (its rules across fields) runs once its fields are all usable.
+    ``path``: a dotted trainer-config prefix, or a ``Where`` naming the file and place.
+    """
+    where = path if isinstance(path, Where) else Where(parts=tuple(path.split(".")) if path else ())
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where.field() if where.parts else where.file or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     problems: list[str] = []
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            problems.append(f"{where}: unknown key '{key}'; valid keys: {', '.join(names)}")
+        if key not in fields:
+            top = "top-level " if where.file is not None and not where.parts else ""
+            problems.append(f"{where.section()}: unknown {top}key '{key}'; valid keys: {', '.join(fields)}")
             continue
         try:
-            kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+            kwargs[key] = _field_value(fields[key], hints[key], value, where.key(key))
         except ConfigError as e:
             problems.extend(e.problems)
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            hint = f" ({f.metadata['missing']})" if "missing" in f.metadata else ""
+            problems.append(f"{where.section()}: '{name}' is missing{hint}")
     if problems:
         # a section's own checks (__post_init__) only run on values of the right types
         raise ConfigError(problems)
     try:
         return cls(**kwargs)
+    except SectionProblems as e:
+        raise ConfigError([f"{where.key(k).field()}: {t}" if k else where.own(t) for k, t in e.items]) from None
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+        raise ConfigError(where.own(str(e))) from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -185,7 +185,7 @@ class TermGradients:
 
     def __post_init__(self) -> None:
         if self.rl_clip_norm is not None and not self.rl_clip_norm > 0:
-            raise ValueError(f"rl.clip_norm must be > 0 (got {self.rl_clip_norm})")
+            raise ValueError(f"rl_clip_norm must be > 0 (got {self.rl_clip_norm})")
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property

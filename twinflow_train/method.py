@@ -42,13 +42,12 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .config import MethodConfig
+from .config import MethodConfig, literal_values
 from .models.base import Cond, FlowModel, cond_cat, cond_len, cond_rows
 from .sampling import x_hat
 from .timesamplers import TIME_KEYS, TimeSampler
 
-LAYOUTS: tuple[str, ...] = ("partitioned", "tutorial")
-LOSSES: tuple[str, ...] = ("l2", "barron")
+LOSSES: tuple[str, ...] = literal_values(MethodConfig, "loss")
 GROUPS: tuple[str, ...] = ("e2e", "mul", "any", "adv")
 
 
@@ -293,10 +292,6 @@ class TwinFlow:
     def __init__(self, cfg: MethodConfig, *, time_samplers: Mapping[str, TimeSampler], with_rect_grad: bool = True):
         """``with_rect_grad``: return the rectification term's output gradient (``TwinFlowOutput.rect_grad``),
         which only the output-space RL clip reads; the trainer turns it off otherwise (an autograd pass a step)."""
-        if cfg.layout not in LAYOUTS:
-            raise ValueError(f"method.layout: unknown layout {cfg.layout!r}; valid: {', '.join(map(repr, LAYOUTS))}")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"method.loss: unknown loss {cfg.loss!r}; valid: {', '.join(map(repr, LOSSES))}")
         missing = [k for k in TIME_KEYS if k not in time_samplers]
         if missing:
             raise ValueError(f"time_samplers: missing {missing}; need {', '.join(map(repr, TIME_KEYS))}")

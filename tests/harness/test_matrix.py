@@ -143,12 +143,12 @@ BAD = {
         base: base.yaml
         seeds: []
         arms: {a: {}}
-        """, ["seeds must be a non-empty list"]),
+        """, ["key 'seeds': expected a non-empty list of integers"]),
     "seeds_not_ints": ("""\
         base: base.yaml
         seeds: [0, one]
         arms: {a: {}}
-        """, ["seeds must be a non-empty list of integers"]),
+        """, ["key 'seeds[1]': expected an integer, got 'one'"]),
     "yaml_syntax": ("""\
         base: base.yaml
         seeds: [0
@@ -190,7 +190,7 @@ BAD = {
         base: base.yaml
         seeds: [0]
         arms: [a, b]
-        """, ["arms must be a non-empty mapping"]),
+        """, ["key 'arms': expected a non-empty mapping"]),
     "combination_invalid": ("""\
         base: base.yaml
         seeds: [0]
@@ -305,3 +305,28 @@ def test_a_bad_value_under_an_rl_arm_is_one_line_not_a_derived_one(tiny_base, wr
         f"twinflow-lab: {f}: arm 'lonely', key 'rl.enabled': rl.reward must be set when enabled is true",
     ])
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_rl_arm_without_e2e_rows_is_refused_before_anything_is_created(tiny_base, write, tmp_path, capsys):
+    """The trainer would refuse this arm at start-up; ``grid run`` refuses it first, naming file, arm and keys."""
+    m = write("m.yaml", """\
+        name: g
+        base: base.yaml
+        seeds: [0]
+        arms:
+          plain: {}
+          rl: {rl.enabled: true, rl.reward: digits}
+          rl_no_e2e: {extends: rl, method.group_ratios: [0, 1, 1, 1]}
+        """)
+    root = tmp_path / "runs"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc = main(["grid", "run", str(m), "--root", str(root)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"twinflow-lab: {m}: arm 'rl_no_e2e', keys ")
+    assert "'method.group_ratios'" in lines[0] and "'rl.enabled'" in lines[0]
+    assert "method.group_ratios[0] (e2e) must be > 0" in lines[0]
+    assert not root.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no run directory, no cache, nothing

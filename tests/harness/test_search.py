@@ -107,8 +107,8 @@ def test_every_problem_is_reported_at_once_and_the_module_runs_as_a_command(tmp_
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     for piece in ("unknown top-level key 'bogus'", "'rl.weight': a log range needs low > 0",
-                  "'optim.lr': empty range", "'run.seed': set by the search", "unknown direction 'sideways'",
-                  "key 'reduce': unknown value 'median'", "trials must be an integer >= 1"):
+                  "'optim.lr': empty range", "'run.seed': set by the search", "key 'direction': unknown value 'sideways'",
+                  "key 'reduce': unknown value 'median'", "key 'trials': expected an integer >= 1"):
         assert piece in proc.stderr, (piece, proc.stderr)
     assert not (tmp_path / "runs").exists()
 

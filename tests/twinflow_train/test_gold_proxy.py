@@ -75,11 +75,9 @@ def test_proxy_tracks_the_gold_score_on_held_out_digits_and_is_cached(tmp_path):
 
 def test_proxy_reward_is_selectable_and_digits_only():
     assert load_config(None, ["rl.enabled=true", "rl.reward=proxy"]).rl.reward == "proxy"
-    from twinflow_train.rewards import check_reward_config
-    cfg = load_config(None, ["rl.enabled=true", "rl.reward=proxy", "data.dataset=latent_shards",
-                             "data.shards=/nonexistent"])
     with pytest.raises(ConfigError, match="rl.reward 'proxy'.*digits"):
-        check_reward_config(cfg)
+        load_config(None, ["rl.enabled=true", "rl.reward=proxy", "data.dataset=latent_shards",
+                           "data.shards=/nonexistent"])
 
 
 # --------------------------------------------------------------------------- evaluation keys, RL on the proxy

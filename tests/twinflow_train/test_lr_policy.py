@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from twinflow_train.config import ConfigError, ScheduleConfig, SpikeConfig
+from twinflow_train.config import ConfigError, ScheduleConfig, SpikeConfig, load_config
 from twinflow_train.lr_policy import LrPolicy, median_mad
 
 
@@ -43,10 +43,13 @@ def test_cosine_ends():
 
 
 def test_bad_input_names_the_field():
-    with pytest.raises(ConfigError, match=r"schedule\.min_lr"):
-        policy(min_lr=1e-2)
-    with pytest.raises(ConfigError, match=r"schedule\.warmup_steps"):
-        policy(policy="cosine", warmup_steps=1000, total=1000)
+    # the rules across sections (schedule vs optim and run) belong to the config, checked once at load
+    with pytest.raises(ConfigError, match=r"schedule\.min_lr \(0\.01\) must be <= optim\.lr"):
+        load_config(None, ["optim.lr=1.0e-3", "schedule.min_lr=1.0e-2"])
+    for policy_name in ("constant", "cosine", "plateau"):
+        with pytest.raises(ConfigError, match=r"schedule\.warmup_steps \(1000\) must be < run\.steps \(1000\)"):
+            load_config(None, ["run.steps=1000", "schedule.warmup_steps=1000", f"schedule.policy={policy_name}"])
+    assert load_config(None, ["run.steps=1000", "schedule.warmup_steps=999"]).schedule.warmup_steps == 999
     with pytest.raises(ValueError, match="window"):
         SpikeConfig(window=2)
     with pytest.raises(ValueError, match="gamma"):

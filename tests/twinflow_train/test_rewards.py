@@ -46,17 +46,20 @@ def test_missing_extra_is_a_startup_error_naming_it(tmp_path):
 
 
 def test_digits_reward_needs_digits_data():
-    cfg = load_config(None, ["rl.enabled=true", "rl.reward=digits", "data.dataset=latent_shards", "data.shards=/x",
-                             "codec.kind=identity"])
     with pytest.raises(ConfigError, match=r"rl\.reward 'digits'.*data\.dataset"):
-        check_reward_config(cfg)
+        load_config(None, ["rl.enabled=true", "rl.reward=digits", "data.dataset=latent_shards", "data.shards=/x",
+                           "codec.kind=identity"])
     check_reward_config(load_config(None, ["rl.enabled=true", "rl.reward=digits"]))  # the default is fine
 
 
 def test_rl_needs_e2e_rows():
-    cfg = load_config(None, ["rl.enabled=true", "rl.reward=digits", "method.group_ratios=[0,1,1,1]"])
+    """Refused when the config is read, so a matrix arm like this never launches (tests/harness/test_matrix.py)."""
     with pytest.raises(ConfigError, match=r"method\.group_ratios\[0\]"):
-        check_reward_config(cfg)
+        load_config(None, ["rl.enabled=true", "rl.reward=digits", "method.group_ratios=[0,1,1,1]"])
+    # every term on every row: the e2e rows are all rows
+    assert load_config(None, ["rl.enabled=true", "rl.reward=digits", "method.group_ratios=[0,1,1,1]",
+                              "method.layout=tutorial"]).rl.enabled
+    assert not load_config(None, ["method.group_ratios=[0,1,1,1]"]).rl.enabled  # no RL: no e2e rows needed
 
 
 def test_build_reward_none_is_an_error():
