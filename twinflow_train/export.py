@@ -136,17 +136,12 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
     from . import checkpoint as ckpt
     from .rundir import checkpoint_step
-    from .models.qwen_image import build_qwen_image
+    from .models import build_model
 
-    shape = None
-    if cfg.data.dataset == "latent_shards":
-        from .shards import _manifest
-        m = _manifest(cfg.data.shards)
-        ref = max(m["buckets"], key=lambda b: (b["latent_shape"][1] * b["latent_shape"][2], b["rows"], b["name"]))
-        shape = tuple(ref["latent_shape"])
-    if shape is None:
+    if cfg.data.dataset != "latent_shards":
         raise ValueError("export needs data.dataset 'latent_shards' (the null prompt and latent shape come from it)")
-    model = build_qwen_image(cfg, latent_shape=shape)
+    from .shards import reference_latent_shape
+    model = build_model(cfg, latent_shape=reference_latent_shape(cfg.data.shards))
     run_dir = Path(run_dir)
     if which == "best":
         path = run_dir / "checkpoints" / "best" / "weights.pt"
@@ -169,10 +164,19 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
     return model
 
 
+def export_qwen_image_run(cfg, *, run_dir: Path, out: Path, which: Literal["final", "best", "ema"],
+                          tt_mode: ExportMode | None, base_pipeline: Path | None) -> Path | None:
+    """The ``qwen_image`` family's export (``models.registry``): a run's weights as a diffusers directory."""
+    model = load_run_weights(cfg, run_dir, which=which)
+    return export_diffusers(model, out, sampler=cfg.sampler, tt_mode=tt_mode, base_pipeline=base_pipeline,
+                            source={"run_dir": str(Path(run_dir).resolve()), "which": which})
+
+
 def export_main(argv: list[str]) -> int:
     """``export --run-dir DIR --out DIR [--config FILE] [--which final|best|ema] [--pipeline BASE]
     [--tt-mode few|mul] [key=value ...]``; returns the exit code (0 done, 2 bad input)."""
     from .config import ConfigError, load_config
+    from .models import FAMILIES, model_family
 
     p = argparse.ArgumentParser(prog="twinflow-train export", description="run weights -> diffusers directory")
     p.add_argument("--config", type=Path, default=None)
@@ -186,11 +190,13 @@ def export_main(argv: list[str]) -> int:
     try:
         path = args.config if args.config is not None else args.run_dir / "config.yaml"
         cfg = load_config(path, args.overrides)
-        if cfg.model.family != "qwen_image":
-            raise ConfigError(f"model.family must be 'qwen_image' to export (got {cfg.model.family!r})")
-        model = load_run_weights(cfg, args.run_dir, which=args.which)
-        out = export_diffusers(model, args.out, sampler=cfg.sampler, tt_mode=args.tt_mode, base_pipeline=args.pipeline,
-                               source={"run_dir": str(args.run_dir.resolve()), "which": args.which})
+        family = model_family(cfg)
+        if family.export is None:
+            exporting = [name for name, f in FAMILIES.items() if f.export is not None]
+            raise ConfigError(f"model.family: {cfg.model.family!r} has no export "
+                              f"(families that export: {', '.join(map(repr, exporting))})")
+        out = family.export(cfg, run_dir=args.run_dir, out=args.out, which=args.which, tt_mode=args.tt_mode,
+                            base_pipeline=args.pipeline)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         for problem in getattr(e, "problems", None) or [str(e)]:
             print(f"twinflow-train export: {problem}", file=sys.stderr)

@@ -112,16 +112,14 @@ def _save_count(stem: Path, images, labels) -> Path:
 
 
 def _teacher(cfg: Config):
-    from .models import parallelize
+    from .models import place_frozen
     from .trainer import build_base, preflight_teacher
 
     tpath = preflight_teacher(cfg)
     d = init_distributed(cfg.run, cfg.parallel)
     setup = build_setup(cfg, device=d.device)
     base = build_base(cfg, setup, tpath)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return d, setup, parallelize(base.to(d.device), d.mesh, cfg, frozen=True).eval()
+    return d, setup, place_frozen(base.to(d.device), d.mesh, cfg)
 
 
 def sample_count(cfg: Config, run_dir: Path, *, n: int, which: str, nfe: list[int] | None, out_dir: Path | None,
