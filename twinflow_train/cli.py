@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
-from .rundir import RESTART_FLAG
+from .rundir import CONFIG_FILE, META_FILE, RESTART_FLAG, best_weights, latest_checkpoint
 from .yamlio import INT_MAX, InputError, dir_problem, reading_input
 
 
@@ -32,11 +32,11 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--run-dir: {run_dir} is not a run directory (it does not exist)"
                             if not run_dir.exists() else f"--run-dir: {run_dir} is not a directory")
         else:
-            if args.config is None and not (run_dir / "config.yaml").is_file():
-                problems.append(f"--run-dir: {run_dir} holds no config.yaml (not a run of twinflow-train fit?); "
+            if args.config is None and not (run_dir / CONFIG_FILE).is_file():
+                problems.append(f"--run-dir: {run_dir} holds no {CONFIG_FILE} (not a run of twinflow-train fit?); "
                                 "pass --config to give its config")
-            weights = (run_dir / "checkpoints" / "best" / "weights.pt" if args.which == "best"
-                       else run_dir / "checkpoints" / "latest" / "meta.json")
+            weights = (best_weights(run_dir) if args.which == "best"
+                       else latest_checkpoint(run_dir) / META_FILE)
             if not weights.is_file():
                 problems.append(f"--run-dir: {run_dir} holds no {args.which} weights ({weights} does not exist"
                                 f"{'; no validation has run yet' if args.which == 'best' else ''})")
@@ -61,8 +61,8 @@ def _load(args: argparse.Namespace) -> Config:
     with reading_input(f"twinflow-train {args.command}"):
         problems = _argument_problems(args)
         path = args.config
-        if path is None and args.command in ("sample", "eval") and (args.run_dir / "config.yaml").is_file():
-            path = args.run_dir / "config.yaml"  # a missing one is among the problems already
+        if path is None and args.command in ("sample", "eval") and (args.run_dir / CONFIG_FILE).is_file():
+            path = args.run_dir / CONFIG_FILE  # a missing one is among the problems already
         try:
             cfg = load_config(path, args.overrides)
         except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Deterministic validation (SPEC 7).
+"""Deterministic validation (docs/method.md §7).
 
 The validation loss is flow matching against the true velocity on fixed
 held-out rows with fixed noise and times, so two evaluations of the same

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import SamplerConfig
+from .rundir import CONFIG_FILE, fsync_dir, fsync_tree
 
 ExportMode = Literal["few", "mul"]
 
@@ -121,11 +122,9 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
                 "base_pipeline": str(Path(base_pipeline).resolve()) if base_pipeline is not None else None,
                 "source": source or {}}
         (tmp / "twinflow.json").write_text(json.dumps(info, indent=1) + "\n")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,7 +134,7 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
 def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema"]) -> nn.Module:
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
     from . import checkpoint as ckpt
-    from .rundir import checkpoint_step
+    from .rundir import best_weights, checkpoint_step, latest_checkpoint
     from .models import build_model
 
     if cfg.data.dataset != "latent_shards":
@@ -144,12 +143,12 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
     model = build_model(cfg, latent_shape=reference_latent_shape(cfg.data.shards))
     run_dir = Path(run_dir)
     if which == "best":
-        path = run_dir / "checkpoints" / "best" / "weights.pt"
+        path = best_weights(run_dir)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         ckpt.load_weights(path, model)
     elif which in ("final", "ema"):
-        latest = run_dir / "checkpoints" / "latest"
+        latest = latest_checkpoint(run_dir)
         if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         if which == "final":
@@ -188,7 +187,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
-        path = args.config if args.config is not None else args.run_dir / "config.yaml"
+        path = args.config if args.config is not None else args.run_dir / CONFIG_FILE
         cfg = load_config(path, args.overrides)
         family = model_family(cfg)
         if family.export is None:

@@ -1,6 +1,6 @@
-"""The TwinFlow objective (SPEC section 2), batch-partitioned as at scale, and the tutorial layout.
+"""The TwinFlow objective (docs/method.md §2), batch-partitioned as at scale, and the tutorial layout.
 
-Conventions (SPEC 1): ``x_t = t*z + (1-t)*x``, ``v = z - x``, t = 1 is noise; the
+Conventions (docs/method.md §1): ``x_t = t*z + (1-t)*x``, ``v = z - x``, t = 1 is noise; the
 network is ``F(x_t, t, tt, c)``; negative time selects the twin (fake) branch.
 
 Partitioned layout (default). A batch of B rows is split into four contiguous
@@ -213,7 +213,7 @@ def rcgm_from_rollout(*, F: torch.Tensor, P: torch.Tensor, v_enh: torch.Tensor, 
 def rcgm_target(*, target: FlowModel, F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tt: torch.Tensor,
                 cond: Cond, v_enh: torch.Tensor, order: int, delta_t: float, clamp: float,
                 candidates: torch.Tensor | None = None, rows: _Rows | None = None) -> torch.Tensor:
-    """The RCGM target of SPEC 2 for every row (roll-outs only where t >= tt + D)."""
+    """The RCGM target of docs/method.md §2.2 for every row (roll-outs only where t >= tt + D)."""
     P = _rollout_where_needed(target=target, x_t=x_t, t=t, tt=tt, v_enh=v_enh.float(), cond=cond, order=order,
                               delta_t=delta_t, candidates=candidates, rows=rows)
     return rcgm_from_rollout(F=F, P=P, v_enh=v_enh.float(), t=t, tt=tt, delta_t=delta_t, clamp=clamp)
@@ -318,7 +318,7 @@ class TwinFlow:
                                  lo=self.lo, hi=self.hi, candidates=candidates, rows=rows)
 
     def _roller(self, model: FlowModel, target: FlowModel) -> FlowModel:
-        """The network of the RCGM roll-out (SPEC 2): T, except with a frozen base-model target, where the
+        """The network of the RCGM roll-out (docs/method.md §2.2): T, except with a frozen base-model target, where the
         student rolls out (under no_grad) and the frozen copy serves only the CFG pair. A base model never
         trained at tt != t sees a time embedding it never learned there, so it cannot roll out."""
         return model if self.cfg.target == "frozen" else target
@@ -371,7 +371,7 @@ class TwinFlow:
             return self._partitioned(model, target, x, cond, generator, step)
         return self._tutorial(model, target, x, cond, generator, step)
 
-    # ---------------------------------------------------------------- partitioned (SPEC 2)
+    # ---------------------------------------------------------------- partitioned (docs/method.md §2)
 
     def _partitioned(self, model: FlowModel, target: FlowModel, x: torch.Tensor, cond: Cond,
                      generator: torch.Generator, step: int) -> TwinFlowOutput:

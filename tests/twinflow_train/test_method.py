@@ -1,4 +1,4 @@
-"""The TwinFlow objective (SPEC 2): groups, targets, weights, losses, layouts, randomness."""
+"""The TwinFlow objective (docs/method.md §2): groups, targets, weights, losses, layouts, randomness."""
 
 import copy
 import math

@@ -32,7 +32,7 @@ class FlowModel(nn.Module, ABC):
 
     @abstractmethod
     def init_target_time_embedding(self, mode: str, generator: torch.Generator | None = None) -> None:
-        """Initialise the new tt-embedding so that behaviour at tt = t is unchanged (SPEC 1)."""
+        """Initialise the new tt-embedding so that behaviour at tt = t is unchanged (docs/method.md §1)."""
 
     def shard_blocks(self) -> list[nn.Module]:
         """Blocks to wrap individually with ``fully_shard``, in forward order."""

@@ -3,7 +3,7 @@
 Two layers:
 
 * ``TwinFlowQwenImageTransformer2DModel``: a subclass of the diffusers class that adds
-  the gated target-time embedding of SPEC 1, ``temb = E1(t) + E2(tt) * (t - tt)``
+  the gated target-time embedding of docs/method.md §1, ``temb = E1(t) + E2(tt) * (t - tt)``
   (+ an optional zero-initialised sign embedding where t < 0). It keeps the parent's
   forward signature (packed tokens, ``img_shapes``), so a stock ``QwenImagePipeline``
   can call it, and it is what ``export`` saves with ``save_pretrained``. At tt = t the
@@ -94,7 +94,7 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
 
     ``forward`` accepts everything the parent's does plus ``target_timestep``; when it is
     not given (a stock pipeline calling), ``default_target_time`` decides: ``same`` (tt = t,
-    exactly the parent model) or ``zero`` (tt = 0, the "few" sampling mode of SPEC 3).
+    exactly the parent model) or ``zero`` (tt = 0, the "few" sampling mode of docs/method.md §3).
     """
 
     @register_to_config
@@ -130,7 +130,7 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
         self.sign_embed = nn.Parameter(torch.zeros(self.inner_dim)) if sign_embedding else None
         self.activation_checkpointing = False
 
-    # ---- time embedding (SPEC 1)
+    # ---- time embedding (docs/method.md §1)
 
     def time_embedding(self, t: torch.Tensor, tt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """temb = E1(t) + E2(tt) * (t - tt) [+ sign where t < 0]; signed t goes into E1's sinusoid."""
