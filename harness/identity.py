@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from twinflow_train.config import Config, config_hash, to_dict
+from twinflow_train.config import Config, to_dict
 
 IDENTITY_LENGTH = 16
 
@@ -44,11 +44,6 @@ def run_identity(config: Config | dict[str, Any], code: str) -> str:
     data = to_dict(config) if isinstance(config, Config) else config
     blob = json.dumps({"config": data, "code_version": code}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:IDENTITY_LENGTH]
-
-
-def trainer_config_hash(config: Config) -> str:
-    """The hash the trainer writes into status.json (``twinflow_train.config.config_hash``)."""
-    return config_hash(config)
 
 
 def wandb_run_id(identity: str) -> str:

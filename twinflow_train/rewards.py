@@ -55,7 +55,6 @@ __all__ = [
     "build_reward", "check_reward_config", "load_hpsv2", "hpsv2_tokenize", "clip_preprocess",
 ]
 
-RewardKind = Literal["digits", "proxy", "hpsv2"]
 REWARDS: tuple[str, ...] = ("digits", "proxy", "hpsv2")
 HPS_TOKENS_KEY = "hps_tokens"
 """Key of the tokenised prompt text in ``Cond`` for the HPSv2 reward."""

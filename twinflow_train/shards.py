@@ -190,23 +190,27 @@ class LatentShardData:
     def batches_per_epoch(self) -> int:
         return sum(max(1, len(b.train) // b.batch) for b in self.buckets)
 
+    def _step_batch(self, step: int) -> tuple[int, torch.Tensor]:
+        """Optimizer ``step``'s entry of its epoch's plan: the bucket index and that batch's row ids."""
+        per_epoch = self.batches_per_epoch()
+        plan, perms = self._epoch((step - 1) // per_epoch)
+        bi, j = plan[(step - 1) % per_epoch]
+        batch = self.buckets[bi].batch
+        return bi, perms[bi][j * batch:(j + 1) * batch]
+
     def step_bucket(self, step: int) -> Bucket:
-        plan, _ = self._epoch((step - 1) // self.batches_per_epoch())
-        return self.buckets[plan[(step - 1) % len(plan)][0]]
+        return self.buckets[self._step_batch(step)[0]]
 
     def micro_batch(self, *, step: int, index: int, count: int) -> tuple[torch.Tensor, Cond]:
         if step < 1:
             raise ValueError(f"steps are 1-based (got {step})")
         if not 0 <= index < count:
             raise ValueError(f"micro-batch index {index} out of range for {count}")
-        per_epoch = self.batches_per_epoch()
-        plan, perms = self._epoch((step - 1) // per_epoch)
-        bi, j = plan[(step - 1) % per_epoch]
+        bi, rows = self._step_batch(step)
         b = self.buckets[bi]
         if b.batch % count:
             raise ValueError(f"bucket {b.name}: batch of {b.batch} rows does not split into {count} micro-batches "
                              "(data.batch_size must be divisible by ranks x data.grad_accum)")
-        rows = perms[bi][j * b.batch:(j + 1) * b.batch]
         size = b.batch // count
         return self.rows(b, rows[index * size:(index + 1) * size])
 

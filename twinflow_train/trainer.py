@@ -36,7 +36,7 @@ from .setup import build_setup
 from .rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
                      atomic_write_text, truncate_metrics, write_status)
 from .telemetry import WandbMirror
-from .timesamplers import build_time_samplers
+from .timesamplers import build_time_samplers, dynamic_value
 
 class Diverged(Exception):
     """The run cannot go on: non-finite values under the configured policy.
@@ -166,7 +166,6 @@ class Run:
     step: int = 0
     """The last optimizer step completed (what status.json reports on failure)."""
     counters: Counters = field(default_factory=Counters)
-    window: dict[str, list[float]] = field(default_factory=dict)
     eval_ema: nn.Module | None = None
     """The evaluation EMA of the student (``eval.ema_decay`` > 0): validated, sampled and checkpointed."""
     fsdp: bool = True
@@ -591,11 +590,9 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
                         "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
                         "time/train_s": c.train_s})
             rec.update(window.events)
-            for name, sampler in run.time_samplers.items():
-                value = sampler.value(step)
-                if value is not None:
-                    rec["renoise/bias"] = value  # one dynamic schedule drives every time it applies to
-                    break
+            bias = dynamic_value(run.time_samplers, step)  # one dynamic schedule drives every time it applies to
+            if bias is not None:
+                rec["renoise/bias"] = bias
             if writer:
                 writer.write(rec)
             bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
