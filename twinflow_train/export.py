@@ -23,11 +23,9 @@ exported sampler's target time (``zero`` for tt_mode ``few``, ``same`` for ``mul
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 from .config import SamplerConfig
-from .rundir import CONFIG_FILE, fsync_dir, fsync_tree
+from .rundir import fsync_dir, fsync_tree
 
 ExportMode = Literal["few", "mul"]
 
@@ -135,12 +133,12 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
     from . import checkpoint as ckpt
     from .rundir import best_weights, checkpoint_step, latest_checkpoint
-    from .models import build_model
+    from .models.qwen_image import build_qwen_image
+    from .shards import reference_latent_shape
 
     if cfg.data.dataset != "latent_shards":
         raise ValueError("export needs data.dataset 'latent_shards' (the null prompt and latent shape come from it)")
-    from .shards import reference_latent_shape
-    model = build_model(cfg, latent_shape=reference_latent_shape(cfg.data.shards))
+    model = build_qwen_image(cfg, latent_shape=reference_latent_shape(cfg.data.shards))
     run_dir = Path(run_dir)
     if which == "best":
         path = best_weights(run_dir)
@@ -169,36 +167,3 @@ def export_qwen_image_run(cfg, *, run_dir: Path, out: Path, which: Literal["fina
     model = load_run_weights(cfg, run_dir, which=which)
     return export_diffusers(model, out, sampler=cfg.sampler, tt_mode=tt_mode, base_pipeline=base_pipeline,
                             source={"run_dir": str(Path(run_dir).resolve()), "which": which})
-
-
-def export_main(argv: list[str]) -> int:
-    """``export --run-dir DIR --out DIR [--config FILE] [--which final|best|ema] [--pipeline BASE]
-    [--tt-mode few|mul] [key=value ...]``; returns the exit code (0 done, 2 bad input)."""
-    from .config import ConfigError, load_config
-    from .models import FAMILIES, model_family
-
-    p = argparse.ArgumentParser(prog="twinflow-train export", description="run weights -> diffusers directory")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--which", choices=("final", "best", "ema"), default="ema")
-    p.add_argument("--pipeline", type=Path, default=None, help="base pipeline dir: write a complete pipeline")
-    p.add_argument("--tt-mode", choices=("few", "mul"), default=None, help="default: sampler.tt_mode")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    try:
-        path = args.config if args.config is not None else args.run_dir / CONFIG_FILE
-        cfg = load_config(path, args.overrides)
-        family = model_family(cfg)
-        if family.export is None:
-            exporting = [name for name, f in FAMILIES.items() if f.export is not None]
-            raise ConfigError(f"model.family: {cfg.model.family!r} has no export "
-                              f"(families that export: {', '.join(map(repr, exporting))})")
-        out = family.export(cfg, run_dir=args.run_dir, out=args.out, which=args.which, tt_mode=args.tt_mode,
-                            base_pipeline=args.pipeline)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        for problem in getattr(e, "problems", None) or [str(e)]:
-            print(f"twinflow-train export: {problem}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0

@@ -27,7 +27,7 @@ from .rundir import SAMPLES_DIR, atomic_write_text, best_weights, checkpoint_ste
 
 
 def _student(cfg: Config, run_dir: Path, which: str):
-    from .models import parallelize
+    from .models.registry import parallelize
     from .trainer import build_base, preflight_teacher
 
     tpath = preflight_teacher(cfg)
@@ -112,7 +112,7 @@ def _save_count(stem: Path, images, labels) -> Path:
 
 
 def _teacher(cfg: Config):
-    from .models import place_frozen
+    from .models.registry import place_frozen
     from .trainer import build_base, preflight_teacher
 
     tpath = preflight_teacher(cfg)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, to_dict
 from .data import step_generator
-from .models import base_weights_in_model, build_model, model_family
+from .models.registry import base_weights_in_model, build_model, model_family
 from .models.base import FlowModel
 
 _NULL_DROP, _TIMES, _NOISE = 1, 2, 3

@@ -29,7 +29,7 @@ from .evaluate import Evaluator
 from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .method import TwinFlow
-from .models import build_model, model_family, parallelize, place_frozen, uses_fsdp
+from .models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
 from .models.base import FlowModel
 from .parallel import Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown
 from .setup import build_setup

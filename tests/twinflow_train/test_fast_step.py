@@ -9,7 +9,7 @@ import torch
 from twinflow_train import trainer
 from twinflow_train.config import ConfigError, ParallelConfig, load_config
 from twinflow_train.ema import ema_apply_, ema_pairs, ema_update_
-from twinflow_train.models import FAMILIES, uses_fsdp
+from twinflow_train.models.registry import FAMILIES, uses_fsdp
 from twinflow_train.parallel import use_fsdp
 from twinflow_train.teacher import teacher_lr
 from twinflow_train.rundir import iter_metrics, read_status

@@ -9,8 +9,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from twinflow_train.config import ModelConfig, ParallelConfig, load_config, to_yaml
-from twinflow_train.export import export_main
-from twinflow_train.models import FAMILIES, base_weights_in_model, build_model, parallelize, place_frozen
+from twinflow_train.cli import export_main
+from twinflow_train.models.registry import FAMILIES, base_weights_in_model, build_model, parallelize, place_frozen
 from twinflow_train.parallel import mixed_precision
 
 SMALL = ["model.hidden=16", "model.depth=3", "model.time_dim=8"]
