@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .parallel import barrier, reshard_all
 from . import rundir
-from .rundir import atomic_path, fsync_dir
+from .rundir import atomic_path, fsync_dir, fsync_tree
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -229,8 +229,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
                 dst_file = tmp / f.relative_to(src)
                 dst_file.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, dst_file)
-                with open(dst_file, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

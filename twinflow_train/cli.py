@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
-from .rundir import RESTART_FLAG
+from .rundir import CONFIG_FILE, META_FILE, RESTART_FLAG, best_weights, latest_checkpoint
 from .yamlio import INT_MAX, InputError, dir_problem, reading_input
 
 
@@ -32,11 +32,11 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--run-dir: {run_dir} is not a run directory (it does not exist)"
                             if not run_dir.exists() else f"--run-dir: {run_dir} is not a directory")
         else:
-            if args.config is None and not (run_dir / "config.yaml").is_file():
-                problems.append(f"--run-dir: {run_dir} holds no config.yaml (not a run of twinflow-train fit?); "
+            if args.config is None and not (run_dir / CONFIG_FILE).is_file():
+                problems.append(f"--run-dir: {run_dir} holds no {CONFIG_FILE} (not a run of twinflow-train fit?); "
                                 "pass --config to give its config")
-            weights = (run_dir / "checkpoints" / "best" / "weights.pt" if args.which == "best"
-                       else run_dir / "checkpoints" / "latest" / "meta.json")
+            weights = (best_weights(run_dir) if args.which == "best"
+                       else latest_checkpoint(run_dir) / META_FILE)
             if not weights.is_file():
                 problems.append(f"--run-dir: {run_dir} holds no {args.which} weights ({weights} does not exist"
                                 f"{'; no validation has run yet' if args.which == 'best' else ''})")
@@ -61,8 +61,8 @@ def _load(args: argparse.Namespace) -> Config:
     with reading_input(f"twinflow-train {args.command}"):
         problems = _argument_problems(args)
         path = args.config
-        if path is None and args.command in ("sample", "eval") and (args.run_dir / "config.yaml").is_file():
-            path = args.run_dir / "config.yaml"  # a missing one is among the problems already
+        if path is None and args.command in ("sample", "eval") and (args.run_dir / CONFIG_FILE).is_file():
+            path = args.run_dir / CONFIG_FILE  # a missing one is among the problems already
         try:
             cfg = load_config(path, args.overrides)
         except ConfigError as e:
@@ -166,13 +166,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def export_main(argv: list[str]) -> int:
+    """``twinflow-train export --run-dir DIR --out DIR [--config FILE] [--which final|best|ema] [--pipeline BASE]
+    [--tt-mode few|mul] [key=value ...]``; returns the exit code (0 done, 2 bad input).
+
+    The family's own ``ModelFamily.export`` does the work (``export.export_qwen_image_run`` for Qwen-Image)."""
+    from .models.registry import FAMILIES, model_family
+
+    p = argparse.ArgumentParser(prog="twinflow-train export", description="run weights -> diffusers directory")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--which", choices=("final", "best", "ema"), default="ema")
+    p.add_argument("--pipeline", type=Path, default=None, help="base pipeline dir: write a complete pipeline")
+    p.add_argument("--tt-mode", choices=("few", "mul"), default=None, help="default: sampler.tt_mode")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    try:
+        path = args.config if args.config is not None else args.run_dir / CONFIG_FILE
+        cfg = load_config(path, args.overrides)
+        family = model_family(cfg)
+        if family.export is None:
+            exporting = [name for name, f in FAMILIES.items() if f.export is not None]
+            raise ConfigError(f"model.family: {cfg.model.family!r} has no export "
+                              f"(families that export: {', '.join(map(repr, exporting))})")
+        out = family.export(cfg, run_dir=args.run_dir, out=args.out, which=args.which, tt_mode=args.tt_mode,
+                            base_pipeline=args.pipeline)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        for problem in getattr(e, "problems", None) or [str(e)]:
+            print(f"twinflow-train export: {problem}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["encode"]:
         from .encode import encode_main
         return encode_main(argv[1:])
     if argv[:1] == ["export"]:
-        from .export import export_main
         return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """Latent codecs: the map between pixels and the latents the flow model works on.
 
 ``encode`` and ``decode`` are plain differentiable fp32 functions, so the
-reward gradient can flow from pixels back to latents (SPEC 5, exact estimator).
+reward gradient can flow from pixels back to latents (docs/method.md §5, exact estimator).
 The flow model's noise is N(0, I), so a codec hands out latents that are
 roughly zero-mean and unit-variance per channel.
 """

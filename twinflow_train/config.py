@@ -200,7 +200,7 @@ class TeacherConfig:
     """Euler steps when sampling the teacher for comparison."""
     cfg_scale: float | None = None
     """Teacher sampling guidance; None = the guidance the student is distilled toward: 1 / (1 - r) for an
-    ``ema`` or ``student`` target, 1 + r for a ``frozen`` one (r = method.enhanced_ratio; SPEC 2)."""
+    ``ema`` or ``student`` target, 1 + r for a ``frozen`` one (r = method.enhanced_ratio; docs/method.md §2.2)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
@@ -216,7 +216,7 @@ class TeacherConfig:
 @dataclass(kw_only=True, slots=True)
 class MethodConfig:
     layout: Literal["partitioned", "tutorial"] = "partitioned"
-    """``partitioned``: four row groups per batch (SPEC 2); ``tutorial``: every term on every row."""
+    """``partitioned``: four row groups per batch (docs/method.md §2.1); ``tutorial``: every term on every row."""
     group_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     """Relative sizes of the e2e, mul, any and adv groups."""
     mul_gap: float = 0.05
@@ -260,7 +260,7 @@ class MethodConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SamplerConfig:
-    """Few-step UCGM sampler of the student (SPEC 3)."""
+    """Few-step UCGM sampler of the student (docs/method.md §3)."""
 
     tt_mode: Literal["few", "mul", "any"] = "few"
     """Target time given to the network each step: 0 (``few``, the public 2/4-step inference), sigma_i, or sigma_{i+1}."""
@@ -299,7 +299,7 @@ class TimeDistConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RenoiseConfig:
-    """Time samplers and Dynamic Renoise Sampling (SPEC 4)."""
+    """Time samplers and Dynamic Renoise Sampling (docs/method.md §4)."""
 
     main: TimeDistConfig = field(default_factory=TimeDistConfig)
     """Distribution of the main t of the non-adv rows."""
@@ -326,7 +326,7 @@ class RenoiseConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RlConfig:
-    """Latent-space reward guidance (SPEC 5)."""
+    """Latent-space reward guidance (docs/method.md §5)."""
 
     enabled: bool = False
     """Add w_rl(k) * L_rl to the TwinFlow loss."""
@@ -424,7 +424,7 @@ class SpikeConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ScheduleConfig:
-    """Learning-rate policy (SPEC 6)."""
+    """Learning-rate policy (docs/method.md §6)."""
 
     policy: Literal["constant", "cosine", "plateau"] = "constant"
     """Base policy; ``plateau`` steps on the deterministic validation loss."""
@@ -567,7 +567,7 @@ class Config:
 
 
 def distilled_guidance(*, target: str, ratio: float) -> float:
-    """The CFG scale the CFG-enhanced objective converges to (SPEC 2).
+    """The CFG scale the CFG-enhanced objective converges to (docs/method.md §2.2).
 
     With an EMA or student target, T already carries the guidance it is trained toward, so the fixed
     point of ``v_enh = v + r * (T_c - T_u)`` is ``T_c - T_u = (v_c - v_u) / (1 - r)``: guidance

@@ -10,7 +10,7 @@ what makes resume exact without saving a sampler state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -67,3 +67,18 @@ class TensorData:
         for i in range(0, n, batch_size):
             sl = slice(i, min(i + batch_size, n))
             yield self.val_latents[sl], cond_rows(self.val_cond, sl)
+
+
+@dataclass
+class Setup:
+    """What a run needs besides the network: codec, latent data, prompts, metrics (``setup.build_setup``)."""
+
+    codec: torch.nn.Module
+    data: TrainData
+    num_classes: int | None
+    eval_cond: Callable[[int], Cond]
+    """n prompts for the sample metrics (balanced over classes)."""
+    sample_cond: Cond
+    """The fixed prompts of the sample files (4 per class for digits)."""
+    scorer: object | None
+    """SampleScorer for FD / reward / accuracy; None where no evaluation network exists."""

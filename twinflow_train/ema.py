@@ -1,4 +1,4 @@
-"""EMA of the student, used as the target network T (SPEC section 2).
+"""EMA of the student, used as the target network T (docs/method.md §2.2).
 
 ``ema <- d_k * ema + (1 - d_k) * theta`` after every optimizer update, with the
 decay warmed up by ``d_0 = 0, d_{k+1} = d_k + (1 - d_k) * (d_target - d_k) / 2``:

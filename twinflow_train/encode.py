@@ -36,6 +36,8 @@ from typing import Iterator
 
 import torch
 
+from .rundir import fsync_dir, fsync_tree
+
 FORMAT = "twinflow-latent-shards"
 VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -163,17 +165,10 @@ def iter_parquet(path: Path, *, image_column: str, caption_column: str) -> tuple
 # --------------------------------------------------------------------------- writing
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
-    _fsync_write(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    path.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 @dataclass
@@ -214,7 +209,7 @@ class BucketWriter:
             "prompt_embeds": torch.cat(self.embeds),
             "prompt_offsets": torch.cumsum(lengths, 0),
         })
-        _fsync_write(folder / f"{stem}.json", (json.dumps(self.meta, ensure_ascii=False) + "\n").encode())
+        (folder / f"{stem}.json").write_text(json.dumps(self.meta, ensure_ascii=False) + "\n", encoding="utf-8")
         self.files.append({"path": f"{self.name}/{stem}.safetensors", "rows": len(self.latents)})
         self.latents, self.embeds, self.meta = [], [], []
 
@@ -311,8 +306,10 @@ def encode_dataset(*, pipeline: Path, items: Iterator[Item], total: int, out: Pa
                          "latent_shape": list(codec.latent_shape_for(w.height, w.width)), "rows": w.rows,
                          "files": w.files} for w in used],
         }
-        _fsync_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        fsync_tree(tmp)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

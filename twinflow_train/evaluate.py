@@ -1,4 +1,4 @@
-"""Deterministic validation (SPEC 7).
+"""Deterministic validation (docs/method.md §7).
 
 The validation loss is flow matching against the true velocity on fixed
 held-out rows with fixed noise and times, so two evaluations of the same
@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .data import step_generator
+from .data import Setup, step_generator
 from .models.base import Cond, FlowModel, cond_rows
 from .sampling import euler_sample, ucgm_sample
-from .setup import Setup
 
 VAL_BATCH = 512
 _NOISE, _TIMES, _SAMPLE_NOISE, _SAMPLER, _FILE_NOISE = 1, 2, 3, 4, 5  # purposes of eval generators

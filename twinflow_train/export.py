@@ -23,11 +23,9 @@ exported sampler's target time (``zero`` for tt_mode ``few``, ``same`` for ``mul
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import SamplerConfig
+from .rundir import fsync_dir, fsync_tree
 
 ExportMode = Literal["few", "mul"]
 
@@ -121,11 +120,9 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
                 "base_pipeline": str(Path(base_pipeline).resolve()) if base_pipeline is not None else None,
                 "source": source or {}}
         (tmp / "twinflow.json").write_text(json.dumps(info, indent=1) + "\n")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,26 +132,21 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
 def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema"]) -> nn.Module:
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
     from . import checkpoint as ckpt
-    from .rundir import checkpoint_step
+    from .rundir import best_weights, checkpoint_step, latest_checkpoint
     from .models.qwen_image import build_qwen_image
+    from .shards import reference_latent_shape
 
-    shape = None
-    if cfg.data.dataset == "latent_shards":
-        from .shards import _manifest
-        m = _manifest(cfg.data.shards)
-        ref = max(m["buckets"], key=lambda b: (b["latent_shape"][1] * b["latent_shape"][2], b["rows"], b["name"]))
-        shape = tuple(ref["latent_shape"])
-    if shape is None:
+    if cfg.data.dataset != "latent_shards":
         raise ValueError("export needs data.dataset 'latent_shards' (the null prompt and latent shape come from it)")
-    model = build_qwen_image(cfg, latent_shape=shape)
+    model = build_qwen_image(cfg, latent_shape=reference_latent_shape(cfg.data.shards))
     run_dir = Path(run_dir)
     if which == "best":
-        path = run_dir / "checkpoints" / "best" / "weights.pt"
+        path = best_weights(run_dir)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         ckpt.load_weights(path, model)
     elif which in ("final", "ema"):
-        latest = run_dir / "checkpoints" / "latest"
+        latest = latest_checkpoint(run_dir)
         if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         if which == "final":
@@ -169,31 +161,9 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
     return model
 
 
-def export_main(argv: list[str]) -> int:
-    """``export --run-dir DIR --out DIR [--config FILE] [--which final|best|ema] [--pipeline BASE]
-    [--tt-mode few|mul] [key=value ...]``; returns the exit code (0 done, 2 bad input)."""
-    from .config import ConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="twinflow-train export", description="run weights -> diffusers directory")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--which", choices=("final", "best", "ema"), default="ema")
-    p.add_argument("--pipeline", type=Path, default=None, help="base pipeline dir: write a complete pipeline")
-    p.add_argument("--tt-mode", choices=("few", "mul"), default=None, help="default: sampler.tt_mode")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    try:
-        path = args.config if args.config is not None else args.run_dir / "config.yaml"
-        cfg = load_config(path, args.overrides)
-        if cfg.model.family != "qwen_image":
-            raise ConfigError(f"model.family must be 'qwen_image' to export (got {cfg.model.family!r})")
-        model = load_run_weights(cfg, args.run_dir, which=args.which)
-        out = export_diffusers(model, args.out, sampler=cfg.sampler, tt_mode=args.tt_mode, base_pipeline=args.pipeline,
-                               source={"run_dir": str(args.run_dir.resolve()), "which": args.which})
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        for problem in getattr(e, "problems", None) or [str(e)]:
-            print(f"twinflow-train export: {problem}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+def export_qwen_image_run(cfg, *, run_dir: Path, out: Path, which: Literal["final", "best", "ema"],
+                          tt_mode: ExportMode | None, base_pipeline: Path | None) -> Path | None:
+    """The ``qwen_image`` family's export (``models.registry``): a run's weights as a diffusers directory."""
+    model = load_run_weights(cfg, run_dir, which=which)
+    return export_diffusers(model, out, sampler=cfg.sampler, tt_mode=tt_mode, base_pipeline=base_pipeline,
+                            source={"run_dir": str(Path(run_dir).resolve()), "which": which})

@@ -9,7 +9,7 @@ mesh dimensions the tensor is *sharded* on and not over those it is
 layout (normally one per call), and plain tensors (single process, frozen
 non-sharded modules) are summed locally. Every rank gets the same value.
 
-Two-term step (SPEC 5, parameter-space RL clipping). The TwinFlow loss and the
+Two-term step (docs/method.md §5, parameter-space RL clipping). The TwinFlow loss and the
 RL surrogate share one forward pass. ``TermGradients`` back-propagates them
 separately over that graph (the RL term first, ``retain_graph=True``), keeps
 each term's gradient in its own buffer across micro-batches, and at the end of

@@ -23,11 +23,11 @@ from .evaluate import Evaluator
 from .imaging import save_samples
 from .parallel import init_distributed, shutdown
 from .setup import build_setup
-from .rundir import atomic_write_text, checkpoint_step
+from .rundir import SAMPLES_DIR, atomic_write_text, best_weights, checkpoint_step, latest_checkpoint
 
 
 def _student(cfg: Config, run_dir: Path, which: str):
-    from .models import parallelize
+    from .models.registry import parallelize
     from .trainer import build_base, preflight_teacher
 
     tpath = preflight_teacher(cfg)
@@ -36,12 +36,12 @@ def _student(cfg: Config, run_dir: Path, which: str):
     base = build_base(cfg, setup, tpath)
     model = parallelize(base.to(d.device), d.mesh, cfg)
     if which == "best":
-        path = run_dir / "checkpoints" / "best" / "weights.pt"
+        path = best_weights(run_dir)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (no validation has run yet)")
         ckpt.load_weights(path, model)
     elif which == "final":
-        latest = run_dir / "checkpoints" / "latest"
+        latest = latest_checkpoint(run_dir)
         if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         if cfg.eval.ema_decay > 0:  # the evaluation EMA is what the run validated and sampled
@@ -59,7 +59,7 @@ def sample_run(cfg: Config, run_dir: Path, *, which: str, nfe: list[int] | None,
     try:
         d, setup, model, _ = _student(cfg, run_dir, which)
         ev = Evaluator(cfg, setup, device=d.device)
-        out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+        out_dir = Path(out_dir) if out_dir is not None else run_dir / SAMPLES_DIR
         labels = next(iter(setup.sample_cond.values())).cpu()
         written = []
         for n in nfe or cfg.eval.nfe:
@@ -112,16 +112,14 @@ def _save_count(stem: Path, images, labels) -> Path:
 
 
 def _teacher(cfg: Config):
-    from .models import parallelize
+    from .models.registry import place_frozen
     from .trainer import build_base, preflight_teacher
 
     tpath = preflight_teacher(cfg)
     d = init_distributed(cfg.run, cfg.parallel)
     setup = build_setup(cfg, device=d.device)
     base = build_base(cfg, setup, tpath)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return d, setup, parallelize(base.to(d.device), d.mesh, cfg, frozen=True).eval()
+    return d, setup, place_frozen(base.to(d.device), d.mesh, cfg)
 
 
 def sample_count(cfg: Config, run_dir: Path, *, n: int, which: str, nfe: list[int] | None, out_dir: Path | None,
@@ -138,7 +136,7 @@ def sample_count(cfg: Config, run_dir: Path, *, n: int, which: str, nfe: list[in
         ev = Evaluator(cfg, setup, device=d.device)
         z, cond = _count_inputs(cfg, setup, n, d.device)
         labels = cond["labels"].cpu()
-        out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+        out_dir = Path(out_dir) if out_dir is not None else run_dir / SAMPLES_DIR
         seed = cfg.eval.seed
         written = []
         if teacher:

@@ -1,4 +1,4 @@
-"""Learning-rate policies (SPEC 6): constant, cosine, ReduceLROnPlateau, and decay-on-spike on top.
+"""Learning-rate policies (docs/method.md §6): constant, cosine, ReduceLROnPlateau, and decay-on-spike on top.
 
 ``lr(step) = base(step) * scale``, floored for decays:
 

@@ -1,6 +1,6 @@
-"""The TwinFlow objective (SPEC section 2), batch-partitioned as at scale, and the tutorial layout.
+"""The TwinFlow objective (docs/method.md §2), batch-partitioned as at scale, and the tutorial layout.
 
-Conventions (SPEC 1): ``x_t = t*z + (1-t)*x``, ``v = z - x``, t = 1 is noise; the
+Conventions (docs/method.md §1): ``x_t = t*z + (1-t)*x``, ``v = z - x``, t = 1 is noise; the
 network is ``F(x_t, t, tt, c)``; negative time selects the twin (fake) branch.
 
 Partitioned layout (default). A batch of B rows is split into four contiguous
@@ -212,7 +212,7 @@ def rcgm_from_rollout(*, F: torch.Tensor, P: torch.Tensor, v_enh: torch.Tensor, 
 def rcgm_target(*, target: FlowModel, F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, tt: torch.Tensor,
                 cond: Cond, v_enh: torch.Tensor, order: int, delta_t: float, clamp: float,
                 candidates: torch.Tensor | None = None, rows: _Rows | None = None) -> torch.Tensor:
-    """The RCGM target of SPEC 2 for every row (roll-outs only where t >= tt + D)."""
+    """The RCGM target of docs/method.md §2.2 for every row (roll-outs only where t >= tt + D)."""
     P = _rollout_where_needed(target=target, x_t=x_t, t=t, tt=tt, v_enh=v_enh.float(), cond=cond, order=order,
                               delta_t=delta_t, candidates=candidates, rows=rows)
     return rcgm_from_rollout(F=F, P=P, v_enh=v_enh.float(), t=t, tt=tt, delta_t=delta_t, clamp=clamp)
@@ -262,8 +262,6 @@ class TwinFlowOutput:
     """One-step output ``z - F_e2e`` of the e2e rows, carrying grad; None without e2e rows."""
     cond_gen: Cond | None
     """Conditions of the x_gen rows."""
-    dv: torch.Tensor | None
-    """Clamped rectify velocity difference per x_gen row (no grad, shape of x_gen)."""
     rect_grad: torch.Tensor | None = None
     """``d(rect_weight * loss_rect)/dF`` on the x_gen rows (no grad, shape of x_gen): the rectification
     term's actual push on the generator output, the yardstick of output-space RL clipping."""
@@ -313,7 +311,7 @@ class TwinFlow:
                                  lo=self.lo, hi=self.hi, candidates=candidates, rows=rows)
 
     def _roller(self, model: FlowModel, target: FlowModel) -> FlowModel:
-        """The network of the RCGM roll-out (SPEC 2): T, except with a frozen base-model target, where the
+        """The network of the RCGM roll-out (docs/method.md §2.2): T, except with a frozen base-model target, where the
         student rolls out (under no_grad) and the frozen copy serves only the CFG pair. A base model never
         trained at tt != t sees a time embedding it never learned there, so it cannot roll out."""
         return model if self.cfg.target == "frozen" else target
@@ -331,15 +329,15 @@ class TwinFlow:
 
     def _rectify(self, model: FlowModel, F_gen: torch.Tensor, x_gen: torch.Tensor, cond: Cond,
                  generator: torch.Generator, step: int,
-                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(loss_rect, dV, rect_grad)``; rect_grad = ``d(rect_weight * loss_rect)/dF_gen`` (no graph)."""
+                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss_rect, rect_grad)``; rect_grad = ``d(rect_weight * loss_rect)/dF_gen`` (no graph)."""
         n = x_gen.shape[0]
         s = self.time_samplers["rect"].sample(n, generator=generator, step=step).to(x_gen.device)
         noise = _randn(x_gen.shape, generator, x_gen)
         dv = rectify_delta(model=model, x_gen=x_gen, cond=cond, s=s, noise=noise, clamp=self.cfg.target_clamp,
                            rows=rows)
         loss_rect = self._rho(F_gen, (F_gen.detach().float() - dv)).mean()
-        return loss_rect, dv, (self._rect_output_grad(F_gen, dv) if self.with_rect_grad else None)
+        return loss_rect, (self._rect_output_grad(F_gen, dv) if self.with_rect_grad else None)
 
     def _rect_output_grad(self, F_gen: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
         """The rectification term's actual gradient on the generator output (the output-space RL clip's yardstick).
@@ -366,7 +364,7 @@ class TwinFlow:
             return self._partitioned(model, target, x, cond, generator, step)
         return self._tutorial(model, target, x, cond, generator, step)
 
-    # ---------------------------------------------------------------- partitioned (SPEC 2)
+    # ---------------------------------------------------------------- partitioned (docs/method.md §2)
 
     def _partitioned(self, model: FlowModel, target: FlowModel, x: torch.Tensor, cond: Cond,
                      generator: torch.Generator, step: int) -> TwinFlowOutput:
@@ -415,17 +413,17 @@ class TwinFlow:
         w[n_real:] = 1.0
         loss_main = (w * self._rho(F, goal)).mean()
 
-        x_gen = cond_gen = dv = rect_grad = None
+        x_gen = cond_gen = rect_grad = None
         loss_rect = torch.zeros((), device=dev)
         if n_e2e:
             F_gen = F[:n_e2e]
             x_gen = x_hat(x_t[:n_e2e].to(F.dtype), 1.0, F_gen)
             cond_gen = cond_rows(cond, slice(0, n_e2e))
-            loss_rect, dv, rect_grad = self._rectify(model, F_gen, x_gen, cond_gen, generator, step, rows)
-            dv, rect_grad = dv.to(x_gen.dtype), _to_dtype(rect_grad, x_gen.dtype)
+            loss_rect, rect_grad = self._rectify(model, F_gen, x_gen, cond_gen, generator, step, rows)
+            rect_grad = _to_dtype(rect_grad, x_gen.dtype)
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond_gen,
-                              dv=dv, rect_grad=rect_grad, forward_rows=rows.as_dict(),
+                              rect_grad=rect_grad, forward_rows=rows.as_dict(),
                               group_sizes=dict(zip(GROUPS, (n_e2e, n_mul, n_any, n_adv))))
 
     # ---------------------------------------------------------------- tutorial layout
@@ -472,9 +470,9 @@ class TwinFlow:
         loss_adv = self._rho(F_adv, z_adv - fake).mean()
         rows.grad += 4 * B
 
-        loss_rect, dv, rect_grad = self._rectify(model, F_gen, x_gen, cond, generator, step, rows)
+        loss_rect, rect_grad = self._rectify(model, F_gen, x_gen, cond, generator, step, rows)
         loss_main = loss_any + loss_real + loss_gen + loss_adv
         loss = loss_main + cfg.rect_weight * loss_rect
         return TwinFlowOutput(loss=loss, loss_main=loss_main, loss_rect=loss_rect, x_gen=x_gen, cond_gen=cond,
-                              dv=dv.to(x_gen.dtype), rect_grad=_to_dtype(rect_grad, x_gen.dtype), forward_rows=rows.as_dict(),
+                              rect_grad=_to_dtype(rect_grad, x_gen.dtype), forward_rows=rows.as_dict(),
                               group_sizes={k: B for k in GROUPS})

@@ -63,14 +63,18 @@ def init_distributed(run: RunConfig, par: ParallelConfig) -> Dist:
     return Dist(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), device=device, mesh=mesh)
 
 
-def mixed_precision(par: ParallelConfig) -> MixedPrecisionPolicy:
-    if par.mixed_precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+def mixed_precision(par: ParallelConfig, *, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
+    """The FSDP2 policy of ``parallel.mixed_precision``: bf16 compute where asked, fp32 gradient reduction always.
+
+    ``cast_forward_inputs=False`` for a root that casts its own inputs (a family whose times must stay fp32)."""
+    param_dtype = torch.bfloat16 if par.mixed_precision == "bf16" else None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                cast_forward_inputs=cast_forward_inputs)
 
 
-def use_fsdp(par: ParallelConfig, *, family: str, world: int) -> bool:
-    """Whether modules are wrapped with FSDP2 (see the module docstring and ``parallel.fsdp``)."""
+def use_fsdp(par: ParallelConfig, *, world: int, fsdp_in_one_process: bool) -> bool:
+    """Whether modules are wrapped with FSDP2 (see the module docstring and ``parallel.fsdp``);
+    ``fsdp_in_one_process``: the model family's own answer for a 1-process fp32 run under ``auto``."""
     if par.fsdp == "always":
         return True
     if par.fsdp == "never":
@@ -80,51 +84,42 @@ def use_fsdp(par: ParallelConfig, *, family: str, world: int) -> bool:
         return False
     if par.fsdp != "auto":
         raise ValueError(f"parallel.fsdp: unknown value {par.fsdp!r}; valid: 'auto', 'always', 'never'")
-    return world > 1 or par.mixed_precision != "fp32" or family == "qwen_image"
+    return world > 1 or par.mixed_precision != "fp32" or fsdp_in_one_process
 
 
-def place_plain(model: nn.Module, blocks: list[nn.Module], par: ParallelConfig, *, frozen: bool) -> nn.Module:
+def place_plain(model: nn.Module, par: ParallelConfig, *, frozen: bool) -> nn.Module:
     """The 1-process placement without FSDP2: the module itself, with activation checkpointing on
     its blocks when configured (a trainable model only: no-grad copies never run backward)."""
     if par.activation_checkpointing and not frozen:
-        _checkpoint_blocks(model, blocks)
+        model.enable_activation_checkpointing()
     return model
 
 
-def _checkpoint_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    block_ids = {id(b) for b in blocks}
-    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in block_ids)
+def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig, *,
+                           frozen: bool = False, cast_root_inputs: bool = True) -> nn.Module:
+    """Activation checkpointing (a trainable model, where configured), ``fully_shard`` each block, then the root.
 
-
-def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig) -> nn.Module:
-    """fully_shard each block, then the root; the last block keeps its parameters after forward
-    because backward needs them first."""
+    ``model`` is a ``FlowModel`` (its ``enable_activation_checkpointing``). A trainable model's last block keeps its parameters after forward because backward needs
+    them first. A no-grad copy (EMA target, base model) is sharded like the student, so local
+    shards correspond (EMA lerps them), but every unit reshards after forward: no backward will
+    ever do it. ``cast_root_inputs``: see ``mixed_precision``.
+    """
     if not blocks:
         raise ValueError(f"{type(model).__name__} declares no block types to shard")
-    mp = mixed_precision(par)
-    if par.activation_checkpointing:
-        _checkpoint_blocks(model, blocks)
+    if par.activation_checkpointing and not frozen:
+        model.enable_activation_checkpointing()
+    block_mp = mixed_precision(par)
+    root_mp = mixed_precision(par, cast_forward_inputs=cast_root_inputs)
+    reshard = par.reshard_after_forward or frozen
     for i, block in enumerate(blocks):
-        last = i == len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward and not last)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
-    return model
-
-
-def place_frozen(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig) -> nn.Module:
-    """Placement of no-grad copies (EMA target, base model): sharded like the student so local
-    shards correspond (EMA lerps them), but every block reshards after forward since no backward
-    will ever do it."""
-    mp = mixed_precision(par)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        keep = i == len(blocks) - 1 and not frozen
+        fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard and not keep)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=reshard)
     return model
 
 
 def reshard_all(module: nn.Module) -> None:
-    """Return every FSDP unit to its sharded state (no communication)."""
+    """Return every FSDP2 unit of ``module`` to its sharded state (no communication; a no-op for sharded units)."""
     from torch.distributed.fsdp import FSDPModule
     for m in module.modules():
         if isinstance(m, FSDPModule):

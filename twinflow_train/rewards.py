@@ -1,4 +1,4 @@
-"""Differentiable reward models behind one interface (SPEC 5).
+"""Differentiable reward models behind one interface (docs/method.md §5).
 
 A reward model maps decoded images and their prompts to one reward per sample::
 

@@ -1,4 +1,4 @@
-"""Latent-space reward guidance ("RL", SPEC 5): weight schedules, latent reward gradients, surrogate loss.
+"""Latent-space reward guidance ("RL", docs/method.md §5): weight schedules, latent reward gradients, surrogate loss.
 
 The one-step generator output of the e2e rows, ``x_gen = z - F_e2e``, carries the
 graph of the main forward pass. The reward ``R(decode(x_gen), prompt)`` is pushed
@@ -207,7 +207,7 @@ class RlTerm:
 
 
 class RewardGuidance:
-    """The RL term of the training step (SPEC 5), configured once from ``rl``.
+    """The RL term of the training step (docs/method.md §5), configured once from ``rl``.
 
     ``term(x_gen=..., cond=..., rect_grad=..., step=...)`` returns an :class:`RlTerm`.
     Stats: ``loss/rl`` (surrogate), ``rl/weight``, ``rl/reward`` (batch mean),

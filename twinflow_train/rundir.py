@@ -43,6 +43,8 @@ SAMPLES_DIR = "samples"
 LATEST = "latest"
 LAST_GOOD = "last_good"
 BEST = "best"
+BEST_WEIGHTS = "weights.pt"
+"""The best validation weights: ``checkpoints/best/weights.pt`` (``best_weights``)."""
 KEPT_PREFIX = "step-"
 """Earlier checkpoints kept by ``checkpoint.keep_latest_k`` live in ``checkpoints/step-<k>/``."""
 META_FILE = "meta.json"
@@ -74,6 +76,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under ``root``, then every directory, deepest first, ``root`` last: a tree written in a
+    temporary place is on disk before a rename publishes it (the caller fsyncs the rename's directory)."""
+    root = Path(root)
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
 
 
 @contextmanager
@@ -456,6 +473,14 @@ def truncate_metrics(path: str | Path, *, last_step: int) -> int:
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    return checkpoints_dir(run_dir) / LATEST
+
+
+def best_weights(run_dir: str | Path) -> Path:
+    return checkpoints_dir(run_dir) / BEST / BEST_WEIGHTS
 
 
 def kept_name(step: int) -> str:

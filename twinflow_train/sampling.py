@@ -1,4 +1,4 @@
-"""Samplers and the one-output estimates shared with the method (SPEC sections 1 and 3).
+"""Samplers and the one-output estimates shared with the method (docs/method.md §1 and §3).
 
 Linear transport: ``x_t = t*z + (1-t)*x``, velocity ``v = z - x``, t = 1 is noise.
 From one network output F at (signed) time t:
@@ -22,20 +22,20 @@ def _bcast(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
 
 
 def x_hat(x_t: torch.Tensor, t: torch.Tensor | float, F: torch.Tensor) -> torch.Tensor:
-    """Data estimate from one output (SPEC 1): ``x_t - |t| * F``."""
+    """Data estimate from one output (docs/method.md §1): ``x_t - |t| * F``."""
     a = _bcast(t, F)
     return x_t - (a.abs() if isinstance(a, torch.Tensor) else abs(a)) * F
 
 
 def z_hat(x_t: torch.Tensor, t: torch.Tensor | float, F: torch.Tensor) -> torch.Tensor:
-    """Noise estimate from one output (SPEC 1): ``x_t + (1 - |t|) * F``."""
+    """Noise estimate from one output (docs/method.md §1): ``x_t + (1 - |t|) * F``."""
     a = _bcast(t, F)
     return x_t + (1 - (a.abs() if isinstance(a, torch.Tensor) else abs(a))) * F
 
 
 def ucgm_grid(*, nfe: int, cfg: SamplerConfig, dtype: torch.dtype = torch.float64,
               device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``nfe + 1`` times sigma_0 > ... > sigma_nfe = 0 of the few-step sampler (SPEC 3).
+    """The ``nfe + 1`` times sigma_0 > ... > sigma_nfe = 0 of the few-step sampler (docs/method.md §3).
 
     ``u = linspace(g0, 1 - g1, S)`` (with g1 = 0: ``linspace(g0, 1, S + 1)`` without
     its last point, so that no step starts at t = 0), warped by Kumaraswamy
@@ -61,7 +61,7 @@ def _rows(value: float, n: int, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def ucgm_sample(*, model: FlowModel, z: torch.Tensor, cond: Cond, nfe: int, cfg: SamplerConfig,
                 generator: torch.Generator) -> torch.Tensor:
-    """Few-step sampler of the student (UCGM, SPEC 3); ``nfe`` network calls, no guidance.
+    """Few-step sampler of the student (UCGM, docs/method.md §3); ``nfe`` network calls, no guidance.
 
     Step i: ``F = model(x, sigma_i, tt)`` with tt = 0 (few), sigma_i (mul) or
     sigma_{i+1} (any); then ``x <- (1 - s')*x_hat + s'*(sqrt(1-r)*z_hat + sqrt(r)*eps)``
@@ -93,7 +93,7 @@ def ucgm_sample(*, model: FlowModel, z: torch.Tensor, cond: Cond, nfe: int, cfg:
 
 @torch.no_grad()
 def euler_sample(*, model: FlowModel, z: torch.Tensor, cond: Cond, steps: int, cfg_scale: float) -> torch.Tensor:
-    """Teacher sampler (SPEC 3): Euler on ``t = linspace(1, 0, steps + 1)`` at tt = t.
+    """Teacher sampler (docs/method.md §3): Euler on ``t = linspace(1, 0, steps + 1)`` at tt = t.
 
     With ``cfg_scale != 1`` the velocity is ``v_u + cfg_scale * (v_c - v_u)``, the
     conditional and null rows evaluated as one forward of 2B rows; ``cfg_scale = 1``

@@ -1,4 +1,4 @@
-"""A diffusers scheduler for the distilled student: the UCGM few-step update (SPEC 3).
+"""A diffusers scheduler for the distilled student: the UCGM few-step update (docs/method.md §3).
 
 Grid: ``u = linspace(g0, 1 - g1, S)`` (``linspace(g0, 1, S + 1)`` without its last point
 when ``g1 = 0``), warped by Kumaraswamy ``(1 - (1 - u^a)^b)^c``, ``sigma = [1 - u..., 0]``.

@@ -1,4 +1,4 @@
-"""What a run needs besides the network: codec, latent data, prompts, metrics.
+"""Building what a run needs besides the network (``data.Setup``): codec, latent data, prompts, metrics.
 
 The embedded default encodes the whole digits split once with the cached codec;
 the scale path plugs its own data (pre-encoded shards) in the same shape.
@@ -6,34 +6,18 @@ the scale path plugs its own data (pre-encoded shards) in the same shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from .config import Config
-from .data import TensorData, TrainData
+from .data import Setup, TensorData, TrainData
 from .models.base import Cond
-
-
-@dataclass
-class Setup:
-    codec: torch.nn.Module
-    data: TrainData
-    num_classes: int | None
-    eval_cond: Callable[[int], Cond]
-    """n prompts for the sample metrics (balanced over classes)."""
-    sample_cond: Cond
-    """The fixed prompts of the sample files (4 per class for digits)."""
-    scorer: object | None
-    """SampleScorer for FD / reward / accuracy; None where no evaluation network exists."""
+from .shards import build_shard_setup
 
 
 def build_setup(cfg: Config, *, device: torch.device) -> Setup:
     if cfg.data.dataset == "digits":
         return _digits_setup(cfg, device=device)
     if cfg.data.dataset == "latent_shards":
-        from .shards import build_shard_setup
         return build_shard_setup(cfg, device=device)
     raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}")
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .data import step_generator
+from .data import Setup, step_generator
 from .models.base import Cond
 
 _SPLIT, _EPOCH_PLAN, _EPOCH_ROWS = 0x5917, 0xE90C, 0x20E5
@@ -54,6 +54,16 @@ def read_null_prompt(root: str | Path) -> torch.Tensor:
 
     m = _manifest(root)
     return load_file(str(Path(root) / m["null_prompt"]))["prompt_embeds"].float()
+
+
+def reference_latent_shape(root: str | Path) -> tuple[int, int, int]:
+    """The latent shape of the bucket with the most tokens (ties: more rows, then the name), read from the
+    manifest alone: the shape a model for these shards is built with."""
+    buckets = _manifest(root)["buckets"]
+    if not buckets:
+        raise ValueError(f"{root}: the manifest lists no buckets")
+    ref = max(buckets, key=lambda b: (b["latent_shape"][1] * b["latent_shape"][2], b["rows"], b["name"]))
+    return tuple(ref["latent_shape"])
 
 
 @dataclass
@@ -180,23 +190,27 @@ class LatentShardData:
     def batches_per_epoch(self) -> int:
         return sum(max(1, len(b.train) // b.batch) for b in self.buckets)
 
+    def _step_batch(self, step: int) -> tuple[int, torch.Tensor]:
+        """Optimizer ``step``'s entry of its epoch's plan: the bucket index and that batch's row ids."""
+        per_epoch = self.batches_per_epoch()
+        plan, perms = self._epoch((step - 1) // per_epoch)
+        bi, j = plan[(step - 1) % per_epoch]
+        batch = self.buckets[bi].batch
+        return bi, perms[bi][j * batch:(j + 1) * batch]
+
     def step_bucket(self, step: int) -> Bucket:
-        plan, _ = self._epoch((step - 1) // self.batches_per_epoch())
-        return self.buckets[plan[(step - 1) % len(plan)][0]]
+        return self.buckets[self._step_batch(step)[0]]
 
     def micro_batch(self, *, step: int, index: int, count: int) -> tuple[torch.Tensor, Cond]:
         if step < 1:
             raise ValueError(f"steps are 1-based (got {step})")
         if not 0 <= index < count:
             raise ValueError(f"micro-batch index {index} out of range for {count}")
-        per_epoch = self.batches_per_epoch()
-        plan, perms = self._epoch((step - 1) // per_epoch)
-        bi, j = plan[(step - 1) % per_epoch]
+        bi, rows = self._step_batch(step)
         b = self.buckets[bi]
         if b.batch % count:
             raise ValueError(f"bucket {b.name}: batch of {b.batch} rows does not split into {count} micro-batches "
                              "(data.batch_size must be divisible by ranks x data.grad_accum)")
-        rows = perms[bi][j * b.batch:(j + 1) * b.batch]
         size = b.batch // count
         return self.rows(b, rows[index * size:(index + 1) * size])
 
@@ -232,7 +246,6 @@ class LatentShardData:
 def build_shard_setup(cfg, *, device: torch.device):
     """The trainer's ``Setup`` for ``data.dataset: latent_shards`` (Qwen-Image VAE as the codec)."""
     from .models.qwen_vae import QwenVAECodec
-    from .setup import Setup
 
     if cfg.codec.kind != "qwen_vae":
         raise ValueError(f"codec.kind must be 'qwen_vae' for data.dataset 'latent_shards' (got {cfg.codec.kind!r})")
@@ -261,9 +274,7 @@ def build_shard_setup(cfg, *, device: torch.device):
         return {"labels": torch.arange(n, device=device), **cond}
 
     k = min(8, sum(len(b.val) for b in data.val_buckets))
-    captions, cond = data.val_prompts(k)
+    _, cond = data.val_prompts(k)
     # 'labels' first: sample files record the prompt's index into these held-out captions
     sample_cond = {"labels": torch.arange(k, device=device), **cond}
-    setup = Setup(codec=codec, data=data, num_classes=None, eval_cond=eval_cond, sample_cond=sample_cond, scorer=None)
-    setup.sample_captions = captions  # type: ignore[attr-defined]
-    return setup
+    return Setup(codec=codec, data=data, num_classes=None, eval_cond=eval_cond, sample_cond=sample_cond, scorer=None)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, to_dict
 from .data import step_generator
-from .models import build_model
+from .models.registry import base_weights_in_model, build_model, model_family
 from .models.base import FlowModel
 
 _NULL_DROP, _TIMES, _NOISE = 1, 2, 3
@@ -30,44 +30,6 @@ def teacher_key(cfg: Config) -> dict:
     return {"teacher": t, "model": to_dict(cfg.model) | {"tt_init": None, "sign_embedding": None},
             "codec": to_dict(cfg.codec), "data": {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction,
                                                   "split_seed": cfg.data.split_seed, "shards": cfg.data.shards}}
-
-
-def _same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def base_weights_in_model(cfg: Config) -> bool:
-    """Qwen-Image takes its base weights from its model directory (diffusers ``from_pretrained`` layout,
-    loaded by the model builder) when ``teacher.checkpoint`` is ``auto`` or names that same directory:
-    there is no teacher file and nothing to train."""
-    if cfg.model.family != "qwen_image":
-        return False
-    if cfg.teacher.checkpoint == "auto":
-        return True
-    pretrained = cfg.model.qwen.pretrained
-    return pretrained is not None and _same_path(cfg.teacher.checkpoint, pretrained)
-
-
-def check_base_model_dir(cfg: Config) -> Path | None:
-    """The transformer directory the base weights come from (checked: config.json and safetensors), or None
-    for a random-init architecture (``model.qwen.tiny`` / class defaults). Raises ``ConfigError`` naming the key."""
-    from .config import ConfigError
-
-    pretrained = cfg.model.qwen.pretrained
-    if pretrained is None:
-        return None
-    named_twice = cfg.teacher.checkpoint != "auto" and base_weights_in_model(cfg)
-    key = "teacher.checkpoint / model.qwen.pretrained" if named_twice else "model.qwen.pretrained"
-    root = Path(pretrained).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"{key}: {pretrained} is not a directory (a diffusers model directory with "
-                          "transformer/config.json and its safetensors is expected)")
-    for cand in (root / "transformer", root):
-        if (cand / "config.json").is_file():
-            if not any(cand.glob("*.safetensors")):
-                raise ConfigError(f"{key}: no .safetensors weights in {cand}")
-            return cand
-    raise ConfigError(f"{key}: no transformer config.json under {root} (nor {root / 'transformer'})")
 
 
 def teacher_path(cfg: Config) -> Path:
@@ -130,8 +92,8 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
     from .setup import build_train_data
 
     if base_weights_in_model(cfg):
-        # the base model is the pretrained transformer: nothing to train or cache
-        return check_base_model_dir(cfg)
+        # the base model is the model's own pretrained weights: nothing to train or cache
+        return model_family(cfg).check_weights(cfg)
     path = teacher_path(cfg)
     if cfg.teacher.checkpoint != "auto":
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""Training-time distributions and Dynamic Renoise Sampling (SPEC section 4).
+"""Training-time distributions and Dynamic Renoise Sampling (docs/method.md §4).
 
 A ``TimeSampler`` turns an explicit ``torch.Generator`` into ``n`` times in the
 open interval (0, 1). Nothing here touches the global RNG: Beta variates are

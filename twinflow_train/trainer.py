@@ -23,20 +23,20 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
-from .data import step_generator
+from .data import Setup, step_generator
 from .ema import EmaPairs, ema_apply_, ema_decay, ema_pairs
 from .evaluate import Evaluator
 from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .method import TwinFlow
-from .models import build_model, parallelize
+from .models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
 from .models.base import FlowModel
-from .parallel import Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown, use_fsdp
-from .setup import Setup, build_setup
+from .parallel import Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all, shutdown
+from .setup import build_setup
 from .rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
                      atomic_write_text, truncate_metrics, write_status)
 from .telemetry import WandbMirror
-from .timesamplers import build_time_samplers
+from .timesamplers import build_time_samplers, dynamic_value
 
 class Diverged(Exception):
     """The run cannot go on: non-finite values under the configured policy.
@@ -53,23 +53,20 @@ class Diverged(Exception):
 
 
 def preflight_teacher(cfg: Config) -> Path | None:
-    """The base weights' file, checked; None where the model builder loads them itself (a Qwen-Image model
-    directory, ``teacher.base_weights_in_model``)."""
-    from .teacher import base_weights_in_model, check_base_model_dir, teacher_path
+    """The base weights' file, checked; None where the model builder loads them itself (the family's
+    ``base_weights_in_model``, e.g. a Qwen-Image model directory)."""
+    from .teacher import teacher_path
 
-    if base_weights_in_model(cfg):
-        check_base_model_dir(cfg)
+    family = model_family(cfg)
+    family.check_weights(cfg)
+    if family.base_weights_in_model(cfg):
         if cfg.eval.ema_decay > 0:
-            raise ConfigError("eval.ema_decay: the evaluation EMA is not built for Qwen-Image base weights read "
-                              "sharded from the model directory; set it to 0")
+            raise ConfigError(f"eval.ema_decay: the evaluation EMA is not built for {cfg.model.family} base weights "
+                              "read sharded from the model directory; set it to 0")
         return None
-    if cfg.model.family == "qwen_image" and cfg.model.qwen.pretrained is not None:
-        check_base_model_dir(cfg)
     tpath = teacher_path(cfg)
     if tpath.is_dir():
-        hint = ("a Qwen-Image model directory is the base model only when model.qwen.pretrained names the same "
-                "directory" if cfg.model.family == "qwen_image" else "expected a weights file")
-        raise ConfigError(f"teacher.checkpoint: {tpath} is a directory ({hint})")
+        raise ConfigError(f"teacher.checkpoint: {tpath} is a directory ({family.teacher_dir_hint})")
     if not tpath.is_file():
         hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
                 else "the path does not exist")
@@ -201,7 +198,7 @@ class Run:
 
 
 def _shard(cfg: Config, d: Dist, module: FlowModel, *, frozen: bool = False) -> nn.Module:
-    return parallelize(module.to(d.device), d.mesh, cfg, frozen=frozen)
+    return (place_frozen if frozen else parallelize)(module.to(d.device), d.mesh, cfg)
 
 
 def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowModel:
@@ -249,15 +246,14 @@ def _host_copies(cfg: Config, d: Dist, setup: Setup,
 
 def build_copies(cfg: Config, d: Dist, setup: Setup,
                  teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
-    """(student, frozen base, EMA target or None, evaluation EMA or None); a Qwen-Image model directory is
-    read sharded, never whole."""
-    from .teacher import base_weights_in_model
-
-    if base_weights_in_model(cfg) and cfg.model.qwen.pretrained is not None:
-        from .models.qwen_image import build_sharded_copies
-        c = build_sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
-                                 with_ema=cfg.method.target == "ema")
-        return c.student, c.teacher, c.ema, None
+    """(student, frozen base, EMA target or None, evaluation EMA or None); base weights that the model holds
+    itself are read sharded where the family can (``ModelFamily.sharded_copies``), never whole."""
+    family = model_family(cfg)
+    if family.base_weights_in_model(cfg) and family.sharded_copies is not None:
+        c = family.sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
+                                  with_ema=cfg.method.target == "ema")
+        if c is not None:
+            return c.student, c.teacher, c.ema, None
     return _host_copies(cfg, d, setup, teacher_weights)
 
 
@@ -279,7 +275,7 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
                                with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
                policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
                evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
-               fsdp=use_fsdp(cfg.parallel, family=cfg.model.family, world=d.world),
+               fsdp=uses_fsdp(cfg, world=d.world),
                gated=optimizer.defaults.get("fused") is True and not cfg.schedule.spike.enabled)
 
 
@@ -594,11 +590,9 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
                         "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
                         "time/train_s": c.train_s})
             rec.update(window.events)
-            for name, sampler in run.time_samplers.items():
-                value = sampler.value(step)
-                if value is not None:
-                    rec["renoise/bias"] = value  # one dynamic schedule drives every time it applies to
-                    break
+            bias = dynamic_value(run.time_samplers, step)  # one dynamic schedule drives every time it applies to
+            if bias is not None:
+                rec["renoise/bias"] = bias
             if writer:
                 writer.write(rec)
             bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")

@@ -9,6 +9,7 @@ import torch
 from twinflow_train import trainer
 from twinflow_train.config import ConfigError, ParallelConfig, load_config
 from twinflow_train.ema import ema_apply_, ema_pairs, ema_update_
+from twinflow_train.models.registry import FAMILIES, uses_fsdp
 from twinflow_train.parallel import use_fsdp
 from twinflow_train.teacher import teacher_lr
 from twinflow_train.rundir import iter_metrics, read_status
@@ -22,14 +23,18 @@ _TIMES = ("time/step_s", "time/wall_s", "time/train_s")
 
 def test_fsdp_is_used_where_needed_only():
     auto = ParallelConfig()
-    assert not use_fsdp(auto, family="mlp", world=1)
-    assert use_fsdp(auto, family="mlp", world=2)
-    assert use_fsdp(auto, family="qwen_image", world=1)
-    assert use_fsdp(ParallelConfig(mixed_precision="bf16"), family="mlp", world=1)
-    assert use_fsdp(ParallelConfig(fsdp="always"), family="mlp", world=1)
-    assert not use_fsdp(ParallelConfig(fsdp="never"), family="mlp", world=1)
+    assert not use_fsdp(auto, world=1, fsdp_in_one_process=False)
+    assert use_fsdp(auto, world=2, fsdp_in_one_process=False)
+    assert use_fsdp(auto, world=1, fsdp_in_one_process=True)
+    assert use_fsdp(ParallelConfig(mixed_precision="bf16"), world=1, fsdp_in_one_process=False)
+    assert use_fsdp(ParallelConfig(fsdp="always"), world=1, fsdp_in_one_process=False)
+    assert not use_fsdp(ParallelConfig(fsdp="never"), world=1, fsdp_in_one_process=True)
     with pytest.raises(ValueError, match="parallel.fsdp 'never' needs one process"):
-        use_fsdp(ParallelConfig(fsdp="never"), family="mlp", world=2)
+        use_fsdp(ParallelConfig(fsdp="never"), world=2, fsdp_in_one_process=False)
+    # the families' own answers, through the run's config
+    assert FAMILIES["qwen_image"].fsdp_in_one_process and not FAMILIES["mlp"].fsdp_in_one_process
+    assert not uses_fsdp(load_config(None, []), world=1)
+    assert uses_fsdp(load_config(None, []), world=2)
 
 
 def test_fsdp_config_errors_name_the_key():

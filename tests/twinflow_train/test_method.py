@@ -1,4 +1,4 @@
-"""The TwinFlow objective (SPEC 2): groups, targets, weights, losses, layouts, randomness."""
+"""The TwinFlow objective (docs/method.md §2): groups, targets, weights, losses, layouts, randomness."""
 
 import copy
 import math
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from twinflow_train.config import MethodConfig, RenoiseConfig
+from twinflow_train import method as method_module
 from twinflow_train.method import (TwinFlow, enhanced_velocity, group_sizes, per_sample_loss, rcgm_target,
-                                   tan_weight)
+                                   rectify_delta, tan_weight)
 from twinflow_train.models.base import Cond, FlowModel
 from twinflow_train.timesamplers import build_time_samplers
 
@@ -200,7 +201,8 @@ def test_loss_is_finite_and_gradients_reach_the_parameters(layout, loss):
     assert all(gr is not None and bool(torch.isfinite(gr).all()) for gr in grads)
     assert sum(float(gr.abs().sum()) for gr in grads) > 0
     assert all(p.grad is None for p in target.parameters())
-    assert out.x_gen.requires_grad and not out.dv.requires_grad and out.dv.shape == out.x_gen.shape
+    assert out.x_gen.requires_grad
+    assert not out.rect_grad.requires_grad and out.rect_grad.shape == out.x_gen.shape
 
 
 def test_student_as_its_own_target():
@@ -269,7 +271,7 @@ def test_empty_groups_are_allowed(ratios):
     out.loss.backward()
     assert sum(out.group_sizes.values()) == 8
     if ratios[0] == 0:
-        assert out.x_gen is None and out.dv is None and out.cond_gen is None and float(out.loss_rect) == 0.0
+        assert out.x_gen is None and out.rect_grad is None and out.cond_gen is None and float(out.loss_rect) == 0.0
     else:
         n = out.group_sizes["e2e"]
         assert out.x_gen.shape == (n, *SHAPE) and torch.equal(out.cond_gen["labels"], c["labels"][:n])
@@ -300,17 +302,39 @@ def test_rect_weight_scales_only_the_rectification():
     assert torch.allclose(b.loss, b.loss_main + 3.0 * b.loss_rect)
 
 
-def test_rectification_gradient_is_the_velocity_difference():
+def test_rectification_gradient_is_the_velocity_difference(monkeypatch):
     """With L2, d L_rect / d F_e2e = 2 dV / (n * numel): the generator moves along -dV."""
+    seen = []
+
+    def spy(**kw):
+        seen.append(rectify_delta(**kw))
+        return seen[-1]
+
+    monkeypatch.setattr(method_module, "rectify_delta", spy)
     model, (x, c) = tiny_model(), batch(8)
     m = method(loss="l2", group_ratios=[1, 0, 0, 0], rect_weight=1.0)
     out = m.loss(model=model, target=tiny_model(1), x=x, cond=c, generator=torch.Generator().manual_seed(0), step=0)
+    (dv,) = seen
     # the output bias enters F row by row: d L / d bias = sum over rows of d L / d F
     grad = torch.autograd.grad(out.loss_rect, model.out.bias)[0]
-    numel = out.dv[0].numel()
-    assert torch.allclose(grad, (2 * out.dv / (8 * numel)).flatten(1).sum(0), atol=1e-8)
-    assert float(out.dv.abs().max()) > 1e-4  # the twin branches differ at this init
-    assert float(out.dv.abs().max()) <= 1.0
+    numel = dv[0].numel()
+    assert torch.allclose(grad, (2 * dv / (8 * numel)).flatten(1).sum(0), atol=1e-8)
+    assert torch.allclose(out.rect_grad, 2 * dv / (8 * numel), atol=1e-8)  # the output-space clip's yardstick
+    assert float(dv.abs().max()) > 1e-4  # the twin branches differ at this init
+    assert float(dv.abs().max()) <= 1.0
+
+
+def test_rectify_delta_is_the_clamped_twin_branch_difference():
+    model, (x, c) = tiny_model(), batch(6)
+    g = torch.Generator().manual_seed(3)
+    s, noise = torch.rand(6, generator=g), torch.randn(x.shape, generator=g)
+    dv = rectify_delta(model=model, x_gen=x, cond=c, s=s, noise=noise, clamp=0.05)
+    col = s.view(-1, 1, 1, 1)
+    y = col * noise + (1 - col) * x
+    with torch.no_grad():
+        by_hand = model(y, -s, -s, c) - model(y, s, s, c)
+    assert float(by_hand.abs().max()) > 0.05  # the clamp is active somewhere
+    assert torch.allclose(dv, by_hand.clamp(-0.05, 0.05), atol=1e-6)
 
 
 def test_unknown_strings_are_errors_at_construction():

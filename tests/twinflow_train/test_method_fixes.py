@@ -175,4 +175,4 @@ def test_rect_grad_is_computed_only_when_asked_and_changes_nothing_else(layout):
         outs[flag] = m.loss(model=tiny_model(0), target=tiny_model(0), x=x, cond=c,
                             generator=torch.Generator().manual_seed(0), step=0)
     assert outs[True].rect_grad is not None and outs[False].rect_grad is None
-    assert torch.equal(outs[True].loss, outs[False].loss) and torch.equal(outs[True].dv, outs[False].dv)
+    assert torch.equal(outs[True].loss, outs[False].loss) and torch.equal(outs[True].x_gen, outs[False].x_gen)

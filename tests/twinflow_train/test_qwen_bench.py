@@ -54,7 +54,7 @@ def test_twinflow_flops_come_from_the_methods_own_forward_counts(capsys):
     rows = result["rows_per_step"]
     assert rows["grad"] == 8 and 0 < rows["no_grad"]
     assert result["forwards_per_row"] == pytest.approx(3 + rows["no_grad"] / 8, abs=1e-4)
-    # SPEC 2's 4.75 no-grad rows per row is an upper bound (every row in the enhanced range, N = 2)
+    # the 4.75 no-grad rows per row of docs/method.md §2.5 are an upper bound (every row in the enhanced range, N = 2)
     assert rows["no_grad"] / 8 <= 4.75
 
 

@@ -80,7 +80,7 @@ def test_a_stock_pipeline_samples_the_student_at_two_steps(exported):
     torch.manual_seed(123)  # the pipeline does not pass its generator to step(): fresh noise is global-RNG
     got = pipe(prompt=prompts, latents=pack_latents(noise), height=16, width=16, num_inference_steps=2,
                true_cfg_scale=1.0, output_type="latent").images
-    # the same sampler by hand: F(x, sigma_i, tt = 0) through the training adapter, SPEC 3's update
+    # the same sampler by hand: F(x, sigma_i, tt = 0) through the training adapter, the update of docs/method.md §3
     embeds, mask = pipe.encode_prompt(prompts, device=torch.device("cpu"))
     cond = {"prompt_embeds": embeds} if mask is None else {"prompt_embeds": embeds, "prompt_mask": mask.bool()}
     torch.manual_seed(123)

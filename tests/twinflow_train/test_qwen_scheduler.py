@@ -1,4 +1,4 @@
-"""The diffusers-compatible UCGM scheduler (SPEC 3)."""
+"""The diffusers-compatible UCGM scheduler (docs/method.md §3)."""
 
 from __future__ import annotations
 

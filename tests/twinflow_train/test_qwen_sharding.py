@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, store: str, pretrained: str, out: str, null: 
     from torch.distributed.device_mesh import init_device_mesh
 
     from twinflow_train import checkpoint as ckpt
-    from twinflow_train.models.qwen_image import materialize_qwen_image, parallelize_qwen_image, place_frozen
+    from twinflow_train.models.qwen_image import materialize_qwen_image, parallelize_qwen_image
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
@@ -109,7 +109,7 @@ def _worker(rank: int, world: int, store: str, pretrained: str, out: str, null: 
 
     def fresh(par=par, frozen=False):
         m = build_qwen_image(cfg, latent_shape=SHAPE, null_prompt_embeds=null, device="meta")
-        m = place_frozen(m, mesh, par) if frozen else parallelize_qwen_image(m, mesh, par)
+        m = parallelize_qwen_image(m.requires_grad_(False) if frozen else m, mesh, par, frozen=frozen)
         return materialize_qwen_image(m, device="cpu", pretrained=pretrained, tt_init="copy", seed=cfg.run.seed)
 
     result: dict = {}

@@ -136,7 +136,7 @@ def test_two_processes_train_from_shards_like_one_and_resume_exactly(prepared, t
     # the run's EMA weights exported as a diffusers pipeline that loads and samples
     from diffusers import QwenImagePipeline
 
-    from twinflow_train.export import export_main
+    from twinflow_train.cli import export_main
 
     assert export_main(["--run-dir", str(two), "--out", str(tmp_path / "export"), "--which", "ema",
                         "--pipeline", str(prepared / "pipe"), "--tt-mode", "few"]) == 0

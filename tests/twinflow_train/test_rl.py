@@ -397,5 +397,5 @@ def test_term_on_the_twinflow_method_output_with_per_term_gradients():
     assert math.isclose(float(stats["grad_norm/rl"]), float(ref_norm), rel_tol=1e-5)
     assert float(stats["grad_norm/rl"]) > 0 and float(stats["grad_norm/twinflow"]) > 0
     assert all(torch.isfinite(v).all() for v in {**stats, **term.stats}.values())
-    assert float(out.dv.abs().max()) > 0
+    assert float(out.rect_grad.abs().max()) > 0
     assert {"loss/rl", "rl/weight", "rl/reward", "rl/grad_rms", "rl/clip_frac", "rl/clip_scale"} <= set(term.stats)

@@ -1,4 +1,4 @@
-"""Samplers (SPEC 3) and the one-output estimates x_hat / z_hat (SPEC 1)."""
+"""Samplers (docs/method.md §3) and the one-output estimates x_hat / z_hat (docs/method.md §1)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Time samplers and Dynamic Renoise Sampling (SPEC 4): distributions, schedules, generator use."""
+"""Time samplers and Dynamic Renoise Sampling (docs/method.md §4): distributions, schedules, generator use."""
 
 import math
 

@@ -32,11 +32,18 @@ class FlowModel(nn.Module, ABC):
 
     @abstractmethod
     def init_target_time_embedding(self, mode: str, generator: torch.Generator | None = None) -> None:
-        """Initialise the new tt-embedding so that behaviour at tt = t is unchanged (SPEC 1)."""
+        """Initialise the new tt-embedding so that behaviour at tt = t is unchanged (docs/method.md §1)."""
 
     def shard_blocks(self) -> list[nn.Module]:
         """Blocks to wrap individually with ``fully_shard``, in forward order."""
         return [m for m in self.modules() if isinstance(m, self.block_types)]
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block's activations in backward: non-reentrant wrappers around ``shard_blocks``
+        (a family whose forward calls its blocks in its own way overrides this)."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+        block_ids = {id(b) for b in self.shard_blocks()}
+        apply_activation_checkpointing(self, check_fn=lambda m: id(m) in block_ids)
 
 
 def cond_rows(cond: Cond, index: torch.Tensor | slice) -> Cond:

@@ -1,4 +1,4 @@
-"""Time embeddings shared by every model family (SPEC 1).
+"""Time embeddings shared by every model family (docs/method.md §1).
 
 ``temb = E1(t) + E2(tt) * (t - tt)``: the target-time branch is gated by the
 gap, so it vanishes when tt = t and a pretrained network is unchanged there.

@@ -3,7 +3,7 @@
 Two layers:
 
 * ``TwinFlowQwenImageTransformer2DModel``: a subclass of the diffusers class that adds
-  the gated target-time embedding of SPEC 1, ``temb = E1(t) + E2(tt) * (t - tt)``
+  the gated target-time embedding of docs/method.md §1, ``temb = E1(t) + E2(tt) * (t - tt)``
   (+ an optional zero-initialised sign embedding where t < 0). It keeps the parent's
   forward signature (packed tokens, ``img_shapes``), so a stock ``QwenImagePipeline``
   can call it, and it is what ``export`` saves with ``save_pretrained``. At tt = t the
@@ -19,8 +19,8 @@ so the transformer output is ``noise - x``, our ``v = z - x``; the pipeline feed
 ``timestep = sigma`` (in [0, 1]; the sinusoid multiplies by 1000). No conversion is needed
 (tested against diffusers' ``FlowMatchEulerDiscreteScheduler``).
 
-Placement: ``parallelize_qwen_image`` (FSDP2 per block, then the root),
-``place_frozen`` (EMA target, VAE, reward), and a meta-device path for models too
+Placement: ``parallelize_qwen_image`` (FSDP2 per block, then the root; ``frozen=True``
+for the base model and the EMA target), and a meta-device path for models too
 large for host memory: ``build_qwen_image(..., device="meta")`` ->
 ``parallelize_qwen_image`` -> ``materialize_qwen_image`` (``to_empty`` + every rank
 reads only its own slice of each tensor from the safetensors files).
@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffusers import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks the base class up in this module)
@@ -51,6 +50,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     compute_text_seq_len_from_mask,
 )
 
+from ..parallel import shard_blocks_then_root
 from .base import Cond, FlowModel
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
 
     ``forward`` accepts everything the parent's does plus ``target_timestep``; when it is
     not given (a stock pipeline calling), ``default_target_time`` decides: ``same`` (tt = t,
-    exactly the parent model) or ``zero`` (tt = 0, the "few" sampling mode of SPEC 3).
+    exactly the parent model) or ``zero`` (tt = 0, the "few" sampling mode of docs/method.md §3).
     """
 
     @register_to_config
@@ -130,7 +130,7 @@ class TwinFlowQwenImageTransformer2DModel(QwenImageTransformer2DModel):
         self.sign_embed = nn.Parameter(torch.zeros(self.inner_dim)) if sign_embedding else None
         self.activation_checkpointing = False
 
-    # ---- time embedding (SPEC 1)
+    # ---- time embedding (docs/method.md §1)
 
     def time_embedding(self, t: torch.Tensor, tt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """temb = E1(t) + E2(tt) * (t - tt) [+ sign where t < 0]; signed t goes into E1's sinusoid."""
@@ -271,6 +271,11 @@ class QwenImageFlowModel(FlowModel):
             # reshard it now so parameters are shards again for the EMA update, checkpoints and loads
             _reshard_last_block(self)
         return unpack_latents(out, height=h, width=w).to(x.dtype)
+
+    def enable_activation_checkpointing(self) -> None:
+        """The transformer's forward checkpoints each block itself: it calls them with keyword arguments, and
+        recomputation re-enters the block's FSDP2 hooks."""
+        self.transformer.activation_checkpointing = True
 
     def null_cond(self, cond: Cond) -> Cond:
         """The empty prompt, zero-padded to the condition's text length (other keys copied)."""
@@ -507,9 +512,8 @@ def build_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device 
     def one(*, frozen: bool) -> QwenImageFlowModel:
         model = build_qwen_image(cfg, latent_shape=latent_shape, device="meta")
         if frozen:
-            model = place_frozen(model, mesh, cfg.parallel)  # type: ignore[assignment]
-        else:
-            model = parallelize_qwen_image(model, mesh, cfg.parallel)
+            model.requires_grad_(False)
+        model = parallelize_qwen_image(model, mesh, cfg.parallel, frozen=frozen)
         model = materialize_qwen_image(model, device=device, pretrained=pretrained, tt_init=cfg.model.tt_init,
                                        seed=cfg.run.seed)
         return model.eval() if frozen else model
@@ -522,37 +526,18 @@ def build_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device 
 # --------------------------------------------------------------------------- placement
 
 
-def _policies(cfg: ParallelConfig) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
-    param_dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.mixed_precision]
-    block = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # the root casts inputs itself: times and the tt gate stay fp32 (bf16 cannot resolve t - tt near t = 1)
-    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return block, root
+def parallelize_qwen_image(model: QwenImageFlowModel, mesh: DeviceMesh, cfg: ParallelConfig, *,
+                           frozen: bool = False) -> QwenImageFlowModel:
+    """``parallel.shard_blocks_then_root`` over the declared blocks, with a root that casts no inputs:
+    the adapter casts them itself, so times and the tt gate stay fp32 (bf16 cannot resolve t - tt near t = 1).
 
-
-def parallelize_qwen_image(model: QwenImageFlowModel, mesh: DeviceMesh, cfg: ParallelConfig) -> QwenImageFlowModel:
-    """Activation checkpointing (optional), ``fully_shard`` per declared block, then the root.
-
-    The last block keeps its parameters after a forward with grad (backward needs them
-    first); after a no-grad forward the adapter reshards it itself, and a module without
-    trainable parameters reshards every block.
+    The last block of a trainable model keeps its parameters after a forward with grad (backward
+    needs them first); after a no-grad forward the adapter reshards it itself. A ``frozen`` copy
+    (base model, EMA target) reshards every block.
     """
     if not isinstance(model, QwenImageFlowModel):
         raise TypeError(f"parallelize_qwen_image expects a QwenImageFlowModel, got {type(model).__name__}")
-    block_mp, root_mp = _policies(cfg)
-    # a module that is never trained runs no backward, so nothing would ever reshard a block kept
-    # gathered after forward: frozen modules (teacher, EMA target) reshard every block
-    frozen = not any(p.requires_grad for p in model.parameters())
-    model.transformer.activation_checkpointing = cfg.activation_checkpointing and not frozen
-    blocks = model.shard_blocks()
-    if not blocks:
-        raise ValueError("the Qwen-Image transformer has no blocks of its declared types")
-    for i, block in enumerate(blocks):
-        keep = i == len(blocks) - 1 and not frozen
-        fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=(cfg.reshard_after_forward or frozen)
-                    and not keep)
-    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=cfg.reshard_after_forward or frozen)
-    return model
+    return shard_blocks_then_root(model, model.shard_blocks(), mesh, cfg, frozen=frozen, cast_root_inputs=False)
 
 
 def compile_blocks(model: QwenImageFlowModel, **compile_kwargs: Any) -> QwenImageFlowModel:
@@ -570,41 +555,6 @@ def _reshard_last_block(model: QwenImageFlowModel) -> None:
     last = model.transformer.transformer_blocks[-1]
     if isinstance(last, FSDPModule):
         last.reshard()
-
-
-def reshard_all(model: nn.Module) -> None:
-    """Return every FSDP2 unit of ``model`` to its sharded state (a no-op for sharded units)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def place_frozen(module: nn.Module, where: DeviceMesh | torch.device | str, cfg: ParallelConfig) -> nn.Module:
-    """Place a module that is never optimised: the EMA target, the VAE, the reward model.
-
-    A ``QwenImageFlowModel`` on a mesh is sharded exactly like the student (same blocks,
-    same placements, fp32 storage), so the EMA update is a local op on matching shards and
-    every block is resharded after its forward (no backward ever needs it). Anything else
-    is replicated on the local device, in bf16 under ``mixed_precision: bf16``;
-    ``requires_grad`` is off for its parameters but gradients still flow to its inputs
-    (the reward gradient through the VAE decoder).
-    """
-    module.requires_grad_(False)
-    module.eval()
-    if isinstance(where, DeviceMesh) and isinstance(module, QwenImageFlowModel):
-        from dataclasses import replace
-        return parallelize_qwen_image(module, where, replace(cfg, reshard_after_forward=True)).eval()
-    if isinstance(where, DeviceMesh):
-        if where.device_type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device(where.device_type)
-    else:
-        device = torch.device(where)
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 
 
 def flops_per_token(config: dict[str, Any] | Any, *, image_tokens: int, text_tokens: int) -> float:
