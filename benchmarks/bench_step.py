@@ -17,7 +17,14 @@ processes on the machine, unlike wall time, also given) and the ratio base / new
 agreement: the ``loss/total`` of every timed step of the first repetition, compared
 step by step (max absolute and relative difference).
 
-    python benchmarks/bench_step.py [--base 26d7949] [--steps 200] [--reps 3] [--threads 1]
+The floor (first repetition of each version): every matrix product one step issues
+(``aten.addmm``/``mm``/``bmm``, recorded with their shapes and layouts by a dispatch mode
+over one more step), replayed back to back on random data of the same shapes and timed
+in CPU seconds. It is what a step would cost with nothing but its matrix products, on
+warm caches: an optimistic lower bound, and ``base / floor(new)`` bounds the ratio any
+removal of overhead could reach without less arithmetic.
+
+    python benchmarks/bench_step.py [--base 26d7949] [--steps 200] [--reps 3] [--threads 1] [--no-floor]
 
 The teacher must be cached for the config (``twinflow-train teacher --config ...``);
 both versions are pointed at that one weights file (``teacher.checkpoint``), so a changed
@@ -76,9 +83,59 @@ def worker(args: argparse.Namespace) -> None:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if settle is not None:
         settle(run)
-    print(json.dumps({"cpu_s_per_step": cpu / args.steps, "wall_s_per_step": wall / args.steps,
-                      "losses": [float(v) for v in losses]}))
+    result = {"cpu_s_per_step": cpu / args.steps, "wall_s_per_step": wall / args.steps,
+              "losses": [float(v) for v in losses]}  # the recorded step below is not compared
+    if args.floor:
+        products = record_products(lambda: one(args.warmup + args.steps + 1))
+        result.update(floor_s_per_step=replay_products(products), products_per_step=len(products),
+                      gflop_per_step=sum(flop for _, _, flop in products) / 1e9)
+    print(json.dumps(result))
     shutdown()
+
+
+_PRODUCTS = ("addmm", "mm", "bmm")
+
+
+def record_products(step) -> list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...]]], int]]:
+    """(op, [(shape, stride) of each tensor argument], flop) of every matrix product ``step()`` issues."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...]]], int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _PRODUCTS:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                a, b = tensors[-2], tensors[-1]
+                flop = 2 * a.numel() * b.shape[-1]
+                seen.append((name, [(tuple(t.shape), tuple(t.stride())) for t in tensors], flop))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return seen
+
+
+def replay_products(products, *, reps: int = 20) -> float:
+    """CPU seconds of one step's matrix products alone, replayed back to back (median of ``reps``)."""
+    import torch
+
+    def like(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) == 2 and stride[0] == 1 and stride[1] != 1:  # a transposed view (weights, backward)
+            return torch.randn(shape[1], shape[0]).t()
+        return torch.randn(shape)
+
+    calls = [(getattr(torch, name), [like(*layout) for layout in layouts]) for name, layouts, _ in products]
+    times = []
+    for _ in range(reps + 2):
+        t0 = time.process_time()
+        for fn, tensors in calls:
+            fn(*tensors)
+        times.append(time.process_time() - t0)
+    return statistics.median(times[2:])
+
 
 
 # --------------------------------------------------------------------------- driver
@@ -102,11 +159,11 @@ def teacher_weights(config: Path, overrides: list[str]) -> Path:
     return path
 
 
-def run_worker(tree: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
+def run_worker(tree: Path, args: argparse.Namespace, overrides: list[str], *, floor: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", str(args.config),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    cmd += [x for o in overrides for x in ("--override", o)]
+    cmd += [x for o in overrides for x in ("--override", o)] + ([] if floor else ["--no-floor"])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(tree))
     if out.returncode != 0:
         raise SystemExit(f"bench_step: worker in {tree} failed:\n{out.stderr[-3000:]}")
@@ -124,6 +181,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--override", action="append", default=[], help="extra key=value for both versions")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the matrix-product floor (measured in each version's first repetition)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -137,10 +196,11 @@ def main() -> None:
         for rep in range(args.reps):
             order = ["base", "new"] if rep % 2 == 0 else ["new", "base"]
             for name in order:
-                results[name].append(run_worker(trees[name], args, overrides))
+                results[name].append(run_worker(trees[name], args, overrides, floor=args.floor and rep == 0))
                 r = results[name][-1]
+                floor = f", matrix products alone {1e3 * r['floor_s_per_step']:.1f} ms" if "floor_s_per_step" in r else ""
                 print(f"rep {rep + 1} {name:4s}: {1e3 * r['cpu_s_per_step']:.1f} ms CPU/step "
-                      f"({1e3 * r['wall_s_per_step']:.1f} ms wall)", flush=True)
+                      f"({1e3 * r['wall_s_per_step']:.1f} ms wall{floor})", flush=True)
     cpu = {k: statistics.median(r["cpu_s_per_step"] for r in v) for k, v in results.items()}
     wall = {k: statistics.median(r["wall_s_per_step"] for r in v) for k, v in results.items()}
     a, b = results["base"][0]["losses"], results["new"][0]["losses"]
@@ -156,6 +216,15 @@ def main() -> None:
         f"loss_max_rel_diff_first_{first_steps}_steps": max(rel[:first_steps]),
         "loss_mean": {"base": statistics.fmean(a), "new": statistics.fmean(b)},
     }
+    if args.floor:
+        floor = {k: v[0]["floor_s_per_step"] for k, v in results.items()}
+        summary.update({
+            "floor_ms_per_step": {k: 1e3 * v for k, v in floor.items()},
+            "gflop_per_step": {k: v[0]["gflop_per_step"] for k, v in results.items()},
+            "products_per_step": {k: v[0]["products_per_step"] for k, v in results.items()},
+            "new_above_floor_ms": 1e3 * (cpu["new"] - floor["new"]),
+            "speedup_bound_cpu": cpu["base"] / floor["new"],  # the ratio with nothing left but matrix products
+        })
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

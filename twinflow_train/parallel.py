@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .config import ParallelConfig, RunConfig
+from .hostmem import retain_freed_heap
 
 
 @dataclass
@@ -47,6 +48,8 @@ def resolve_device(run: RunConfig) -> torch.device:
 def init_distributed(run: RunConfig, par: ParallelConfig) -> Dist:
     """Join the torchrun group when launched by torchrun, else a private 1-process group."""
     device = resolve_device(run)
+    if device.type == "cpu":
+        retain_freed_heap()  # the step's tensors live in host memory: no page faults for the same blocks each step
     backend = par.backend if par.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("parallel.backend 'nccl' needs a CUDA device")

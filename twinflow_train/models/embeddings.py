@@ -14,10 +14,24 @@ import torch
 from torch import nn
 
 
+_FREQS: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """``exp(-log(max_period) * k / half)``, k < half: computed once per (size, period, device) and reused,
+    since every forward asks for the same table (two per forward, several forwards per training step)."""
+    key = (half, float(max_period), device)
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        with torch.inference_mode(False), torch.no_grad():  # a plain constant whatever mode the first caller runs in
+            freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+        _FREQS[key] = freqs
+    return freqs
+
+
 def sinusoidal(t: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
     """[B] -> [B, dim] features of ``scale * t`` (DiT-style frequencies)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = _frequencies(dim // 2, max_period, t.device)
     args = (scale * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
