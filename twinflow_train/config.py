@@ -336,7 +336,8 @@ class RlConfig:
     hpsv2_checkpoint: str | None = None
     """Local path of the HPS v2/v2.1 checkpoint (reward ``hpsv2``)."""
     hpsv2_arch: str = "ViT-H-14"
-    """open_clip architecture of the HPSv2 scorer."""
+    """open_clip architecture of the HPSv2 scorer: a name open_clip knows, or the path of an open_clip
+    model-config ``.json`` (a scorer of another shape, registered under the file's stem)."""
     estimator: Literal["exact", "reencode"] = "exact"
     """Latent gradient: autograd through the decoder, or the report's re-encode projection."""
     reencode_step: float = 1.0

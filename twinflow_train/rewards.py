@@ -38,6 +38,7 @@ error that says how to make it.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -107,10 +108,35 @@ def check_reward_config(cfg: Config) -> None:
     path = Path(rl.hpsv2_checkpoint).expanduser()
     if not path.is_file():
         raise ConfigError(f"rl.hpsv2_checkpoint: no file at {str(path)!r}")
-    open_clip = _import_open_clip()
-    if open_clip.get_model_config(rl.hpsv2_arch) is None:
-        raise ConfigError(f"rl.hpsv2_arch: open_clip knows no architecture {rl.hpsv2_arch!r} "
-                          f"(known: {', '.join(open_clip.list_models()[:8])}, ...)")
+    _open_clip_arch(_import_open_clip(), rl.hpsv2_arch)
+
+
+def _open_clip_arch(open_clip: Any, arch: str) -> str:
+    """The open_clip model name ``arch`` stands for, registered first when it is a model-config file.
+
+    ``rl.hpsv2_arch`` is either a name open_clip knows (``ViT-H-14``) or the path of an
+    open_clip model-config JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``): a scorer of
+    another shape. A file is registered under its stem in this process, which is why every
+    process that builds the scorer (and every preflight) goes through here.
+    """
+    if arch.endswith(".json"):
+        path = Path(arch).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"rl.hpsv2_arch: no open_clip model-config file at {str(path)!r}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"rl.hpsv2_arch: cannot read {str(path)!r} as JSON: {e}") from e
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+        if missing:
+            raise ConfigError(f"rl.hpsv2_arch: {str(path)!r} is not an open_clip model config "
+                              f"(missing {', '.join(map(repr, missing))})")
+        open_clip.add_model_config(path)
+        arch = path.stem
+    if open_clip.get_model_config(arch) is None:
+        raise ConfigError(f"rl.hpsv2_arch: open_clip knows no architecture {arch!r} "
+                          f"(known: {', '.join(open_clip.list_models()[:8])}, ...; or give a model-config .json path)")
+    return arch
 
 
 # --------------------------------------------------------------------------- factory
@@ -255,8 +281,7 @@ def load_hpsv2(*, arch: str, checkpoint: str | Path) -> HPSv2Reward:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise ConfigError(f"rl.hpsv2_checkpoint: no file at {str(path)!r}")
-    if open_clip.get_model_config(arch) is None:
-        raise ConfigError(f"rl.hpsv2_arch: open_clip knows no architecture {arch!r}")
+    arch = _open_clip_arch(open_clip, arch)
     model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -7,6 +7,9 @@ Run with ``.ci/hpsv2-tests`` (creates the environment with torch 2.14.1 + torchv
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -154,3 +157,32 @@ def test_startup_check_names_arch_and_missing_tokens(checkpoint):
     reward = load_hpsv2(arch=ARCH, checkpoint=path)
     with pytest.raises(KeyError, match=HPS_TOKENS_KEY):
         reward(torch.zeros(1, 3, 32, 32), {"labels": torch.zeros(1, dtype=torch.long)})
+
+
+def test_arch_given_as_a_model_config_file_is_registered_where_it_is_used(checkpoint, tmp_path):
+    """A fresh process knows only open_clip's own architectures: a .json path registers the scorer's shape."""
+    path, ref = checkpoint
+    cfg_file = tmp_path / "HPS-tiny-file.json"
+    cfg_file.write_text(json.dumps(TINY))
+    code = textwrap.dedent(f"""
+        import torch
+        from twinflow_train.config import load_config
+        from twinflow_train.rewards import check_reward_config, load_hpsv2
+        cfg = load_config(None, ["rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_arch={cfg_file}",
+                                 "rl.hpsv2_checkpoint={path}"])
+        check_reward_config(cfg)
+        reward = load_hpsv2(arch=cfg.rl.hpsv2_arch, checkpoint=cfg.rl.hpsv2_checkpoint)
+        torch.save(reward.model.state_dict(), "{tmp_path / 'loaded.pt'}")
+        print(reward.arch)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "HPS-tiny-file"
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items())
+    # a path that is no model config is named, as is a missing one
+    (tmp_path / "bad.json").write_text(json.dumps({"embed_dim": 16}))
+    with pytest.raises(ConfigError, match=r"rl\.hpsv2_arch: .*missing 'vision_cfg', 'text_cfg'"):
+        check_reward_config(cfg_for(path, f"rl.hpsv2_arch={tmp_path / 'bad.json'}"))
+    with pytest.raises(ConfigError, match=r"rl\.hpsv2_arch: no open_clip model-config file"):
+        check_reward_config(cfg_for(path, f"rl.hpsv2_arch={tmp_path / 'none.json'}"))

@@ -43,7 +43,8 @@ def _tiny_overrides(root: Path) -> dict:
 
 
 def _hps_overrides(root: Path) -> dict:
-    return {"rl.hpsv2_arch": "HPS-tiny-ladder", "rl.hpsv2_checkpoint": str(root / "hps_tiny.pt")}
+    # the scorer's shape as a model-config file: every run's processes register it themselves
+    return {"rl.hpsv2_arch": str(root / "HPS-tiny-ladder.json"), "rl.hpsv2_checkpoint": str(root / "hps_tiny.pt")}
 
 
 def _claim_arms(claim: dict) -> set[str]:
