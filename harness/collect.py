@@ -28,7 +28,8 @@ Four functions with stable signatures (the reports package imports them):
 ``grid_manifest(grid_dir) -> dict | None``
     What the harness wrote about the grid as a whole (``<grid>/.harness/grid.json``): ``kind``
     (``grid`` | ``search``), ``source`` (the matrix or search spec), ``arms`` (the matrix's
-    order; None for a search), ``claims`` (``harness.claims.Claim.to_json``). None for a grid
+    order; None for a search), ``parents`` (arm -> the arm it extends, None for a root; absent
+    in manifests written before it was recorded), ``claims`` (``harness.claims.Claim.to_json``). None for a grid
     run before the harness wrote one; ``RunDirError`` when the file does not parse.
 
 ``divergence_summary(df, *, rise_k=3) -> DataFrame``

@@ -234,7 +234,7 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
             check(plans)
             # the arm order and the claims, for readers of the grid directory (reports) that never load the matrix
             write_grid_manifest(grid.grid_dir, kind="grid", source=grid.matrix_path, arms=[a.name for a in grid.arms],
-                                claims=[c.to_json() for c in grid.claims])
+                                parents={a.name: a.extends for a in grid.arms}, claims=[c.to_json() for c in grid.claims])
             for p in plans:
                 if p.action == "changed":
                     supersede(p.spec, grid_dir=grid.grid_dir)

@@ -152,6 +152,8 @@ class ArmSpec:
     name: str
     overrides: dict[str, Any]
     """Dotted key -> value: the top-level overrides, the ``extends`` chain, the arm's own keys, its axis values."""
+    extends: str | None = None
+    """The arm this one adds its keys to (``extends``, with the same axis values), None for a root arm."""
 
 
 @dataclass(frozen=True)
@@ -361,10 +363,12 @@ def _arm_specs(m: MatrixFile, file: str, env: Mapping[str, Any], problems: list[
         merged = dict(top)
         for ancestor in reversed(m.chain(arm)):
             merged.update(own[ancestor])
+        parent = (m.arms.get(arm) or {}).get(ARM_EXTENDS)
         for combo in itertools.product(*axes.values()):
             axis_over = dict(zip(axes, combo))
-            name = "+".join([arm] + [f"{k}={_format_axis_value(v)}" for k, v in axis_over.items()])
-            arms.append(ArmSpec(name=name, overrides={**merged, **axis_over}))
+            suffix = [f"{k}={_format_axis_value(v)}" for k, v in axis_over.items()]
+            arms.append(ArmSpec(name="+".join([arm] + suffix), overrides={**merged, **axis_over},
+                                extends=None if parent is None else "+".join([parent] + suffix)))
     return top, arms
 
 

@@ -129,12 +129,14 @@ def iter_run_dirs(grid_dir: Path) -> Iterator[tuple[str, int, Path]]:
 
 
 def write_grid_manifest(grid_dir: Path, *, kind: Literal["grid", "search"], source: Path,
-                        arms: list[str] | None, claims: list[dict[str, Any]]) -> None:
+                        arms: list[str] | None, claims: list[dict[str, Any]],
+                        parents: dict[str, str | None] | None = None) -> None:
     """``<grid>/.harness/grid.json``: ``kind``, the ``source`` file, ``arms`` in its order (None: a search, whose
-    trial groups are made as it runs) and the claims (``harness.claims.Claim.to_json``)."""
+    trial groups are made as it runs), ``parents`` (arm -> the arm it ``extends``, None for a root arm) and the
+    claims (``harness.claims.Claim.to_json``)."""
     atomic_write_json(Path(grid_dir) / HARNESS_DIR / GRID_MANIFEST,
-                      {"kind": kind, "source": str(Path(source).resolve()), "arms": arms, "claims": claims,
-                       "written": time.time()})
+                      {"kind": kind, "source": str(Path(source).resolve()), "arms": arms, "parents": parents,
+                       "claims": claims, "written": time.time()})
 
 
 def read_grid_manifest(grid_dir: Path) -> dict[str, Any] | None:

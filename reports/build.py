@@ -245,7 +245,8 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     runs = run_table(data)
     summary = arm_table(runs, arms, specs)
     diffs = compare_all(runs, arms=arms, baseline=baseline, specs=specs, n_boot=n_boot, seed=boot_seed)
-    found = findings(runs, summary, arms=arms, specs=specs, primary_nfe=primary, n_boot=n_boot, seed=boot_seed)
+    pairs = [(prev, arm) for arm in arms if (prev := data.predecessor(arm)) is not None]
+    found = findings(runs, summary, pairs=pairs, specs=specs, primary_nfe=primary, n_boot=n_boot, seed=boot_seed)
     teacher = teacher_values(data)
     statuses = _resolve_run_dirs(data.statuses, data.grid_dir)
     if claims is None:
@@ -316,7 +317,8 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
                                    "(n=k) fewer pairs than the column's).", dd))
     sections = [verdict_section(verdicts, source=claims_source), summary_sec,
                 Section("Findings", anchor="findings",
-                        paragraphs=["Each arm against its predecessor in the ladder, computed from the paired seeds."],
+                        paragraphs=["Each arm against the arm it extends in the matrix (where the grid manifest records it; "
+                                    "otherwise the arm before it in the ladder order), computed from the paired seeds."],
                         bullets=found or ["A single arm: nothing to compare."]),
                 Section("Curves", anchor="curves", figures=curves),
                 Section("Samples", anchor="samples", figures=sample_figs,

@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,17 @@ class GridData:
     """``divergence_summary`` of the harness, when available (shown per run)."""
     arm_order_source: str = "order given"
     """Where the arm order came from (said in the report)."""
+    parents: Mapping[str, str | None] | None = None
+    """Arm -> the arm it extends in the matrix (None for a root arm), from the grid manifest; None when unknown."""
+
+    def predecessor(self, arm: str) -> str | None:
+        """The arm ``arm`` is compared with in the findings: the one it extends when the grid records it
+        (None for a root arm), else the arm before it in the ladder order."""
+        if self.parents is not None and arm in self.parents:
+            parent = self.parents[arm]
+            return parent if parent in self.arms else None
+        i = self.arms.index(arm)
+        return self.arms[i - 1] if i > 0 else None
 
     @property
     def nfe(self) -> tuple[int, ...]:
@@ -154,7 +165,20 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
         arm_order, source = grid_arm_order(grid_dir, statuses)
     data = prepare(name=grid_dir.resolve().name, metrics=metrics, statuses=statuses, arm_order=arm_order,
                    grid_dir=grid_dir, divergence=divergence)
-    return dataclasses.replace(data, arm_order_source=source)
+    return dataclasses.replace(data, arm_order_source=source, parents=_manifest_parents(grid_dir))
+
+
+def _manifest_parents(grid_dir: Path) -> dict[str, str | None] | None:
+    """``parents`` of the grid manifest; None where there is no manifest, it does not load, or it has none."""
+    from harness import collect
+    from twinflow_train.rundir import RunDirError
+
+    try:
+        manifest = collect.grid_manifest(grid_dir)
+    except RunDirError:
+        return None  # grid_arm_order already says in the report that the manifest does not load
+    parents = (manifest or {}).get("parents")
+    return {str(k): (None if v is None else str(v)) for k, v in parents.items()} if isinstance(parents, dict) else None
 
 
 def grid_arm_order(grid_dir: Path, statuses: pd.DataFrame) -> tuple[list[str] | None, str]:

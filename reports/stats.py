@@ -385,9 +385,9 @@ def _part(row: pd.Series, n_max: int) -> str:
     return f"{row['metric']}{n} {fmt_diff(row)}{_direction(row)}"
 
 
-def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, arms: Sequence[str], specs: Sequence[MetricSpec],
-             primary_nfe: int | None, n_boot: int = 10_000, seed: int = 0) -> list[str]:
-    """One sentence per arm against its predecessor in the ladder, from the numbers alone.
+def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, pairs: Sequence[tuple[str, str]],
+             specs: Sequence[MetricSpec], primary_nfe: int | None, n_boot: int = 10_000, seed: int = 0) -> list[str]:
+    """One sentence per (predecessor, arm) pair of ``pairs`` (``GridData.predecessor``), from the numbers alone.
 
     The sentence always names max grad norm, FD/reward at the primary NFE and best val
     loss, then every other metric whose interval excludes zero. 'significant' is said
@@ -399,7 +399,7 @@ def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, arms: Sequence[st
         head += [f"fd_nfe{primary_nfe}", f"reward_nfe{primary_nfe}"]
     head += ["best_val_loss"]
     out = []
-    for prev, arm in zip(arms[:-1], arms[1:]):
+    for prev, arm in pairs:
         c = compare(runs, arm=arm, ref=prev, specs=specs, n_boot=n_boot, seed=seed)
         if c.empty:
             continue

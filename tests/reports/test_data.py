@@ -84,3 +84,36 @@ def test_arm_order_comes_from_the_grid_manifest_else_creation_order_and_says_why
     (grid / ".harness" / "grid.json").write_text("{")
     order, source = grid_arm_order(grid, runs)
     assert order == ["trial-0000", "trial-0001", "trial-0002"] and "does not load" in source
+
+
+def test_findings_compare_each_arm_with_the_arm_it_extends():
+    """Two arms that both extend the first are each compared with it, not with each other."""
+    import dataclasses
+
+    m, s = synthetic_grid_frames(arms=["vanilla", "renoise", "rl_hard"], seeds=[0, 1], steps=30, log_every=5,
+                                 val_every=10)
+    data = prepare(name="g", metrics=m, statuses=s)
+    assert [data.predecessor(a) for a in data.arms] == [None, "vanilla", "renoise"]  # no manifest: ladder order
+    branched = dataclasses.replace(data, parents={"vanilla": None, "renoise": "vanilla", "rl_hard": "vanilla"})
+    assert [branched.predecessor(a) for a in branched.arms] == [None, "vanilla", "vanilla"]
+
+
+def test_the_grid_manifest_records_what_each_arm_extends(tmp_path):
+    from harness.matrix import load_matrix
+    from harness.store import write_grid_manifest
+    from reports.data import _manifest_parents
+
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {dataset: digits}\n")
+    m = tmp_path / "m.yaml"
+    m.write_text("name: g\nbase: base.yaml\nseeds: [0]\naxes: {optim.lr: [1.0e-4, 2.0e-4]}\narms:\n  a: {}\n"
+                 "  b: {extends: a, run.steps: 20}\n  c: {extends: a, run.steps: 30}\n")
+    grid = load_matrix(m, root=tmp_path / "runs")
+    parents = {a.name: a.extends for a in grid.arms}
+    assert parents == {"a+optim.lr=0.0001": None, "a+optim.lr=0.0002": None,
+                       "b+optim.lr=0.0001": "a+optim.lr=0.0001", "b+optim.lr=0.0002": "a+optim.lr=0.0002",
+                       "c+optim.lr=0.0001": "a+optim.lr=0.0001", "c+optim.lr=0.0002": "a+optim.lr=0.0002"}
+    assert _manifest_parents(tmp_path / "runs" / "g") is None
+    write_grid_manifest(tmp_path / "runs" / "g", kind="grid", source=m, arms=list(parents), claims=[],
+                        parents=parents)
+    assert _manifest_parents(tmp_path / "runs" / "g") == parents

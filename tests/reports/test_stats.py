@@ -88,7 +88,7 @@ def test_findings_do_not_call_three_seeds_significant():
     runs = _table(vals)
     specs = [s for s in metric_specs([2], 2) if s.key in ("fd_nfe2", "max_grad_norm")]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, arms=["a", "b"], specs=specs, primary_nfe=2, n_boot=2000)
+    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2, n_boot=2000)
     assert text.startswith("b vs a (3 paired seeds): ")
     assert "FD@2 -5.00 [-5.00, -5.00]" in text
     assert "not significant" in text and "with 3 pairs it cannot go below 1/2^3 = 0.12" in text
@@ -101,7 +101,7 @@ def test_findings_call_a_consistent_effect_on_eight_seeds_significant():
     runs = _table(vals)
     specs = [s for s in metric_specs([2], 2) if s.key in ("fd_nfe2", "max_grad_norm")]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, arms=["a", "b"], specs=specs, primary_nfe=2, n_boot=2000)
+    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2, n_boot=2000)
     assert "FD@2 -5.00 [-5.00, -5.00] (better)" in text
     assert "significant (interval excludes 0 and sign-flip p < 0.05): FD@2 (p=0.0078)" in text
     assert "max grad norm +0.0% [+0.0%, +0.0%]" in text  # identical values: shown, not flagged
@@ -111,7 +111,7 @@ def test_findings_with_a_single_seed_make_no_claim():
     runs = _table({("a", 0): {"fd_nfe2": 10.0}, ("b", 0): {"fd_nfe2": 5.0}})
     specs = [s for s in metric_specs([2], 2) if s.key == "fd_nfe2"]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, arms=["a", "b"], specs=specs, primary_nfe=2)
+    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2)
     assert "FD@2 -5.00 [n/a]" in text and "no claim (n/a)" in text
 
 
