@@ -249,7 +249,9 @@ def test_blog_digits_matrix_is_the_ladder():
     ladder = ["vanilla", "renoise", "rl_hard", "rl_sigmoid", "rl_clip", "spike_decay"]
     assert names[:6] == ladder
     weights = [n for n in names if n.startswith("rl_weight_")]
-    assert len(weights) >= 2 and "rl_rms" in names and set(names) == set(ladder) | set(weights) | {"rl_rms"}
+    high = ["rl_weight_high", "rl_sigmoid_high", "rl_clip_high", "spike_decay_high"]  # the stabilisers at 3x
+    assert len(weights) >= 2 and "rl_rms" in names
+    assert set(names) == set(ladder) | set(weights) | set(high) | {"rl_rms"}
     assert grid.seeds == (0, 1, 2, 3, 4) and len(grid.runs) == 5 * len(names)
     # each ladder arm adds exactly one kind of change to the arm before it
     by_name = {a.name: a for a in grid.arms}
@@ -271,6 +273,11 @@ def test_blog_digits_matrix_is_the_ladder():
     for n in weights:
         assert set(by_name[n].overrides) - set(by_name["rl_hard"].overrides) <= {"rl.weight"}
     assert cfg["rl_rms"].rl.normalize == "rms" and cfg["rl_hard"].rl.normalize == "none"
+    # the high-weight rungs repeat the ladder's stabilisers, one change each, at rl_weight_high's weight
+    for low, hi in zip(ladder[2:], high):
+        assert cfg[hi].rl.weight == cfg["rl_weight_high"].rl.weight == 3 * cfg["rl_hard"].rl.weight
+        assert {k: v for k, v in by_name[hi].overrides.items() if k != "rl.weight"} == \
+            {k: v for k, v in by_name[low].overrides.items() if k != "rl.weight"}
     # one number sets the length of every arm and every schedule
     steps = cfg["vanilla"].run.steps
     assert all(c.run.steps == steps for c in cfg.values())
