@@ -1,6 +1,7 @@
 """Typed trainer configuration: one dataclass per section, strict YAML loading.
 
-Every section is a ``@dataclass(kw_only=True, slots=True)``; ``__post_init__``
+Every section is a ``@section`` (a keyword-only slotted dataclass whose ``Literal`` fields are
+checked however it is built); ``__post_init__``
 raises ``ValueError`` whose message starts with the field name, and the loader
 prefixes the section path, so errors read ``method.estimate_order must be >= 1``.
 Unknown keys are rejected at every level with the list of valid keys.
@@ -32,10 +33,54 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _choices(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` (or ``Literal[...] | None``) hint; None for any other type."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        lits = [a for a in args if typing.get_origin(a) is Literal]
+        if lits and all(a is type(None) or a in lits for a in args):
+            return tuple(v for a in lits for v in typing.get_args(a)) + ((None,) if type(None) in args else ())
+    return None
+
+
+def section(cls: type) -> type:
+    """A config section: a keyword-only slotted dataclass whose ``Literal`` fields are checked on construction.
+
+    The check runs before the section's own ``__post_init__``, however the section is built (the
+    loader, a test, a caller's code), so code that receives a section can trust every option string
+    in it: an unknown value is a ``ValueError`` naming the field and the valid values.
+    """
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self: Any) -> None:
+        for name, hint in _section_choices(type(self)).items():
+            value = getattr(self, name)
+            if value not in hint:
+                raise ValueError(f"{name}: unknown value {value!r}; valid: {', '.join(map(repr, hint))}")
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    return dataclass(kw_only=True, slots=True)(cls)
+
+
+_CHOICES: dict[type, dict[str, tuple[Any, ...]]] = {}
+
+
+def _section_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Field -> allowed values for the ``Literal`` fields of section ``cls`` (resolved once per class)."""
+    if cls not in _CHOICES:
+        hints = typing.get_type_hints(cls)
+        _CHOICES[cls] = {f.name: c for f in dataclasses.fields(cls) if (c := _choices(hints[f.name])) is not None}
+    return _CHOICES[cls]
+
+
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class RunConfig:
     seed: int = 0
     """Seed of every generator in the run (data order, noise, times)."""
@@ -69,7 +114,7 @@ class RunConfig:
         _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class DataConfig:
     dataset: Literal["digits", "latent_shards"] = "digits"
     """``digits``: scikit-learn's digits (embedded); ``latent_shards``: pre-encoded shards."""
@@ -94,7 +139,7 @@ class DataConfig:
                  "shards must be set when dataset is 'latent_shards'")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class CodecConfig:
     kind: Literal["autoencoder", "identity", "qwen_vae"] = "autoencoder"
     """Latent codec: the project's tiny digits autoencoder, identity (pixel space), or the Qwen-Image VAE."""
@@ -117,7 +162,7 @@ class CodecConfig:
         _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class AuxConfig:
     cache_dir: str | None = None
     """Where trained auxiliaries live; default ``$TWINFLOW_LAB_CACHE`` or ``~/.cache/twinflow-lab``."""
@@ -142,7 +187,7 @@ class AuxConfig:
                  "eval_seed must differ from reward_seed (the metric must not share the reward's init)")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class QwenModelConfig:
     pretrained: str | None = None
     """Local diffusers directory (or its ``transformer`` subfolder) of Qwen-Image-2512; None: random init from ``tiny``."""
@@ -155,7 +200,7 @@ class QwenModelConfig:
         _require(self.num_layers is None or self.num_layers >= 1, f"num_layers must be >= 1 (got {self.num_layers})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class ModelConfig:
     family: Literal["mlp", "qwen_image"] = "mlp"
     """Network family: the embedded residual MLP, or diffusers' QwenImageTransformer2DModel."""
@@ -178,7 +223,7 @@ class ModelConfig:
         _require(self.time_dim >= 4 and self.time_dim % 2 == 0, f"time_dim must be even and >= 4 (got {self.time_dim})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class TeacherConfig:
     checkpoint: str = "auto"
     """Base model weights: ``auto`` = the cache entry for this config (made by ``twinflow-train teacher``), or a path."""
@@ -213,7 +258,7 @@ class TeacherConfig:
         _require(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0 (got {self.cfg_scale})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class MethodConfig:
     layout: Literal["partitioned", "tutorial"] = "partitioned"
     """``partitioned``: four row groups per batch (docs/method.md §2.1); ``tutorial``: every term on every row."""
@@ -258,7 +303,7 @@ class MethodConfig:
         _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class SamplerConfig:
     """Few-step UCGM sampler of the student (docs/method.md §3)."""
 
@@ -279,7 +324,7 @@ class SamplerConfig:
         _require(0.0 <= self.stochastic_ratio <= 1.0, f"stochastic_ratio must be in [0, 1] (got {self.stochastic_ratio})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class TimeDistConfig:
     kind: Literal["uniform", "beta", "logit_normal"] = "uniform"
     """Static distribution of a training time."""
@@ -297,7 +342,7 @@ class TimeDistConfig:
         _require(self.std > 0, f"std must be > 0 (got {self.std})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class RenoiseConfig:
     """Time samplers and Dynamic Renoise Sampling (docs/method.md §4)."""
 
@@ -324,7 +369,7 @@ class RenoiseConfig:
         _require(len(set(self.applies_to)) == len(self.applies_to), f"applies_to has duplicates ({self.applies_to})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class RlConfig:
     """Latent-space reward guidance (docs/method.md §5)."""
 
@@ -378,7 +423,7 @@ class RlConfig:
         _require(self.clip_tau > 0, f"clip_tau must be > 0 (got {self.clip_tau})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class OptimConfig:
     lr: float = 1e-4
     """AdamW learning rate."""
@@ -398,7 +443,7 @@ class OptimConfig:
         _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class SpikeConfig:
     enabled: bool = False
     """Decay the learning rate when the pre-clip grad norm spikes."""
@@ -423,7 +468,7 @@ class SpikeConfig:
         _require(self.cooldown >= 0, f"cooldown must be >= 0 (got {self.cooldown})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class ScheduleConfig:
     """Learning-rate policy (docs/method.md §6)."""
 
@@ -447,7 +492,7 @@ class ScheduleConfig:
         _require(self.plateau_patience >= 0, f"plateau_patience must be >= 0 (got {self.plateau_patience})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class ParallelConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; ``auto``: nccl on CUDA, gloo on CPU."""
@@ -469,7 +514,7 @@ class ParallelConfig:
                  f"fsdp 'never' cannot apply mixed_precision {self.mixed_precision!r} (an FSDP2 policy)")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class EvalConfig:
     n_samples: int = 1000
     """Generated samples per NFE for the sample metrics (fixed noise and prompts)."""
@@ -489,7 +534,7 @@ class EvalConfig:
         _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class TelemetryConfig:
     wandb: Literal["off", "offline", "online", "disabled"] = "off"
     """Mirror records to Weights & Biases; ``WANDB_MODE`` overrides offline/online."""
@@ -501,7 +546,7 @@ class TelemetryConfig:
     """W&B run name (the harness sets arm-seed)."""
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class CheckpointConfig:
     format: Literal["full", "dcp"] = "full"
     """``full``: one file gathered on rank 0; ``dcp``: sharded torch.distributed.checkpoint directory."""
@@ -515,7 +560,7 @@ class CheckpointConfig:
         _require(self.keep_latest_k >= 0, f"keep_latest_k must be >= 0 (got {self.keep_latest_k})")
 
 
-@dataclass(kw_only=True, slots=True)
+@section
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -157,7 +157,7 @@ def test_verdicts_of_a_real_grid_match_the_run_directories(real_grid, tmp_path):
     got = pd.read_csv(tmp_path / "verdicts.csv")
     md = (tmp_path / "report.md").read_text()
     assert md.index("## Verdicts") < md.index("## Summary")
-    assert f"Claims from matrix file {real_grid.parent.parent / 'tiny.yaml'}." in md
+    assert f"Claims from matrix file {real_grid.parent.parent / 'tiny.yaml'} (grid manifest)." in md
     assert len(got) == len(CLAIMS)
     parts: dict[str, list[str]] = {}
     for claim, part, t in CLAIMS:
