@@ -390,8 +390,10 @@ class RlConfig:
     normalize: Literal["none", "rms"] = "none"
     """Per-sample normalisation of the latent reward gradient: ``none`` (fades as the reward saturates) or
     ``rms`` (unit RMS per row: full push at any saturation, never fades; the training report's setting)."""
-    weight: float = 0.05
-    """Peak RL weight w."""
+    weight: float = 10.0
+    """Peak RL weight w of the per-element surrogate. 10 is where the two-objective search on digits
+    (proxy reward, 1,800 steps) put the most reward within 1.5x vanilla's FD@2 (BENCHMARKS.md); another
+    reward has another gradient scale, so search it there (``ablations/search-rl-weight.yaml``)."""
     schedule: Literal["hard", "linear", "sigmoid"] = "hard"
     """w_rl(k): hard switch at ``warmup``, linear ramp over [warmup, warmup + ramp], or sigmoid at ``center`` with ``width``."""
     warmup: int = 2000
