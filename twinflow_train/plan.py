@@ -293,8 +293,8 @@ def _vae(cfg: Config):
     path = cfg.codec.path
     with torch.device("meta"):
         if path is not None and Path(path).is_dir():
-            from .models.qwen_vae import _vae_dir
-            config = AutoencoderKLQwenImage.load_config(str(_vae_dir(path)))
+            from .models.qwen_vae import vae_dir
+            config = AutoencoderKLQwenImage.load_config(str(vae_dir(path)))
             return AutoencoderKLQwenImage.from_config(config)
         return AutoencoderKLQwenImage()  # the class defaults are the Qwen-Image VAE
 

@@ -27,7 +27,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
-def _vae_dir(path: str | Path) -> Path:
+def vae_dir(path: str | Path) -> Path:
     """A pipeline directory (its ``vae/``) or the VAE directory itself."""
     p = Path(path)
     for cand in (p / "vae", p):
@@ -60,7 +60,7 @@ class QwenVAECodec(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, image_size: tuple[int, int] | None = None,
                         dtype: torch.dtype = torch.float32) -> "QwenVAECodec":
-        vae = AutoencoderKLQwenImage.from_pretrained(str(_vae_dir(path)), **dtype_kwarg(dtype))
+        vae = AutoencoderKLQwenImage.from_pretrained(str(vae_dir(path)), **dtype_kwarg(dtype))
         return cls(vae.eval(), image_size=image_size)
 
     # ---- the codec interface
