@@ -247,13 +247,17 @@ def _canonical_hash(cfg: Config) -> str:
 # --------------------------------------------------------------------------- the file
 
 
-def _name_problem(name: str) -> str | None:
-    return None if _NAME_RE.match(name) else f"must be a string of letters, digits, '_', '.', '-' (got {name!r})"
+def name_problem(name: str, *, role: str = "the grid and its directory") -> str | None:
+    """The problem with a grid's or a study's ``name`` (it becomes a directory), or None."""
+    if _NAME_RE.match(name):
+        return None
+    return f"must be a string of letters, digits, '_', '.', '-' (got {name!r}); it names {role}"
 
 
-def _seeds_problem(seeds: list[int]) -> str | None:
+def seeds_problem(seeds: list[int], *, why: str = "") -> str | None:
+    """The problem with a ``seeds`` list (non-empty, in range, no repeats), or None; ``why`` ends the message."""
     if not seeds or any(s < 0 for s in seeds):
-        return f"expected a non-empty list of integers in [0, 2**31 - 1], got {seeds!r}"
+        return f"expected a non-empty list of integers in [0, 2**31 - 1] (got {seeds!r}){why}"
     return f"has duplicates ({seeds})" if len(set(seeds)) != len(seeds) else None
 
 
@@ -261,11 +265,11 @@ def _seeds_problem(seeds: list[int]) -> str | None:
 class MatrixFile:
     """An ablation matrix file as written (the format is in docs/harness.md)."""
 
-    name: str | None = checked(None, check=_name_problem)
+    name: str | None = checked(None, check=name_problem)
     """The grid: ``runs/<name>/``; default: the file's stem."""
     description: str = ""
     base: str = checked(missing="the trainer config the arms override, relative to this file")
-    seeds: list[int] = checked(check=_seeds_problem, expect="a non-empty list of integers in [0, 2**31 - 1]",
+    seeds: list[int] = checked(check=seeds_problem, expect="a non-empty list of integers in [0, 2**31 - 1]",
                                missing="a non-empty list of integers")
     vars: dict[str, bool | int | float | str] | None = None
     """Names usable in ``${expr}`` values."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -35,9 +34,9 @@ from twinflow_train.config import (Config, ConfigError, SectionProblems, Where, 
                                    load_config, raise_problems, to_dict)
 from twinflow_train.yamlio import InputError, float_problem, is_number, read_mapping
 
-from .matrix import RESERVED_KEYS, MatrixError, flatten, load_matrix, nested, strip_file
+from .matrix import (RESERVED_KEYS, MatrixError, flatten, load_matrix, name_problem, nested, seeds_problem,
+                     strip_file)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Direction = Literal["minimize", "maximize"]
 Reduce = Literal["final", "best"]
@@ -354,15 +353,11 @@ class ObjectiveEntry:
 
 
 def _name_problem(name: str) -> str | None:
-    if _NAME_RE.match(name):
-        return None
-    return f"must be a string of letters, digits, '_', '.', '-' (got {name!r}); it names the study and its directory"
+    return name_problem(name, role="the study and its directory")
 
 
 def _seeds_problem(seeds: list[int]) -> str | None:
-    if not seeds or any(s < 0 for s in seeds):
-        return f"expected a non-empty list of integers >= 0 (got {seeds!r}); the objective is the mean over them"
-    return f"has duplicates ({seeds})" if len(set(seeds)) != len(seeds) else None
+    return seeds_problem(seeds, why="; the objective is the mean over them")
 
 
 @dataclass(kw_only=True, slots=True)
