@@ -40,9 +40,9 @@ def teacher_fd(config: Path, overrides: list[str], cache: Path, weights: Path, n
     import torch
 
     from twinflow_train.config import load_config
-    from twinflow_train.evaluate import Evaluator
-    from twinflow_train.setup import build_setup
-    from twinflow_train.trainer import build_base
+    from twinflow_train.evaluation.evaluate import Evaluator
+    from twinflow_train.run.setup import build_setup
+    from twinflow_train.run.trainer import build_base
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides + [f"aux.cache_dir={cache}", f"eval.n_samples={n_samples}"])
@@ -103,7 +103,7 @@ def main() -> None:
         import torch
 
         from twinflow_train.config import load_config
-        from twinflow_train.teacher import get_teacher
+        from twinflow_train.assets.teacher import get_teacher
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         with tempfile.TemporaryDirectory(prefix="bench-aux-") as tmp:

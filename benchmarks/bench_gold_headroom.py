@@ -22,15 +22,15 @@ import json
 import numpy as np
 import torch
 
-from twinflow_train.auxiliary import (DigitsProxyReward, centring, get_proxy_net, gold_score, stroke_weight)
+from twinflow_train.assets.auxiliary import (DigitsProxyReward, centring, get_proxy_net, gold_score, stroke_weight)
 from twinflow_train.config import load_config
-from twinflow_train.data import step_generator
-from twinflow_train.digits import load_digits_split
-from twinflow_train.evaluate import Evaluator
-from twinflow_train.inference import COUNT_NOISE, count_prompts
-from twinflow_train.rl import exact_latent_grad
-from twinflow_train.setup import build_setup
-from twinflow_train.trainer import build_base, preflight_teacher
+from twinflow_train.data.batches import step_generator
+from twinflow_train.data.digits import load_digits_split
+from twinflow_train.evaluation.evaluate import Evaluator
+from twinflow_train.run.inference import COUNT_NOISE, count_prompts
+from twinflow_train.rl.guidance import exact_latent_grad
+from twinflow_train.run.setup import build_setup
+from twinflow_train.run.trainer import build_base, preflight_teacher
 
 PCTS = (10, 25, 50, 60, 75, 90)
 

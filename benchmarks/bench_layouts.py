@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from twinflow_train.config import MethodConfig, RenoiseConfig  # noqa: E402
-from twinflow_train.method import TwinFlow  # noqa: E402
+from twinflow_train.method.twinflow import TwinFlow  # noqa: E402
 from twinflow_train.models.mlp import MLPFlowModel  # noqa: E402
-from twinflow_train.timesamplers import build_time_samplers  # noqa: E402
+from twinflow_train.method.timesamplers import build_time_samplers  # noqa: E402
 
 SHAPE = (4, 4, 4)
 CLASSES = 10

@@ -11,7 +11,7 @@ master weights, bf16 compute, fp32 reductions, as the trainer runs it. Two step 
 
 * ``fm``: one forward + backward of a flow-matching loss on the batch + AdamW step
   (the grad-carrying part of every TwinFlow step);
-* ``twinflow``: the project's full TwinFlow step (``twinflow_train.method.TwinFlow``,
+* ``twinflow``: the project's full TwinFlow step (``twinflow_train.method.twinflow.TwinFlow``,
   partitioned layout, target = the student under no_grad) + AdamW.
 
 Reported: image tokens/s, step time, MFU and peak allocated memory. Model FLOPs are the
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     method = None
     if args.kind == "twinflow":
         from twinflow_train.config import MethodConfig, RenoiseConfig
-        from twinflow_train.method import TwinFlow
-        from twinflow_train.timesamplers import build_time_samplers
+        from twinflow_train.method.twinflow import TwinFlow
+        from twinflow_train.method.timesamplers import build_time_samplers
 
         if args.batch < 4:
             raise SystemExit("--kind twinflow needs --batch >= 4 (four row groups)")

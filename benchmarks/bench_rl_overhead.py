@@ -37,18 +37,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twinflow_train.codecs import DigitsAutoencoder  # noqa: E402
+from twinflow_train.models.codecs import DigitsAutoencoder  # noqa: E402
 from twinflow_train.config import load_config  # noqa: E402
-from twinflow_train.data import step_generator  # noqa: E402
-from twinflow_train.grads import TermGradients, clip_grads_  # noqa: E402
-from twinflow_train.method import TwinFlow  # noqa: E402
+from twinflow_train.data.batches import step_generator  # noqa: E402
+from twinflow_train.run.grads import TermGradients, clip_grads_  # noqa: E402
+from twinflow_train.method.twinflow import TwinFlow  # noqa: E402
 from twinflow_train.models.mlp import MLPFlowModel  # noqa: E402
-from twinflow_train.rl import RewardGuidance, exact_latent_grad  # noqa: E402
-from twinflow_train.timesamplers import build_time_samplers  # noqa: E402
+from twinflow_train.rl.guidance import RewardGuidance, exact_latent_grad  # noqa: E402
+from twinflow_train.method.timesamplers import build_time_samplers  # noqa: E402
 
 
 class StandInReward(torch.nn.Module):
-    """Used only while ``twinflow_train.auxiliary`` is absent: log p(class) of a small conv net on 8x8 images."""
+    """Used only while ``twinflow_train.assets.auxiliary`` is absent: log p(class) of a small conv net on 8x8 images."""
 
     def __init__(self):
         super().__init__()
@@ -64,9 +64,9 @@ def build_reward(cfg, cache: str) -> tuple[torch.nn.Module, str]:
     """The project's digits reward (classifier briefly trained into a private cache: the cost of a
     reward gradient does not depend on how well it is trained), or the stand-in while it is absent."""
     try:
-        from twinflow_train.auxiliary import DigitsReward, get_reward_classifier
+        from twinflow_train.assets.auxiliary import DigitsReward, get_reward_classifier
     except ImportError:
-        reward, what = StandInReward(), "stand-in conv classifier (twinflow_train.auxiliary not present)"
+        reward, what = StandInReward(), "stand-in conv classifier (twinflow_train.assets.auxiliary not present)"
     else:
         cfg = load_config(None, ["aux.reward_steps=20", f"aux.cache_dir={cache}", "rl.enabled=true",
                                  "rl.reward=digits"])
@@ -98,7 +98,7 @@ def main() -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        from twinflow_train.parallel import shard_blocks_then_root
+        from twinflow_train.distributed.parallel import shard_blocks_then_root
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         mesh = init_device_mesh("cpu", (1,))
         model = shard_blocks_then_root(model, model.shard_blocks(), mesh, cfg.parallel)

@@ -49,13 +49,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- worker (runs inside one tree)
 
 
+def _tree_module(name: str, flat: str):
+    """A trainer module of the tree this worker runs in: sub-packages now, one flat package at older commits."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"twinflow_train.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"twinflow_train.{flat}")
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from twinflow_train import trainer
     from twinflow_train.config import load_config
-    from twinflow_train.parallel import init_distributed, shutdown
+
+    trainer = _tree_module("run.trainer", "trainer")
+    parallel = _tree_module("distributed.parallel", "parallel")
+    init_distributed, shutdown = parallel.init_distributed, parallel.shutdown
 
     cfg = load_config(Path(args.config), args.override)
     d = init_distributed(cfg.run, cfg.parallel)
@@ -151,7 +163,7 @@ def unpack(commit: str, into: Path) -> Path:
 def teacher_weights(config: Path, overrides: list[str]) -> Path:
     sys.path.insert(0, str(ROOT))
     from twinflow_train.config import load_config
-    from twinflow_train.teacher import teacher_path
+    from twinflow_train.assets.teacher import teacher_path
 
     path = teacher_path(load_config(config, overrides))
     if not path.is_file():

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
+from twinflow_train.rundir import metric_keys
+
 if TYPE_CHECKING:
     from twinflow_train.config import Config
 
@@ -103,30 +105,6 @@ class Claim:
         return cls(text=str(data["text"]), tests=tuple(tests))
 
 
-def known_keys(cfg: "Config") -> set[str]:
-    """metrics.jsonl keys a run of ``cfg`` writes (docs/run-directory.md): what a claim may name."""
-    from .search_spec import known_metrics  # here: search_spec imports the matrix module, which imports this one
-
-    keys = {"loss/total", "loss/main", "loss/rect", "grad_norm/total", "grad_norm/max", "lr", "event/spike",
-            "event/decay", "event/skipped", "event/nonfinite", "count/nonfinite", "count/spikes", "time/step_s",
-            "time/wall_s", "time/train_s"}
-    keys.update(known_metrics(cfg))
-    if cfg.renoise.schedule != "off":
-        keys.add("renoise/bias")
-    if cfg.rl.enabled:
-        keys.update({"loss/rl", "grad_norm/twinflow", "grad_norm/rl", "grad_cos/twinflow_rl", "rl/share",
-                     "rl/weight", "rl/reward"})
-        if cfg.rl.clip == "param":
-            keys.update({"grad_norm/rl_clipped", "rl/clip_coef"})
-        elif cfg.rl.clip == "output":
-            keys.update({"rl/grad_rms", "rl/clip_frac", "rl/clip_scale"})
-    if cfg.data.dataset == "digits":  # the teacher line needs the evaluation network, which only digits has
-        keys.update({"teacher/fd", "teacher/reward", "teacher/accuracy", "teacher/gold", "teacher/proxy",
-                     "teacher/steps"})
-        keys.update(f"teacher/fd_euler{n}" for n in cfg.eval.nfe)
-    return keys
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -168,7 +146,7 @@ def _parse_test(raw: Mapping[str, Any], *, where: str, arms: Mapping[str, "Confi
         problems.append(f"{where}, key 'baseline_metric': the teacher baseline needs a teacher key "
                         f"(e.g. teacher/gold for val/gold_nfe2), got '{baseline_metric}'")
     if treatment in arms:
-        valid = known_keys(arms[treatment])
+        valid = metric_keys(arms[treatment])
         if metric not in valid:
             problems.append(f"{where}, key 'metric': arm '{treatment}' writes no '{metric}'; its runs write "
                             f"{', '.join(sorted(valid))}")
@@ -177,7 +155,7 @@ def _parse_test(raw: Mapping[str, Any], *, where: str, arms: Mapping[str, "Confi
                             f"'{baseline_metric}'; teacher keys: "
                             f"{', '.join(sorted(k for k in valid if k.startswith('teacher/'))) or 'none'}")
     if baseline in arms:
-        valid = known_keys(arms[baseline])
+        valid = metric_keys(arms[baseline])
         if baseline_metric not in valid:
             key = "baseline_metric" if "baseline_metric" in raw else "metric"
             problems.append(f"{where}, key '{key}': arm '{baseline}' writes no '{baseline_metric}'; its runs "

@@ -172,7 +172,7 @@ def grid_collect(args: argparse.Namespace) -> int:
 
 
 def grid_plan_args(p: argparse.ArgumentParser) -> None:
-    from twinflow_train.plan import add_plan_arguments
+    from twinflow_train.run.plan import add_plan_arguments
 
     _matrix_args(p)
     add_plan_arguments(p)
@@ -185,7 +185,7 @@ def grid_plan(args: argparse.Namespace) -> int:
     import json
 
     from twinflow_train.config import Config, deep_merge, from_dict, parse_overrides, to_dict
-    from twinflow_train.plan import plan_from_args
+    from twinflow_train.run.plan import plan_from_args
 
     grid = _load(args)
     plans, seen = {}, set()

@@ -161,7 +161,7 @@ def dry_run_grid(grid: Grid, *, retries: int = 0) -> list[RunCheck]:
     """What ``run_grid`` would do with every run, and the trainer's own preflight for each run it would
     launch (weights and data paths, reward model, existing run directory). Reads only; writes nothing."""
     from twinflow_train.config import ConfigError
-    from twinflow_train.trainer import preflight
+    from twinflow_train.run.trainer import preflight
 
     checks = []
     for p in plan_grid(grid, retries=retries):

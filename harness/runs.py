@@ -192,7 +192,7 @@ def prepare_shared_assets(spec: RunSpec, launcher: Launcher, *, grid_dir: Path, 
     Nothing to do where the base weights come from the model directory (Qwen-Image ``from_pretrained``
     layout): there is no teacher to train, and the runs' preflight checks the directory.
     Raises ``GridError`` naming the log when the preparation fails."""
-    from twinflow_train.teacher import base_weights_in_model
+    from twinflow_train.assets.teacher import base_weights_in_model
 
     if base_weights_in_model(spec.config):
         stream.write("base weights come from the model directory; no teacher preparation step\n")

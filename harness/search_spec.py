@@ -32,6 +32,7 @@ from typing import Any, Literal, Mapping
 
 from twinflow_train.config import (Config, ConfigError, SectionProblems, Where, at_least, checked, from_dict,
                                    load_config, raise_problems, to_dict)
+from twinflow_train.rundir import validation_keys
 from twinflow_train.yamlio import InputError, float_problem, is_number, read_mapping
 
 from .matrix import (RESERVED_KEYS, MatrixError, flatten, load_matrix, name_problem, nested, seeds_problem,
@@ -404,15 +405,6 @@ class SpecFile:
         raise_problems(out)
 
 
-def known_metrics(cfg: Config) -> list[str]:
-    """Validation keys a run of ``cfg`` writes (docs/run-directory.md): what an objective may name."""
-    out = ["val/loss", "val/best_loss"]
-    if cfg.data.dataset == "digits":  # sample metrics need the evaluation network, which only digits has
-        for n in cfg.eval.nfe:
-            out += [f"val/{what}_nfe{n}" for what in ("fd", "reward", "accuracy", "gold", "proxy")]
-    return out
-
-
 def _search_keys(raw: Mapping[str, Any], over: Mapping[str, Any], file: str) -> list[str]:
     """The ``parameters`` keys' problems: each must be a dotted config key the search may set."""
     out = []
@@ -595,7 +587,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         except ConfigError as e:
             problems.extend(f"{file}: enqueue[{i}]: {strip_file(p, base_path)}" for p in e.problems)
     objective = f.objective.spec()
-    valid = known_metrics(base_cfg)
+    valid = validation_keys(base_cfg)
     for m in list(objective.metrics) + [c.metric for c in objective.constraints] + list(objective.record):
         if m not in valid:
             problems.append(f"{file}: objective: unknown metric '{m}'; the runs write {', '.join(valid)} "

@@ -344,9 +344,9 @@ def _boom(*args, **kwargs):
 
 def test_input_phase_error_exits_2_and_internal_error_propagates(workdir, monkeypatch, capsys):
     import twinflow_train.config
-    import twinflow_train.trainer
+    import twinflow_train.run.trainer
 
-    monkeypatch.setattr(twinflow_train.trainer, "fit", _boom)
+    monkeypatch.setattr(twinflow_train.run.trainer, "fit", _boom)
     with pytest.raises(RuntimeError, match="injected fault"):  # the interpreter prints it and exits 1
         train_main(["fit", "--run-dir", "run", "run.steps=2"])
     monkeypatch.setattr(twinflow_train.config, "from_dict", _boom)

@@ -74,7 +74,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
-    from .teacher import base_weights_in_model, prepare
+    from .assets.teacher import base_weights_in_model, prepare
     path = prepare(cfg, progress=not args.no_progress, workers=args.workers)
     if base_weights_in_model(cfg):
         print(f"base weights come from the model ({path or 'random init'}); no teacher to train")
@@ -85,13 +85,13 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .trainer import fit
+    from .run.trainer import fit
     return fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .inference import sample_count, sample_run
+    from .run.inference import sample_count, sample_run
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1 (got {args.n})")
     if args.n is None and args.teacher:
@@ -108,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .inference import eval_run
+    from .run.inference import eval_run
     result = eval_run(cfg, args.run_dir, which=args.which)
     print(json.dumps(result, indent=1))
     return 0
@@ -116,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .plan import plan_from_args
+    from .run.plan import plan_from_args
     try:
         plan = plan_from_args(cfg, args)
     except ValueError as e:  # ConfigError included: a value the plan cannot use
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("plan", help="per-rank GPU memory of a Qwen-Image run (meta tensors; no weights, no GPU)")
     _common(p, run_dir=False)
-    from .plan import add_plan_arguments
+    from .run.plan import add_plan_arguments
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="pre-encode images + captions into latent shards (scale path)",
@@ -203,7 +203,7 @@ def export_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["encode"]:
-        from .encode import encode_main
+        from .data.encode import encode_main
         return encode_main(argv[1:])
     if argv[:1] == ["export"]:
         return export_main(argv[1:])

@@ -377,7 +377,7 @@ class RlConfig:
     """Add w_rl(k) * L_rl to the TwinFlow loss."""
     reward: Literal["none", "digits", "proxy", "hpsv2"] = "none"
     """Reward model: ``digits`` (log p(prompted class) of the project's classifier), ``proxy`` (the learned
-    proxy of the digits gold score, see twinflow_train/auxiliary.py), or HPSv2 (extra ``hpsv2``)."""
+    proxy of the digits gold score, see twinflow_train/assets/auxiliary.py), or HPSv2 (extra ``hpsv2``)."""
     hpsv2_checkpoint: str | None = None
     """Local path of the HPS v2/v2.1 checkpoint (reward ``hpsv2``)."""
     hpsv2_arch: str = "ViT-H-14"

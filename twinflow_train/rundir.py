@@ -15,7 +15,9 @@ protocol lives in one place:
   and the truncation a resume does;
 - checkpoint metadata: ``meta.json`` records the step, the format and the size and
   sha256 of every file of the checkpoint, and is written last; ``verify_checkpoint``
-  checks it and ``checkpoint_candidates`` lists where a resume may come from.
+  checks it and ``checkpoint_candidates`` lists where a resume may come from;
+- the keys a run of a given config writes (``validation_keys``, ``metric_keys``): what a search objective
+  and a claim may name.
 
 Nothing here imports torch, so the harness and the reports stay light.
 """
@@ -31,7 +33,10 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # --------------------------------------------------------------------------- names
 
@@ -597,3 +602,38 @@ def find_resume_point(run_dir: str | Path) -> ResumePoint:
             return ResumePoint(path=c, step=int(checkpoint_step(c) or 0), rejected=rejected)
         rejected.append((f"{CHECKPOINTS_DIR}/{c.name}", why))
     return ResumePoint(path=None, step=0, rejected=rejected)
+
+
+# --------------------------------------------------------------------------- what a run writes
+
+
+def validation_keys(cfg: "Config") -> list[str]:
+    """The validation keys a run of ``cfg`` writes: what a search objective may name."""
+    out = ["val/loss", "val/best_loss"]
+    if cfg.data.dataset == "digits":  # sample metrics need the evaluation network, which only digits has
+        for n in cfg.eval.nfe:
+            out += [f"val/{what}_nfe{n}" for what in ("fd", "reward", "accuracy", "gold", "proxy")]
+    return out
+
+
+def metric_keys(cfg: "Config") -> set[str]:
+    """Every metrics.jsonl key a run of ``cfg`` writes: what a claim may name."""
+
+    keys = {"loss/total", "loss/main", "loss/rect", "grad_norm/total", "grad_norm/max", "lr", "event/spike",
+            "event/decay", "event/skipped", "event/nonfinite", "count/nonfinite", "count/spikes", "time/step_s",
+            "time/wall_s", "time/train_s"}
+    keys.update(validation_keys(cfg))
+    if cfg.renoise.schedule != "off":
+        keys.add("renoise/bias")
+    if cfg.rl.enabled:
+        keys.update({"loss/rl", "grad_norm/twinflow", "grad_norm/rl", "grad_cos/twinflow_rl", "rl/share",
+                     "rl/weight", "rl/reward"})
+        if cfg.rl.clip == "param":
+            keys.update({"grad_norm/rl_clipped", "rl/clip_coef"})
+        elif cfg.rl.clip == "output":
+            keys.update({"rl/grad_rms", "rl/clip_frac", "rl/clip_scale"})
+    if cfg.data.dataset == "digits":  # the teacher line needs the evaluation network, which only digits has
+        keys.update({"teacher/fd", "teacher/reward", "teacher/accuracy", "teacher/gold", "teacher/proxy",
+                     "teacher/steps"})
+        keys.update(f"teacher/fd_euler{n}" for n in cfg.eval.nfe)
+    return keys

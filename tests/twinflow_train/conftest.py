@@ -27,7 +27,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_overrides(tiny_cache) -> list[str]:
     over = TINY + [f"aux.cache_dir={tiny_cache}"]
-    from twinflow_train.teacher import get_teacher
+    from twinflow_train.assets.teacher import get_teacher
     get_teacher(load_config(None, over), progress=False)
     return over
 

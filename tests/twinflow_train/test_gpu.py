@@ -23,7 +23,7 @@ def _train_records(run_dir):
 
 def test_digits_fit_on_cuda(tiny_overrides, tmp_path):
     from twinflow_train.config import load_config
-    from twinflow_train.trainer import fit
+    from twinflow_train.run.trainer import fit
 
     cfg = load_config(None, tiny_overrides + ["run.device=cuda", "run.steps=6", "run.val_every=6", "run.ckpt_every=6"])
     assert fit(cfg, tmp_path / "run", progress=False) == 0
@@ -33,8 +33,8 @@ def test_digits_fit_on_cuda(tiny_overrides, tmp_path):
 
 def test_tiny_qwen_fit_on_cuda(tmp_path):
     from twinflow_train.config import load_config
-    from twinflow_train.encode import encode_main
-    from twinflow_train.trainer import fit
+    from twinflow_train.data.encode import encode_main
+    from twinflow_train.run.trainer import fit
 
     from .test_qwen_fixtures import write_images, write_tiny_pipeline
 

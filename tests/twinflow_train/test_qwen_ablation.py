@@ -44,7 +44,7 @@ def test_the_reports_settings_reach_every_arm(grid):
 
 
 def test_the_bucket_set_named_by_the_matrix_exists():
-    from twinflow_train.encode import parse_buckets
+    from twinflow_train.data.encode import parse_buckets
 
     buckets = parse_buckets("qwen-1328")
     assert buckets[0] == (1328, 1328) and len(buckets) == 7

@@ -168,8 +168,8 @@ def _qwen_cfg(model_dir: Path, teacher: str):
 
 def test_preflight_takes_base_weights_from_the_model_directory(tmp_path):
     from twinflow_train.config import ConfigError
-    from twinflow_train.teacher import base_weights_in_model, get_teacher
-    from twinflow_train.trainer import preflight_teacher
+    from twinflow_train.assets.teacher import base_weights_in_model, get_teacher
+    from twinflow_train.run.trainer import preflight_teacher
 
     from .test_qwen_fixtures import tiny_transformer
 

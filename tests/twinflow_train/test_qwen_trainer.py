@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from twinflow_train.config import load_config
-from twinflow_train.encode import encode_main
+from twinflow_train.data.encode import encode_main
 
 from .test_qwen_fixtures import write_images, write_tiny_pipeline
 
@@ -100,7 +100,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_train_from_shards_like_one_and_resume_exactly(prepared, tmp_path):
-    from twinflow_train.trainer import fit
+    from twinflow_train.run.trainer import fit
 
     over = _overrides(prepared)
     one = tmp_path / "one"

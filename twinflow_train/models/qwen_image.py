@@ -50,7 +50,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     compute_text_seq_len_from_mask,
 )
 
-from ..parallel import shard_blocks_then_root
+from ..distributed.parallel import shard_blocks_then_root
 from .base import Cond, FlowModel
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ def build_qwen_image(cfg: Config, *, latent_shape: tuple[int, int, int],
         raise ValueError(f"latent_shape {tuple(latent_shape)} has {latent_shape[0]} channels but the transformer "
                          f"takes {arch.get('in_channels', 64)} packed channels (= 4 x latent channels)")
     if null_prompt_embeds is None and cfg.data.dataset == "latent_shards" and cfg.data.shards is not None:
-        from ..shards import read_null_prompt
+        from ..data.shards import read_null_prompt
         null_prompt_embeds = read_null_prompt(cfg.data.shards)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import Config, ConfigError, ParallelConfig
-from ..parallel import place_plain, shard_blocks_then_root, use_fsdp
+from ..distributed.parallel import place_plain, shard_blocks_then_root, use_fsdp
 from .base import FlowModel
 
 
@@ -145,7 +145,7 @@ def _qwen_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device,
 
 
 def _export_qwen(cfg: Config, **kwargs: Any) -> Path | None:
-    from ..export import export_qwen_image_run
+    from ..run.export import export_qwen_image_run
 
     return export_qwen_image_run(cfg, **kwargs)
 

@@ -1,0 +1,181 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from twinflow_train.assets.auxiliary import DigitsReward, classifier_accuracy, get_eval_net, get_reward_classifier
+from twinflow_train.config import load_config
+from twinflow_train.data.digits import eval_prompts, load_digits_split
+from twinflow_train.data.imaging import save_grid_png, save_samples
+from twinflow_train.evaluation.metrics import SampleScorer, frechet_distance
+
+
+def gaussian_sample(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
+    """n points whose sample mean and (unbiased) sample covariance are exactly ``mean`` and ``cov``."""
+    d = mean.shape[0]
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    x -= x.mean(0)
+    white = np.linalg.cholesky(np.cov(x, rowvar=False))
+    x = x @ np.linalg.inv(white).T  # sample covariance exactly I
+    return x @ np.linalg.cholesky(cov).T + mean
+
+
+def random_cov(d: int, seed: int) -> np.ndarray:
+    a = np.random.default_rng(seed).standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# --------------------------------------------------------------------------- frechet distance
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    x = gaussian_sample(500, np.zeros(16), random_cov(16, 0), seed=1)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(torch.from_numpy(x).float(), x) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_fd_grows_with_a_mean_shift_by_exactly_its_squared_norm():
+    x = gaussian_sample(400, np.zeros(8), random_cov(8, 2), seed=3)
+    direction = np.random.default_rng(4).standard_normal(8)
+    direction /= np.linalg.norm(direction)
+    values = [frechet_distance(x, x + s * direction) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values == pytest.approx([0.0, 0.25, 1.0, 4.0], abs=1e-8)
+
+
+def test_fd_matches_the_closed_form_for_two_gaussians():
+    d = 12
+    m1, m2 = np.random.default_rng(5).standard_normal((2, d))
+    c1, c2 = random_cov(d, 6), random_cov(d, 7)
+    a, b = gaussian_sample(300, m1, c1, seed=8), gaussian_sample(700, m2, c2, seed=9)
+    root = scipy.linalg.sqrtm(c1)
+    cross = np.real(scipy.linalg.sqrtm(root @ c2 @ root))
+    expected = float(((m1 - m2) ** 2).sum() + np.trace(c1 + c2 - 2 * cross))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-8)  # symmetric
+
+
+def test_fd_of_diagonal_gaussians():
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    a = gaussian_sample(200, np.zeros(3), np.diag(v1), seed=10)
+    b = gaussian_sample(200, np.array([1.0, 0.0, 0.0]), np.diag(v2), seed=11)
+    expected = 1.0 + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()  # 1 + 4 + 1 + 0
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fd_handles_rank_deficient_covariances():
+    # fewer points than dimensions: singular covariances, still a finite, non-negative value
+    a = np.random.default_rng(0).standard_normal((10, 32))
+    b = np.random.default_rng(1).standard_normal((10, 32)) + 0.5
+    fd = frechet_distance(a, b)
+    assert math.isfinite(fd) and fd > 0
+
+
+def test_fd_bad_inputs():
+    x = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(x, np.zeros((10, 5)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        frechet_distance(x, np.zeros((1, 4)))
+    y = np.random.default_rng(0).standard_normal((10, 4))
+    y[3, 1] = np.nan
+    assert math.isnan(frechet_distance(x + 1, y))  # a diverged sample set is not a number
+
+
+# --------------------------------------------------------------------------- sample scorer
+
+
+@pytest.fixture(scope="module")
+def scorer_parts(tmp_path_factory):
+    cfg = load_config(None, ["aux.reward_steps=200", "aux.eval_steps=200",
+                             f"aux.cache_dir={tmp_path_factory.mktemp('cache')}"])
+    split = load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+    reward = DigitsReward(get_reward_classifier(cfg))
+    net = get_eval_net(cfg)
+    return SampleScorer(eval_net=net, reward=reward, reference_images=split.val_images), net, reward, split
+
+
+def test_scorer_reports_fd_reward_and_accuracy(scorer_parts):
+    scorer, net, reward, split = scorer_parts
+    x, y = split.train_images[:400], split.train_labels[:400]
+    s = scorer.score(x, y)
+    assert set(s) == {"fd", "reward", "accuracy"}
+    assert s["accuracy"] == pytest.approx(classifier_accuracy(net.logits, x, y))
+    with torch.no_grad():
+        assert s["reward"] == pytest.approx(float(reward(x, {"labels": y}).mean()), rel=1e-5)
+    assert scorer.score(x, y) == s  # deterministic
+    # the reference set itself is at distance ~0; wrong prompts lower reward and accuracy, not FD
+    assert scorer.score(split.val_images, split.val_labels)["fd"] < 1e-6
+    wrong = scorer.score(x, (y + 1) % 10)
+    assert wrong["fd"] == s["fd"] and wrong["reward"] < s["reward"] and wrong["accuracy"] < 0.2
+
+
+def test_scorer_fd_tracks_degradation(scorer_parts):
+    scorer, _, _, split = scorer_parts
+    x, y = split.train_images[:400], split.train_labels[:400]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=gen)
+    fds = [scorer.score(x + s * noise, y)["fd"] for s in (0.0, 0.5, 1.0)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+    blank = scorer.score(-torch.ones(50, 1, 8, 8), eval_prompts(per_class=5))
+    assert blank["fd"] > fds[1]
+
+
+def test_scorer_without_reward_and_nan_samples(scorer_parts):
+    _, net, _, split = scorer_parts
+    scorer = SampleScorer(eval_net=net, reward=None, reference_images=split.val_images)
+    x = split.train_images[:20].clone()
+    s = scorer.score(x, split.train_labels[:20])
+    assert set(s) == {"fd", "accuracy"}
+    x[0, 0, 0, 0] = float("nan")
+    assert math.isnan(scorer.score(x, split.train_labels[:20])["fd"])
+    with pytest.raises(ValueError, match="labels"):
+        scorer.score(x, split.train_labels[:19])
+
+
+# --------------------------------------------------------------------------- sample files
+
+
+def test_save_samples_writes_the_documented_arrays_and_grid(tmp_path):
+    labels = eval_prompts(per_class=4)
+    images = torch.linspace(-1.2, 1.2, 40 * 64).reshape(40, 1, 8, 8)  # a little over-range on purpose
+    npz, png = save_samples(tmp_path / "samples" / "final-nfe2", images, labels)
+    assert npz == tmp_path / "samples" / "final-nfe2.npz" and png == tmp_path / "samples" / "final-nfe2.png"
+    with np.load(npz) as f:
+        assert set(f.files) == {"images", "labels"}
+        assert f["images"].dtype == np.float32 and f["images"].shape == (40, 1, 8, 8)
+        assert np.array_equal(f["images"], images.numpy())  # stored as generated, not clipped
+        assert f["labels"].dtype == np.int64 and f["labels"].tolist() == labels.tolist()
+    with Image.open(png) as im:
+        # one prompt class per row: 4 columns, 10 rows of 8x8 cells scaled 4x with 1-pixel separators
+        assert im.format == "PNG" and im.size == (4 * 33 + 1, 10 * 33 + 1)
+        grid = np.asarray(im.convert("RGB"))
+    assert grid[1, 1].tolist() == [0, 0, 0] and grid[-2, -2].tolist() == [255, 255, 255]  # clipped for display
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["final-nfe2.npz", "final-nfe2.png"]
+
+
+def test_save_samples_replaces_files_and_keeps_dots_in_the_stem(tmp_path):
+    stem = tmp_path / "teacher.cfg1.5"
+    save_samples(stem, torch.zeros(4, 1, 8, 8), torch.arange(4))
+    save_samples(stem, torch.ones(4, 1, 8, 8), torch.arange(4))
+    with np.load(tmp_path / "teacher.cfg1.5.npz") as f:
+        assert (f["images"] == 1).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.cfg1.5.npz", "teacher.cfg1.5.png"]
+
+
+def test_grid_marks_non_finite_pixels_red_and_checks_input(tmp_path):
+    x = np.zeros((3, 1, 8, 8), dtype=np.float32)
+    x[1, 0, 2, 3] = np.nan
+    path = save_grid_png(x, tmp_path / "g.png", nrow=3, scale=1)
+    with Image.open(path) as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert grid[1 + 2, 1 + 9 + 3].tolist() == [255, 0, 0]  # image 1 starts at column 1 + 9
+    assert grid[1, 1].tolist() == [128, 128, 128]
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        save_grid_png(np.zeros((3, 8, 8)), tmp_path / "bad.png", nrow=3)
+    with pytest.raises(ValueError, match="labels"):
+        save_samples(tmp_path / "bad", torch.zeros(3, 1, 8, 8), torch.zeros(2, dtype=torch.int64))
+    assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.npz").exists()

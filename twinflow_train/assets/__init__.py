@@ -1,0 +1,1 @@
+"""The teacher and the auxiliary networks of the embedded default, trained once and cached by config hash."""

@@ -1,0 +1,1 @@
+"""Process groups, device placement, host memory of CPU runs, and distributed checkpoints."""

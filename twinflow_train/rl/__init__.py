@@ -1,0 +1,1 @@
+"""Reward guidance: the RL term and the reward models it differentiates through."""

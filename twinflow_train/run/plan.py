@@ -1,0 +1,453 @@
+"""Per-rank GPU memory plan of a Qwen-Image run, from meta tensors: no weights, no GPU.
+
+``twinflow-train plan --config CONFIG [overrides] --world N --gpu-mem-gib M`` (and ``twinflow-lab grid plan``
+for every arm of a matrix). The transformer is diffusers' class built on the meta device with the run's
+architecture (the model directory's ``config.json``, or ``--arch qwen-image``: the published Qwen-Image
+configuration, 60 blocks x 3072 wide, text dim 3584, which are the class defaults). What a rank holds under
+the trainer's placement (FSDP2 per block, fp32 master weights, ``parallel.mixed_precision`` compute):
+
+- sharded (FSDP2 splits every tensor along dim 0, padded): fp32 master weights, fp32 gradients, AdamW's two
+  fp32 moments (trainable parameters only), the EMA target (``method.target: ema``) and the frozen base
+  model (always built: the teacher of the comparison samples, and the target under ``frozen``);
+- gathered compute copies: the root's own parameters for the whole step, plus three blocks at once (the one
+  running, the one prefetched, and the last block, kept for backward) with ``reshard_after_forward``, else
+  every block; one block's unsharded gradient (compute dtype, then fp32 for the reduce-scatter) in backward;
+- activations of the one forward with grad, at the per-rank micro-batch (``data.batch_size / (world x
+  grad_accum)``) and the configured image size and prompt length. Measured, not modelled: the real model
+  runs forward on meta tensors and every tensor autograd saves for backward is counted (storages once,
+  parameters excluded). Attention is counted as flash attention saves it (q, k, v, output, fp32 log-sum-exp),
+  which is what SDPA runs on a GPU at these sizes, not the S x S matrix of the math fallback. With
+  activation checkpointing a block keeps only its inputs, and one block's activations exist again while it
+  is recomputed in backward. The no-grad target forwards keep nothing between blocks;
+- RL arms (``rl.enabled``): the reward model and the VAE (fp32, replicated on every rank, as the trainer
+  loads them) and, for ``rl.estimator: exact``, the decoder's activations for the backward from the reward
+  to the latents, measured on meta tensors like the transformer's, for the e2e rows of the micro-batch
+  (the rows whose one-step output the reward scores). The HPSv2 scorer (open_clip ViT-H-14) is counted from
+  its architecture; its activations at 224 px use the 16-bit transformer estimate
+  ``s*b*h*(34 + 5*a*s/h)`` bytes per layer (Korthikanti et al., 2022) at fp32 (x2) with flash attention
+  (the ``a*s/h`` term dropped).
+
+"Fits" leaves ``headroom`` (default 10%) of the card for the CUDA context, NCCL buffers and allocator
+fragmentation, which no tensor count sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
+
+GIB = 2**30
+Arch = Literal["config", "qwen-image"]
+#: the Qwen-Image VAE's spatial factor and the transformer's 2x2 packing: image pixels per token side
+PIXELS_PER_TOKEN_SIDE = 16
+VAE_FACTOR = 8
+
+#: open_clip ViT-H-14 (the HPSv2 scorer): vision and text towers
+VIT_H_14 = dict(embed_dim=1024, image_size=224, patch_size=14, vision_width=1280, vision_layers=32,
+                vision_heads=16, text_width=1024, text_layers=24, context_length=77, vocab_size=49408)
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    world: int
+    gpu_mem_gib: float
+    headroom: float
+    params: int
+    """Parameters of the transformer (student), TwinFlow's target-time embedding included."""
+    trainable: int
+    micro_batch: int
+    image: tuple[int, int]
+    text_tokens: int
+    checkpointing: bool
+    items: list[PlanItem]
+    activations: dict[str, int] = field(default_factory=dict)
+    """Grad-forward activations with and without checkpointing (``ckpt``, ``no_ckpt``), for the table."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def budget(self) -> int:
+        return int(self.gpu_mem_gib * GIB * (1 - self.headroom))
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"world": self.world, "gpu_mem_gib": self.gpu_mem_gib, "headroom": self.headroom,
+                "params": self.params, "trainable": self.trainable, "micro_batch": self.micro_batch,
+                "image": f"{self.image[0]}x{self.image[1]}", "text_tokens": self.text_tokens,
+                "checkpointing": self.checkpointing, "items": {i.name: i.bytes for i in self.items},
+                "activations": self.activations, "total": self.total, "budget": self.budget, "fits": self.fits,
+                "warnings": self.warnings}
+
+    def table(self) -> str:
+        lines = [f"params {self.params / 1e9:.2f} B ({self.trainable / 1e9:.2f} B trainable); world {self.world}; "
+                 f"micro-batch {self.micro_batch} rows/rank at {self.image[0]}x{self.image[1]} + "
+                 f"{self.text_tokens} text tokens; checkpointing {'on' if self.checkpointing else 'off'}",
+                 f"{'per rank':<38} {'GiB':>9}  note"]
+        lines += [f"{i.name:<38} {i.bytes / GIB:>9.2f}  {i.note}" for i in self.items]
+        lines.append(f"{'total':<38} {self.total / GIB:>9.2f}  budget {self.budget / GIB:.1f} GiB "
+                     f"({self.gpu_mem_gib:g} GiB less {self.headroom:.0%} headroom): "
+                     f"{'FITS' if self.fits else 'DOES NOT FIT'}")
+        other = "no_ckpt" if self.checkpointing else "ckpt"
+        lines.append(f"(grad-forward activations with checkpointing {'off' if self.checkpointing else 'on'}: "
+                     f"{self.activations[other] / GIB:.2f} GiB)")
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- counting on meta tensors
+
+
+class _FlashAttentionStandIn(torch.autograd.Function):
+    """SDPA as flash attention saves it for backward: q, k, v, the output and the fp32 log-sum-exp per query."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # type: ignore[override]
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]  # pragma: no cover - never run: only forwards are counted
+        raise RuntimeError("the memory plan's attention stand-in has no backward")
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or is_causal or dropout_p:
+        raise ValueError("the memory plan counts unmasked, non-causal attention only")
+    return _FlashAttentionStandIn.apply(query, key, value)
+
+
+@contextmanager
+def _flash_attention() -> Iterator[None]:
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def saved_activation_bytes(module: nn.Module, run: Any) -> int:
+    """Bytes autograd keeps for backward while ``run()`` does one forward with grad (each storage once, over
+    the byte range its saved views span; the module's parameters not at all); works on meta tensors, so
+    nothing is allocated. Counting spans, not whole storages, keeps a small view of a large constant table
+    (the RoPE frequencies) from counting as the table."""
+    param_storages = {p.untyped_storage()._cdata for p in module.parameters()}
+    spans: dict[int, tuple[int, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in param_storages and t.numel():
+            size = t.element_size()
+            start = t.storage_offset() * size
+            end = start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+            lo, hi = spans.get(key, (start, end))
+            spans[key] = (min(lo, start), max(hi, end))
+        return t
+
+    with torch.enable_grad(), _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(hi - lo for lo, hi in spans.values())
+
+
+# --------------------------------------------------------------------------- the transformer
+
+
+def _architecture(cfg: Config, arch: Arch) -> dict[str, Any]:
+    from ..models.qwen_image import transformer_config
+
+    if arch == "qwen-image":
+        out: dict[str, Any] = {}  # the class defaults are Qwen-Image's published configuration
+        if cfg.model.qwen.num_layers is not None:
+            out["num_layers"] = cfg.model.qwen.num_layers
+        return out
+    if arch != "config":
+        raise ValueError(f"unknown arch {arch!r}; valid: 'config', 'qwen-image'")
+    try:
+        return transformer_config(cfg)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}; use --arch qwen-image to plan with the published Qwen-Image configuration") from None
+
+
+def meta_transformer(cfg: Config, *, arch: Arch = "config", dtype: torch.dtype = torch.float32):
+    """The run's ``QwenImageFlowModel`` on the meta device (structure and shapes only)."""
+    from ..models.qwen_image import QwenImageFlowModel, TwinFlowQwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        tf = TwinFlowQwenImageTransformer2DModel(**_architecture(cfg, arch), sign_embedding=cfg.model.sign_embedding)
+    return QwenImageFlowModel(tf.to(dtype), null_prompt_embeds=None)
+
+
+def sharded_bytes(tensors: list[torch.Tensor] | Iterator[torch.Tensor], *, world: int, bytes_per: int) -> int:
+    """Bytes of the largest (rank-0) FSDP2 shard of these tensors: dim 0 split in ceil(n / world) rows."""
+    total = 0
+    for t in tensors:
+        rows = t.shape[0] if t.dim() else 1
+        total += math.ceil(rows / world) * (t.numel() // max(rows, 1)) * bytes_per
+    return total
+
+
+def _transformer_activations(model, *, rows: int, image: tuple[int, int], text_tokens: int,
+                             checkpointing: bool, dtype: torch.dtype) -> tuple[int, int]:
+    """(activation bytes of one grad forward of the whole model, of one block), at ``rows`` rows."""
+    tf = model.transformer
+    h, w = image[0] // VAE_FACTOR, image[1] // VAE_FACTOR
+    latent_channels = tf.config.in_channels // 4
+    text_dim = tf.config.joint_attention_dim
+
+    def inputs():
+        x = torch.empty(rows, latent_channels, h, w, device="meta", dtype=dtype)
+        t = torch.empty(rows, device="meta")
+        cond = {"prompt_embeds": torch.empty(rows, text_tokens, text_dim, device="meta", dtype=dtype)}
+        return x, t, cond
+
+    def whole():
+        x, t, cond = inputs()
+        model(x, t, t, cond)
+
+    # blocks and the rest separately: one block with its real inputs, the model with its blocks skipped
+    block = tf.transformer_blocks[0]
+    d = tf.inner_dim
+    img_tokens = (h // 2) * (w // 2)
+
+    def one_block():
+        from ..models.qwen_image import QwenEmbedRope
+        rope = QwenEmbedRope(theta=10000, axes_dim=list(tf.config.axes_dims_rope), scale_rope=True)
+        freqs = rope([[(1, h // 2, w // 2)]] * rows, max_txt_seq_len=text_tokens, device="cpu")
+        freqs = tuple(f.to("meta") for f in freqs)
+        block(hidden_states=torch.empty(rows, img_tokens, d, device="meta", dtype=dtype),
+              encoder_hidden_states=torch.empty(rows, text_tokens, d, device="meta", dtype=dtype),
+              encoder_hidden_states_mask=None, temb=torch.empty(rows, d, device="meta", dtype=dtype),
+              image_rotary_emb=freqs)
+
+    per_block = saved_activation_bytes(block, one_block)
+    blocks = tf.transformer_blocks
+    tf.transformer_blocks = nn.ModuleList()
+    try:
+        rest = saved_activation_bytes(model, whole)
+    finally:
+        tf.transformer_blocks = blocks
+    n = len(blocks)
+    if not checkpointing:
+        return rest + n * per_block, per_block
+    # each block keeps its inputs (the image and text streams in the compute dtype, and temb); one block's
+    # activations exist again while it is recomputed in backward
+    elem = torch.empty((), dtype=dtype).element_size()
+    kept = rows * (img_tokens + text_tokens + 1) * d * elem
+    return rest + n * kept + per_block, per_block
+
+
+# --------------------------------------------------------------------------- RL: reward model and VAE
+
+
+def vit_params(*, embed_dim: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
+               vision_heads: int, text_width: int, text_layers: int, context_length: int, vocab_size: int) -> int:
+    """Parameters of an open_clip CLIP model with a ViT image tower (pre-norm blocks, 4x MLP)."""
+    del vision_heads
+
+    def layer(w: int) -> int:  # in_proj 3w^2 + 3w, out_proj w^2 + w, 2 LayerNorms 4w, MLP 8w^2 + 5w
+        return 12 * w * w + 13 * w
+
+    tokens = (image_size // patch_size) ** 2 + 1
+    vision = (vision_layers * layer(vision_width) + 3 * patch_size ** 2 * vision_width + vision_width
+              + tokens * vision_width + 4 * vision_width + vision_width * embed_dim)
+    text = (text_layers * layer(text_width) + vocab_size * text_width + context_length * text_width
+            + 2 * text_width + text_width * embed_dim)
+    return vision + text + 1  # + logit_scale
+
+
+def vit_activation_bytes(*, rows: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
+                         bytes_per: int = 4, **_: Any) -> int:
+    """Grad-forward activations of the image tower: ``34*s*b*h`` 16-bit bytes per layer (flash attention),
+    scaled to ``bytes_per``."""
+    s = (image_size // patch_size) ** 2 + 1
+    return vision_layers * 34 * s * rows * vision_width * bytes_per // 2
+
+
+def _vae(cfg: Config):
+    from diffusers import AutoencoderKLQwenImage
+
+    path = cfg.codec.path
+    with torch.device("meta"):
+        if path is not None and Path(path).is_dir():
+            from ..models.qwen_vae import vae_dir
+            config = AutoencoderKLQwenImage.load_config(str(vae_dir(path)))
+            return AutoencoderKLQwenImage.from_config(config)
+        return AutoencoderKLQwenImage()  # the class defaults are the Qwen-Image VAE
+
+
+def _rl_items(cfg: Config, *, micro: int, image: tuple[int, int]) -> list[PlanItem]:
+    if cfg.rl.reward != "hpsv2":
+        raise ConfigError(f"rl.reward: the memory plan knows the 'hpsv2' scorer only (got {cfg.rl.reward!r})")
+    if cfg.rl.hpsv2_arch != "ViT-H-14":
+        raise ConfigError(f"rl.hpsv2_arch: the memory plan knows 'ViT-H-14' only (got {cfg.rl.hpsv2_arch!r})")
+    vae = _vae(cfg)
+    from ..method.twinflow import group_sizes
+
+    e2e_rows = micro if cfg.method.layout == "tutorial" else group_sizes(batch=micro, ratios=cfg.method.group_ratios)[0]
+    items = [PlanItem("reward model (HPSv2 ViT-H-14, fp32)", 4 * vit_params(**VIT_H_14), "replicated"),
+             PlanItem("VAE (fp32)", 4 * sum(p.numel() for p in vae.parameters()), "replicated")]
+    reward_act = vit_activation_bytes(rows=e2e_rows, **VIT_H_14)
+    if cfg.rl.estimator == "exact":
+        h, w = image[0] // VAE_FACTOR, image[1] // VAE_FACTOR
+        z = vae.config.z_dim
+
+        def decode():
+            vae.decode(torch.empty(e2e_rows, z, 1, h, w, device="meta").requires_grad_(True))
+
+        decoder = saved_activation_bytes(vae, decode)
+        items.append(PlanItem("RL: decoder activations (exact grad)", decoder,
+                              f"{e2e_rows} e2e row(s) at {image[0]}x{image[1]}, fp32"))
+    items.append(PlanItem("RL: reward activations", reward_act, f"{e2e_rows} row(s) at 224 px"))
+    return items
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def reference_image(cfg: Config) -> tuple[int, int] | None:
+    """The largest bucket (most tokens) of ``data.shards``'s manifest, or None where there is no manifest."""
+    if cfg.data.shards is None:
+        return None
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    buckets = json.loads(manifest.read_text())["buckets"]
+    ref = max(buckets, key=lambda b: b["height"] * b["width"])
+    return int(ref["height"]), int(ref["width"])
+
+
+def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int, int] | None = None,
+                text_tokens: int = 256, arch: Arch = "config", headroom: float = 0.1) -> MemoryPlan:
+    """Per-rank memory of ``cfg`` on ``world`` GPUs of ``gpu_mem_gib`` each (module docstring)."""
+    if cfg.model.family != "qwen_image":
+        raise ConfigError(f"model.family: the memory plan is for 'qwen_image' (got {cfg.model.family!r})")
+    if world < 1:
+        raise ValueError(f"world must be >= 1 (got {world})")
+    if not gpu_mem_gib > 0:
+        raise ValueError(f"gpu_mem_gib must be > 0 (got {gpu_mem_gib})")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1) (got {headroom})")
+    if text_tokens < 1:
+        raise ValueError(f"text_tokens must be >= 1 (got {text_tokens})")
+    per_step = world * cfg.data.grad_accum
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) does not split into world ({world}) x "
+                          f"data.grad_accum ({cfg.data.grad_accum}) micro-batches")
+    micro = cfg.data.batch_size // per_step
+    image = image or reference_image(cfg)
+    if image is None:
+        raise ConfigError(f"data.shards: no manifest at {cfg.data.shards} to read the image size from; "
+                          "give the size (--image HxW)")
+    if image[0] % PIXELS_PER_TOKEN_SIDE or image[1] % PIXELS_PER_TOKEN_SIDE:
+        raise ValueError(f"image {image[0]}x{image[1]}: height and width must be multiples of "
+                         f"{PIXELS_PER_TOKEN_SIDE} (VAE factor 8 x 2x2 patches)")
+    par = cfg.parallel
+    compute = torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32
+    c = torch.empty((), dtype=compute).element_size()
+
+    model = meta_transformer(cfg, arch=arch)
+    params = [p for p in model.parameters()]
+    trainable = [p for p in params if p.requires_grad]
+    blocks = list(model.transformer.transformer_blocks)
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    root_params = sum(p.numel() for p in params if id(p) not in block_ids)
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    shard = sharded_bytes(params, world=world, bytes_per=4)
+    shard_trainable = sharded_bytes(trainable, world=world, bytes_per=4)
+    gathered_blocks = 3 if par.reshard_after_forward else len(blocks)
+
+    act = {}
+    compute_model = model.to(compute)  # meta: a change of dtype allocates nothing
+    for ckpt in (True, False):
+        act["ckpt" if ckpt else "no_ckpt"], per_block = _transformer_activations(
+            compute_model, rows=micro, image=image, text_tokens=text_tokens, checkpointing=ckpt, dtype=compute)
+    mine = act["ckpt" if par.activation_checkpointing else "no_ckpt"]
+
+    items = [
+        PlanItem("parameters (fp32 master, sharded)", shard, f"{len(params)} tensors / {world}"),
+        PlanItem("gradients (fp32, sharded)", shard_trainable),
+        PlanItem("AdamW moments (2 x fp32, sharded)", 2 * shard_trainable),
+        PlanItem("frozen base model (fp32, sharded)", shard, "teacher samples; target under 'frozen'"),
+    ]
+    if cfg.method.target == "ema":
+        items.append(PlanItem("EMA target (fp32, sharded)", shard))
+    items += [
+        PlanItem(f"compute copies ({str(compute).removeprefix('torch.')}, gathered)",
+                 c * (root_params + gathered_blocks * block_params),
+                 f"root + {gathered_blocks} block(s) of {block_params / 1e6:.0f} M"),
+        PlanItem("unsharded grads of one block", (c + 4) * block_params, "backward, before reduce-scatter"),
+        PlanItem("activations (grad forward)", mine,
+                 f"{'checkpointed: block inputs + 1 block' if par.activation_checkpointing else 'every block'}; "
+                 f"{per_block / GIB:.2f} GiB per block"),
+    ]
+    if cfg.rl.enabled:
+        items += _rl_items(cfg, micro=micro, image=image)
+    warnings = []
+    if cfg.method.layout == "partitioned":
+        from ..method.twinflow import GROUPS, group_sizes
+
+        empty = [g for g, n, r in zip(GROUPS, group_sizes(batch=micro, ratios=cfg.method.group_ratios),
+                                      cfg.method.group_ratios) if n == 0 and r > 0]
+        if empty:  # each rank partitions its own micro-batch: too few rows drop whole TwinFlow terms
+            warnings.append(f"a micro-batch of {micro} row(s) per rank leaves the {', '.join(empty)} group(s) empty; "
+                            f"raise data.batch_size to {world * cfg.data.grad_accum * len(GROUPS)} or more")
+    return MemoryPlan(world=world, gpu_mem_gib=gpu_mem_gib, headroom=headroom,
+                      params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
+                      micro_batch=micro, image=image, text_tokens=text_tokens,
+                      checkpointing=par.activation_checkpointing, items=items, activations=act,
+                      warnings=warnings)
+
+
+def parse_image(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image must look like HEIGHTxWIDTH, e.g. 1328x1328 (got {text!r})") from None
+    return h, w
+
+
+def add_plan_arguments(p: Any) -> None:
+    """Options shared by ``twinflow-train plan`` and ``twinflow-lab grid plan``."""
+    p.add_argument("--world", type=int, required=True, help="GPUs (ranks) of the run")
+    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU in GiB (H100 80 GB = 74.5, "
+                   "H200 141 GB = 131.3)")
+    p.add_argument("--image", type=parse_image, default=None, help="HxW of the reference bucket (default: the "
+                   "largest bucket of data.shards' manifest)")
+    p.add_argument("--text-tokens", type=int, default=256, help="prompt embedding length (default 256)")
+    p.add_argument("--arch", choices=("config", "qwen-image"), default="config", help="architecture: the model "
+                   "directory's config.json, or the published Qwen-Image configuration (no model directory needed)")
+    p.add_argument("--headroom", type=float, default=0.1, help="share of the card kept free (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def plan_from_args(cfg: Config, args: Any) -> MemoryPlan:
+    return plan_memory(cfg, world=args.world, gpu_mem_gib=args.gpu_mem_gib, image=args.image,
+                       text_tokens=args.text_tokens, arch=args.arch, headroom=args.headroom)
+
+
+__all__ = ["MemoryPlan", "PlanItem", "plan_memory", "saved_activation_bytes", "sharded_bytes", "meta_transformer",
+           "vit_params", "add_plan_arguments", "plan_from_args"]

@@ -1,0 +1,643 @@
+"""The training loop: ``fit()`` orchestrates, ``train_step()`` does one optimizer step.
+
+Every rank draws the same global batch for a step and takes its micro-batches
+(``data.micro_batch``); all noise and times come from generators seeded by
+(seed, step, micro-batch), so runs are reproducible, resumable bit-for-bit, and
+a 2-process run follows a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
+from ..data.batches import Setup, step_generator
+from ..distributed import checkpoint as ckpt
+from ..distributed.parallel import (Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all,
+                                    shutdown)
+from ..evaluation.evaluate import Evaluator
+from ..method.ema import EmaPairs, ema_apply_, ema_decay, ema_pairs
+from ..method.twinflow import TwinFlow
+from ..models.base import FlowModel
+from ..models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
+from .grads import TermGradients, clip_grads_
+from .lr_policy import LrPolicy
+from .setup import build_setup
+from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
+                     atomic_write_text, truncate_metrics, write_status)
+from ..method.timesamplers import build_time_samplers, dynamic_value
+from .telemetry import WandbMirror
+
+class Diverged(Exception):
+    """The run cannot go on: non-finite values under the configured policy.
+
+    ``step`` and ``stats`` are the step that ended the run and its statistics (logged as evidence)."""
+
+    def __init__(self, message: str, *, step: int, stats: dict[str, Any]):
+        super().__init__(message)
+        self.step = step
+        self.stats = stats
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def preflight_teacher(cfg: Config) -> Path | None:
+    """The base weights' file, checked; None where the model builder loads them itself (the family's
+    ``base_weights_in_model``, e.g. a Qwen-Image model directory)."""
+    from ..assets.teacher import teacher_path
+
+    family = model_family(cfg)
+    family.check_weights(cfg)
+    if family.base_weights_in_model(cfg):
+        if cfg.eval.ema_decay > 0:
+            raise ConfigError(f"eval.ema_decay: the evaluation EMA is not built for {cfg.model.family} base weights "
+                              "read sharded from the model directory; set it to 0")
+        return None
+    tpath = teacher_path(cfg)
+    if tpath.is_dir():
+        raise ConfigError(f"teacher.checkpoint: {tpath} is a directory ({family.teacher_dir_hint})")
+    if not tpath.is_file():
+        hint = ("run `twinflow-train teacher` with the same config first" if cfg.teacher.checkpoint == "auto"
+                else "the path does not exist")
+        raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath} ({hint})")
+    if cfg.teacher.checkpoint == "auto":
+        from ..assets.auxiliary import CacheCorruptError, entry_record
+        try:
+            entry_record(tpath)  # the checksum: a corrupt cached teacher is never loaded
+        except (CacheCorruptError, FileNotFoundError) as e:
+            raise ConfigError(f"teacher.checkpoint: the cached teacher {tpath.parent} is not usable ({e}); "
+                              "`twinflow-train teacher` with the same config rebuilds it") from None
+    return tpath
+
+
+def preflight(cfg: Config, run_dir: Path) -> Path | None:
+    """Everything that can be checked before a single file is written. Returns ``preflight_teacher``'s path."""
+    tpath = preflight_teacher(cfg)
+    if cfg.method.layout == "partitioned":
+        from ..method.twinflow import check_rows_per_rank
+        # the launcher's world size (torchrun sets WORLD_SIZE); one process otherwise
+        world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+        try:
+            check_rows_per_rank(batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum, world=world,
+                                ratios=cfg.method.group_ratios)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.rl.enabled:
+        from ..rl.rewards import check_reward_config
+        check_reward_config(cfg)
+    existing = Path(run_dir) / "config.yaml"
+    if existing.is_file():
+        try:
+            old = from_dict(Config, read_yaml(existing))
+        except ConfigError as e:
+            raise ConfigError(f"{existing}: existing run config does not load ({e}); refusing to overwrite") from None
+        if config_hash(old) != config_hash(cfg):
+            raise ConfigError(f"{run_dir} already holds a run with a different config "
+                              f"({config_hash(old)} != {config_hash(cfg)}); use a new run directory")
+    return tpath
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Counters:
+    nonfinite: int = 0
+    nonfinite_in_a_row: int = 0
+    spikes: int = 0
+    skipped: int = 0
+    best_val: float = math.inf
+    best_step: int = 0
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    """Seconds spent in training steps only (no validation, sampling or checkpoints)."""
+    nonfinite_since_ckpt: int = 0
+
+
+@dataclass
+class Pending:
+    """A step whose update was decided on the device; its host bookkeeping waits for the next read."""
+
+    step: int
+    stats: dict[str, torch.Tensor]
+    bad: torch.Tensor
+    """0-dim float on the device: 1.0 where the step was non-finite on some rank (update skipped)."""
+
+
+@dataclass
+class LogWindow:
+    """What the metrics record of the next log step summarises over the steps since the last one."""
+
+    max_norm: float = 0.0
+    events: dict[str, int] = field(default_factory=dict)
+
+    def add(self, events: dict[str, int], norm: float) -> None:
+        if math.isfinite(norm):
+            self.max_norm = max(self.max_norm, norm)
+        for k, v in events.items():
+            self.events[k] = self.events.get(k, 0) + int(v)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dist: Dist
+    setup: Setup
+    model: nn.Module
+    target: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    method: TwinFlow
+    time_samplers: dict[str, Any]
+    policy: LrPolicy
+    evaluator: Evaluator
+    guidance: Any = None
+    step: int = 0
+    """The last optimizer step completed (what status.json reports on failure)."""
+    counters: Counters = field(default_factory=Counters)
+    eval_ema: nn.Module | None = None
+    """The evaluation EMA of the student (``eval.ema_decay`` > 0): validated, sampled and checkpointed."""
+    fsdp: bool = True
+    """Modules are FSDP2-wrapped (``parallel.use_fsdp``)."""
+    gated: bool = False
+    """Updates are decided on the device (``_gated_update``): no host read on steps that do not log."""
+    pending: list[Pending] = field(default_factory=list)
+    log_window: LogWindow = field(default_factory=LogWindow)
+    _pairs: dict[str, EmaPairs] = field(default_factory=dict)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        extra = {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
+        if self.eval_ema is not None:
+            extra["eval_ema"] = self.eval_ema
+        return extra
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network validation and sample files judge: the evaluation EMA where configured."""
+        return self.eval_ema if self.eval_ema is not None else self.model
+
+    def ema_pairs(self, name: str, ema: nn.Module) -> EmaPairs:
+        """``ema``'s update pairs with the student; cached for plain modules, whose tensors never change
+        (FSDP2 swaps sharded and gathered parameters, so its pairs are rebuilt every time)."""
+        if self.fsdp:
+            return ema_pairs(ema, self.model)
+        if name not in self._pairs:
+            self._pairs[name] = ema_pairs(ema, self.model)
+        return self._pairs[name]
+
+
+def _shard(cfg: Config, d: Dist, module: FlowModel, *, frozen: bool = False) -> nn.Module:
+    return (place_frozen if frozen else parallelize)(module.to(d.device), d.mesh, cfg)
+
+
+def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowModel:
+    """The base model the student starts from (and the teacher it is compared with)."""
+    base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
+    if teacher_weights is not None:
+        base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+    return base
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(module)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
+def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW: the fused kernel for plain tensors (one kernel over every parameter, and it can skip a
+    step on a device flag, see ``_gated_update``); the multi-tensor path for FSDP2's DTensors."""
+    o = cfg.optim
+    plain = not any(hasattr(p, "to_local") for p in params)
+    impl = {"fused": True} if plain else {"foreach": True}
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **impl)
+
+
+def _host_copies(cfg: Config, d: Dist, setup: Setup,
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+    """Student, frozen base, EMA target and evaluation EMA from one base model on the host (models that fit
+    a host)."""
+    base = build_base(cfg, setup, teacher_weights)
+    # the base model never trained E2 (its gate is zero at tt = t): initialise it as the student's, so a
+    # frozen-teacher target sees the teacher's own field at tt != t instead of a random perturbation
+    base.init_target_time_embedding(cfg.model.tt_init, generator=step_generator(cfg.run.seed, 0xE2))
+    student = copy.deepcopy(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    teacher = _shard(cfg, d, base, frozen=True).eval()
+    ema = None
+    if cfg.method.target == "ema":
+        ema = _shard(cfg, d, _frozen_copy(student), frozen=True).eval()
+    eval_ema = _shard(cfg, d, _frozen_copy(student), frozen=True).eval() if cfg.eval.ema_decay > 0 else None
+    return _shard(cfg, d, student), teacher, ema, eval_ema
+
+
+def build_copies(cfg: Config, d: Dist, setup: Setup,
+                 teacher_weights: Path | None) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+    """(student, frozen base, EMA target or None, evaluation EMA or None); base weights that the model holds
+    itself are read sharded where the family can (``ModelFamily.sharded_copies``), never whole."""
+    family = model_family(cfg)
+    if family.base_weights_in_model(cfg) and family.sharded_copies is not None:
+        c = family.sharded_copies(cfg, mesh=d.mesh, device=d.device, latent_shape=setup.data.latent_shape,
+                                  with_ema=cfg.method.target == "ema")
+        if c is not None:
+            return c.student, c.teacher, c.ema, None
+    return _host_copies(cfg, d, setup, teacher_weights)
+
+
+def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
+    setup = build_setup(cfg, device=d.device)
+    model, teacher, ema, eval_ema = build_copies(cfg, d, setup, teacher_weights)
+    target = {"ema": lambda: ema, "student": lambda: model, "frozen": lambda: teacher}[cfg.method.target]()
+    o = cfg.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]  # adapters may freeze dead parameters
+    optimizer = build_optimizer(cfg, trainable)
+    guidance = None
+    if cfg.rl.enabled:
+        from ..rl.guidance import RewardGuidance
+        from ..rl.rewards import build_reward
+        guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
+    samplers = build_time_samplers(cfg.renoise)
+    return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
+               method=TwinFlow(cfg.method, time_samplers=samplers,
+                               with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
+               policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
+               evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
+               fsdp=uses_fsdp(cfg, world=d.world),
+               gated=optimizer.defaults.get("fused") is True and not cfg.schedule.spike.enabled)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
+    """Forward/backward over this rank's micro-batches and the pre-clip norm; no optimizer update."""
+    cfg, d = run.cfg, run.dist
+    accum = cfg.data.grad_accum
+    count = accum * d.world
+    run.model.train()
+    terms = None
+    if run.guidance is not None:
+        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping
+        log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
+        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
+        terms.start(split=log_step or run.guidance.param_clip_norm is not None)
+    sums: dict[str, torch.Tensor] = {}
+    for a in range(accum):
+        index = a * d.world + d.rank
+        x, cond = run.setup.data.micro_batch(step=step, index=index, count=count)
+        gen = step_generator(cfg.run.seed, step, index, device=d.device)
+        out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
+        micro = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
+        if hasattr(run.model, "set_requires_gradient_sync"):
+            run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
+        if terms is not None:
+            rl = run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=step)
+            terms.backward(twinflow=out.loss, rl=rl.loss, rl_weight=rl.weight, scale=1.0 / accum)
+            micro.update({k: v.detach() for k, v in rl.stats.items()})
+            # the surrogate's value means little alone, but a non-finite reward must trip the non-finite policy
+            micro["loss/total"] = out.loss.detach() + rl.weight * rl.loss.detach()
+        else:
+            (out.loss / accum).backward()
+            micro["loss/total"] = out.loss.detach()
+        for k, v in micro.items():
+            sums[k] = sums.get(k, 0.0) + v.float() / accum  # stays on the device: read on log steps only
+    if terms is not None:
+        sums.update({k: v.float() for k, v in terms.finish().items()})  # already global over ranks
+    norm = clip_grads_(run.model.parameters(), max_norm=cfg.optim.max_grad_norm)  # pre-clip global norm
+    sums["grad_norm/total"] = norm.detach().float()
+    return sums
+
+
+_GLOBAL_PREFIXES = ("grad_norm/", "grad_cos/", "rl/share", "rl/clip_coef")
+
+
+def _is_global(key: str) -> bool:
+    """Telemetry already reduced over ranks (gradient statistics); the rest is averaged on log steps."""
+    return key.startswith(_GLOBAL_PREFIXES)
+
+
+def _bad_flag(run: Run, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1.0 where the step's loss or pre-clip norm is non-finite on any rank (0-dim, on the device)."""
+    ok = torch.isfinite(stats["loss/total"]).all() & torch.isfinite(stats["grad_norm/total"])
+    return agree_bad_flag((~ok).float(), run.dist.device)
+
+
+def _apply_update(run: Run, step: int, stats: dict[str, torch.Tensor]) -> None:
+    """Decide on the step's update: non-finite policy, spike policy, optimizer and EMAs.
+
+    Gated runs (fused optimizer, no spike policy) decide on the device: the optimizer skips the
+    step on the non-finite flag and the EMAs are gated by it, so nothing is read back; the counters,
+    events and a ``Diverged`` stop follow at the next log, validation or checkpoint step
+    (``_settle``), replaying every pending step in order with the same rules. Otherwise the flag
+    and the norm are read here, one host synchronisation per step: the spike policy needs every
+    norm in its host-side window before it can decide whether this very update is skipped and what
+    the next step's learning rate is, and the multi-tensor optimizer has no device-side skip.
+    """
+    bad = _bad_flag(run, stats)
+    if run.gated:
+        _gated_update(run, step, bad)
+        run.pending.append(Pending(step=step, stats=stats, bad=bad))
+        return
+    flag, norm = torch.stack([bad, stats["grad_norm/total"]]).tolist()  # the one host read of this step
+    events = _account(run, step, stats, bad=flag > 0, norm=norm)
+    if events["event/skipped"]:
+        run.optimizer.zero_grad(set_to_none=True)
+        return
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _update_emas(run, step, gate=None)
+
+
+def _gated_update(run: Run, step: int, bad: torch.Tensor) -> None:
+    # the fused AdamW kernel skips parameters, moments and step count where found_inf is non-zero
+    run.optimizer.found_inf = bad  # type: ignore[attr-defined]
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _update_emas(run, step, gate=1.0 - bad)
+
+
+def _update_emas(run: Run, step: int, *, gate: torch.Tensor | None) -> None:
+    cfg = run.cfg
+    if run.fsdp and (cfg.method.target == "ema" or run.eval_ema is not None):
+        reshard_all(run.model)  # the student's last block may still hold gathered weights from a no-grad forward
+    if cfg.method.target == "ema":
+        ema_apply_(run.ema_pairs("target", run.target), ema_decay(step - 1, cfg.method.ema_decay), gate=gate)
+    if run.eval_ema is not None:
+        ema_apply_(run.ema_pairs("eval_ema", run.eval_ema), ema_decay(step - 1, cfg.eval.ema_decay), gate=gate)
+
+
+def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: float) -> dict[str, int]:
+    """Host bookkeeping of one step's update decision: counters, ``Diverged``, spike policy; the events."""
+    cfg, c = run.cfg, run.counters
+    events = {"event/nonfinite": 0, "event/spike": 0, "event/decay": 0, "event/skipped": 0}
+    if bad:
+        c.nonfinite += 1
+        c.nonfinite_in_a_row += 1
+        c.nonfinite_since_ckpt += 1
+        events["event/nonfinite"] = 1
+        events["event/skipped"] = 1
+        reason = None
+        if cfg.run.nonfinite == "stop":
+            reason = f"non-finite loss or gradient at step {step}"
+        elif c.nonfinite_in_a_row >= cfg.run.max_nonfinite:
+            reason = f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})"
+        if reason is not None:
+            run.step = step - 1  # the last completed step, as if the run had stopped right there
+            raise Diverged(reason, step=step, stats=stats)
+    else:
+        c.nonfinite_in_a_row = 0
+        events.update(run.policy.observe_grad_norm(step, norm))
+        c.spikes += events["event/spike"]
+        if events["event/skipped"]:
+            c.skipped += 1
+    run.log_window.add(events, norm)
+    return events
+
+
+def _settle(run: Run) -> None:
+    """Host bookkeeping of the gated steps since the last read: one read for all of them."""
+    if not run.pending:
+        return
+    pending, run.pending = run.pending, []
+    values = torch.stack([torch.stack([p.bad, p.stats["grad_norm/total"]]) for p in pending]).tolist()
+    for p, (flag, norm) in zip(pending, values):
+        _account(run, p.step, p.stats, bad=flag > 0, norm=norm)
+
+
+# --------------------------------------------------------------------------- validation & files
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    model = run.eval_model
+    model.eval()
+    rec: dict[str, float] = {"val/loss": run.evaluator.val_loss(model)}
+    rec.update(run.evaluator.student_metrics(model))
+    rec.update(run.policy.observe_val(rec["val/loss"]))
+    return rec
+
+
+def write_samples(run: Run, run_dir: Path, tag: str) -> None:
+    from ..data.imaging import save_samples
+
+    labels = next(iter(run.setup.sample_cond.values())).cpu()
+    for nfe in run.cfg.eval.nfe:
+        images = run.evaluator.sample_files_student(run.eval_model, nfe)
+        if run.dist.is_main:
+            save_samples(run_dir / "samples" / f"{tag}-nfe{nfe}", images.cpu(), labels)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False) -> int:
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
+
+    ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
+    (an event in metrics.jsonl) instead of failing.
+    """
+    run_dir = Path(run_dir)
+    tpath = preflight(cfg, run_dir)  # raises before anything is written
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    d = init_distributed(cfg.run, cfg.parallel)
+    chash = config_hash(cfg)
+    run: Run | None = None
+    writer: MetricsWriter | None = None
+    try:
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            write_status(run_dir, "running", step=0, config_hash=chash)
+        barrier()
+        run = build_run(cfg, d, tpath)
+        run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt)
+        if d.is_main:
+            mirror = None
+            if cfg.telemetry.wandb != "off":
+                mirror = WandbMirror(mode=cfg.telemetry.wandb, project=cfg.telemetry.project, group=cfg.telemetry.group,
+                                     name=cfg.telemetry.name, run_dir=run_dir, config=to_dict(cfg))
+            writer = MetricsWriter(run_dir / "metrics.jsonl", mirror=mirror)
+            for event in events:
+                print(f"twinflow-train: {event['event']} at step {event['step']}"
+                      f"{' from ' + event['checkpoint'] if event['checkpoint'] else ''}: {event['reason']}", flush=True)
+                writer.write(event)
+        _loop(run, run_dir, writer, start=run.step, progress=progress)
+        if d.is_main:
+            write_status(run_dir, "done", step=run.step, config_hash=chash)
+        return EXIT_DONE
+    except Diverged as e:
+        if d.is_main:
+            write_status(run_dir, "diverged", step=run.step if run else 0, reason=str(e), config_hash=chash)
+        print(f"twinflow-train: run diverged: {e}", flush=True)
+        return EXIT_DIVERGED
+    except Exception as e:  # recorded for the harness, then re-raised for the traceback
+        if d.is_main and run_dir.is_dir():
+            try:
+                write_status(run_dir, "failed", step=run.step if run else 0, reason=f"{type(e).__name__}: {e}",
+                             config_hash=chash)
+            except OSError as status_error:  # a full disk may refuse this too; the log and exit code still say it
+                print(f"twinflow-train: could not record the failure in status.json: {status_error}", flush=True)
+        if isinstance(e, ckpt.CheckpointError):
+            print(f"twinflow-train: {e}", flush=True)
+        else:
+            traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        if writer is not None:
+            writer.close()
+        shutdown()
+
+
+def _resume(run: Run, run_dir: Path, *, restart_on_corrupt: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest checkpoint that verifies; returns its step and the event records to log."""
+    point, events = ckpt.choose_resume_point(run_dir, restart_on_corrupt=restart_on_corrupt)
+    if point.path is None:
+        if run.dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run with no checkpoint starts clean
+        return 0, events
+    state = ckpt.load_checkpoint(point.path, model=run.model, optimizer=run.optimizer,
+                                 extra_modules=run.extra_modules())
+    run.counters = Counters(**state["counters"])
+    run.policy.load_state_dict(state["policy"])
+    if run.guidance is not None and "guidance" in state:
+        run.guidance.load_state_dict(state["guidance"])
+    step = int(state["step"])
+    if run.dist.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", last_step=step)
+    return step, events
+
+
+def _save(run: Run, run_dir: Path, step: int) -> None:
+    c = run.counters
+    state = {"step": step, "counters": vars(c).copy(), "policy": run.policy.state_dict(),
+             "config_hash": config_hash(run.cfg)}
+    if run.guidance is not None:
+        state["guidance"] = run.guidance.state_dict()
+    latest = run_dir / "checkpoints" / "latest"
+    ckpt.save_checkpoint(latest, fmt=run.cfg.checkpoint.format, model=run.model, optimizer=run.optimizer,
+                         extra_modules=run.extra_modules(), state=state, step=step,
+                         keep_latest_k=run.cfg.checkpoint.keep_latest_k)
+    if run.cfg.checkpoint.keep_last_good and c.nonfinite_since_ckpt == 0:
+        ckpt.copy_checkpoint(latest, run_dir / "checkpoints" / "last_good")
+    c.nonfinite_since_ckpt = 0
+    barrier()
+
+
+def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, progress: bool) -> int:
+    cfg, d, c = run.cfg, run.dist, run.counters
+    total = cfg.run.steps
+    fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    t_start = time.perf_counter()
+    wall0 = c.wall_s
+    if start == 0 and cfg.eval.teacher:
+        rec = {"step": 0, "kind": "teacher", **run.evaluator.teacher_metrics(run.teacher)}
+        if writer:
+            writer.write(rec)
+    bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
+    t_log, steps_since_log = time.perf_counter(), 0
+    run.log_window = LogWindow()
+    step = start
+    for step in range(start + 1, total + 1):
+        run.step = step - 1
+        if step == fault:
+            raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        t_step = time.perf_counter()
+        lr = run.policy.lr(step)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        stats = train_step(run, step)
+        try:
+            _apply_update(run, step, stats)
+            c.train_s += time.perf_counter() - t_step
+            last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
+            is_log = step % cfg.run.log_every == 0 or last
+            is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
+            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
+            if is_log or is_val or is_ckpt:
+                _settle(run)  # every gated step is accounted for before anything is logged or saved
+        except Diverged as e:
+            if writer:  # the step that ended the run is evidence: log it before stopping
+                writer.write({"step": e.step, "kind": "train", **{k: float(v) for k, v in e.stats.items()},
+                              "event/nonfinite": 1, "event/skipped": 1, "count/nonfinite": c.nonfinite,
+                              "time/wall_s": c.wall_s, "time/train_s": c.train_s})
+            raise
+        steps_since_log += 1
+        c.wall_s = wall0 + (time.perf_counter() - t_start)
+        bar.update(1)
+        if is_log:
+            now = time.perf_counter()
+            norm = float(stats["grad_norm/total"])
+            window, run.log_window = run.log_window, LogWindow()
+            rec: dict[str, Any] = {"step": step, "kind": "train"}
+            # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
+            rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not _is_global(k)}))
+            rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
+            rec.update({"grad_norm/max": window.max_norm, "lr": run.policy.lr(step),
+                        "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
+                        "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
+                        "time/train_s": c.train_s})
+            rec.update(window.events)
+            bias = dynamic_value(run.time_samplers, step)  # one dynamic schedule drives every time it applies to
+            if bias is not None:
+                rec["renoise/bias"] = bias
+            if writer:
+                writer.write(rec)
+            bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
+            t_log, steps_since_log = now, 0
+        if is_val:
+            rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s,
+                   "time/train_s": c.train_s}
+            if rec["val/loss"] < c.best_val:
+                c.best_val, c.best_step = rec["val/loss"], step
+                ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.eval_model)
+            rec["val/best_loss"] = c.best_val
+            if writer:
+                writer.write(rec)
+        if is_ckpt:
+            if writer:
+                writer.sync()
+            _save(run, run_dir, step)
+        run.step = step
+        if last:
+            break
+    bar.close()
+    _finish(run, run_dir)
+    return step
+
+
+def _agree_budget_spent(run: Run) -> bool:
+    """Rank 0's clock decides, so every rank stops at the same step."""
+    spent = torch.tensor([float(run.counters.train_s >= run.cfg.run.max_train_s)])
+    if run.dist.world > 1:
+        torch.distributed.broadcast(spent, src=0)
+    return bool(spent.item())
+
+
+def _finish(run: Run, run_dir: Path) -> None:
+    """Sample files: final weights, best weights, and the teacher, on the same noise and prompts."""
+    from ..data.imaging import save_samples
+
+    run.eval_model.eval()
+    write_samples(run, run_dir, "final")
+    best = run_dir / "checkpoints" / "best" / "weights.pt"
+    if best.is_file():
+        ckpt.load_weights(best, run.eval_model)
+        write_samples(run, run_dir, "best")
+    images = run.evaluator.sample_files_teacher(run.teacher)
+    if run.dist.is_main:
+        labels = next(iter(run.setup.sample_cond.values())).cpu()
+        save_samples(run_dir / "samples" / "teacher", images.cpu(), labels)
