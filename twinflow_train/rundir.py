@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -96,6 +97,26 @@ def fsync_tree(root: str | Path) -> None:
                 os.fsync(f.fileno())
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
         fsync_dir(d)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temp directory beside ``path`` to fill; on success its tree is fsynced and renamed onto
+    ``path`` (absent, or an empty directory), and the parent fsynced. On an exception the temp directory is
+    removed and ``path`` is as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextmanager

@@ -27,8 +27,6 @@ import argparse
 import io
 import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Iterator
 
 import torch
 
-from ..rundir import fsync_dir, fsync_tree
+from ..rundir import atomic_dir
 
 FORMAT = "twinflow-latent-shards"
 VERSION = 1
@@ -261,11 +259,7 @@ def encode_dataset(*, pipeline: Path, items: Iterator[Item], total: int, out: Pa
             codec.latent_shape_for(*b)
         except ValueError as e:
             raise EncodeError(f"--buckets: {b[0]}x{b[1]}: {e}") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         writers = {b: BucketWriter(tmp, b[0], b[1], shard_rows, latent_dtype, embed_dtype) for b in buckets}
         pending: dict[tuple[int, int], list[tuple[torch.Tensor, Item]]] = {b: [] for b in buckets}
 
@@ -307,12 +301,6 @@ def encode_dataset(*, pipeline: Path, items: Iterator[Item], total: int, out: Pa
                          "files": w.files} for w in used],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        fsync_tree(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

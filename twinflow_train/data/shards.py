@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..models.base import Cond
-from .batches import Setup, step_generator
+from .batches import step_generator
 
 _SPLIT, _EPOCH_PLAN, _EPOCH_ROWS = 0x5917, 0xE90C, 0x20E5
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import SamplerConfig
-from ..rundir import fsync_dir, fsync_tree
+from ..rundir import atomic_dir
 
 ExportMode = Literal["few", "mul"]
 
@@ -82,11 +82,7 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
         return None
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new directory (nothing is overwritten)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         arch = {k: v for k, v in inner.config.items() if not k.startswith("_")}
         arch["default_target_time"] = {"few": "zero", "mul": "same"}[mode]
         with torch.device("meta"):
@@ -120,12 +116,6 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
                 "base_pipeline": str(Path(base_pipeline).resolve()) if base_pipeline is not None else None,
                 "source": source or {}}
         (tmp / "twinflow.json").write_text(json.dumps(info, indent=1) + "\n")
-        fsync_tree(tmp)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
