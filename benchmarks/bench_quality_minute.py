@@ -10,6 +10,11 @@ steps done and the training seconds (``time/train_s``, wall clock: inflated on a
 machine, so the load average at the start is printed too).
 
     python benchmarks/bench_quality_minute.py [--ema 0 0.995 0.998] [--n-samples 2000] [--parallel 2]
+        [--variant NAME KEY=VALUE ...] [--seeds 0 1]
+
+``--variant`` (repeatable) adds arms with extra overrides beside the committed config (e.g.
+``--variant bf16 parallel.fsdp=never parallel.mixed_precision=bf16``); with variants the
+committed config itself is the arm ``committed``. ``--seeds`` repeats every arm per seed.
 """
 
 from __future__ import annotations
@@ -48,29 +53,41 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[])
     p.add_argument("--out", type=Path, default=None, help="keep the run directories here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                   help="an arm beside the committed config: its name, then its overrides (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run.seed values (default: the config's)")
     args = p.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-qpm-") as tmp:
         root = args.out or Path(tmp)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        todo = list(args.ema)
+        variants = [("committed", [])] + [(v[0], v[1:]) for v in args.variant]
+        seeds = args.seeds or [None]
+        todo = []
+        for name, extra in variants if args.variant else variants[:1]:
+            for decay in args.ema:
+                for seed in seeds:
+                    label = f"eval.ema_decay={decay}" + (f" {name}" if args.variant else "") + (
+                        "" if seed is None else f" run.seed={seed}")
+                    todo.append((label, [f"eval.ema_decay={decay}", *extra] + ([] if seed is None else
+                                                                              [f"run.seed={seed}"])))
         results: dict[str, dict] = {}
         while todo:
             batch, todo = todo[:args.parallel], todo[args.parallel:]
             procs = []
-            for decay in batch:
-                run_dir = root / f"ema-{decay}"
+            for label, over in batch:
+                run_dir = root / label.replace(" ", "_").replace("=", "-")
                 cmd = [sys.executable, "-m", "twinflow_train.cli", "fit", "--no-progress", "--config", str(args.config),
                        "--run-dir", str(run_dir), "run.threads=1", f"eval.n_samples={args.n_samples}",
-                       f"eval.ema_decay={decay}", *args.override]
-                procs.append((decay, run_dir, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                       *args.override, *over]
+                procs.append((label, run_dir, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                                                 stderr=subprocess.PIPE, text=True)))
-            for decay, run_dir, proc in procs:
+            for label, run_dir, proc in procs:
                 _, err = proc.communicate()
                 if proc.returncode != 0:
-                    raise SystemExit(f"bench_quality_minute: arm eval.ema_decay={decay} failed:\n{err[-3000:]}")
-                results[f"eval.ema_decay={decay}"] = summarise(run_dir)
-                print(f"eval.ema_decay={decay}:", json.dumps(results[f"eval.ema_decay={decay}"]), flush=True)
+                    raise SystemExit(f"bench_quality_minute: arm {label} failed:\n{err[-3000:]}")
+                results[label] = summarise(run_dir)
+                print(f"{label}:", json.dumps(results[label]), flush=True)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -25,6 +25,7 @@ warm caches: an optimistic lower bound, and ``base / floor(new)`` bounds the rat
 removal of overhead could reach without less arithmetic.
 
     python benchmarks/bench_step.py [--base 26d7949] [--steps 200] [--reps 3] [--threads 1] [--no-floor]
+        [--new-override parallel.fsdp=never --new-override parallel.mixed_precision=bf16]
 
 The teacher must be cached for the config (``twinflow-train teacher --config ...``);
 both versions are pointed at that one weights file (``teacher.checkpoint``), so a changed
@@ -108,12 +109,12 @@ def worker(args: argparse.Namespace) -> None:
 _PRODUCTS = ("addmm", "mm", "bmm")
 
 
-def record_products(step) -> list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...]]], int]]:
-    """(op, [(shape, stride) of each tensor argument], flop) of every matrix product ``step()`` issues."""
+def record_products(step) -> list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...], str]], int]]:
+    """(op, [(shape, stride, dtype) of each tensor argument], flop) of every matrix product ``step()`` issues."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen: list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...]]], int]] = []
+    seen: list[tuple[str, list[tuple[tuple[int, ...], tuple[int, ...], str]], int]] = []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -122,7 +123,8 @@ def record_products(step) -> list[tuple[str, list[tuple[tuple[int, ...], tuple[i
                 tensors = [a for a in args if isinstance(a, torch.Tensor)]
                 a, b = tensors[-2], tensors[-1]
                 flop = 2 * a.numel() * b.shape[-1]
-                seen.append((name, [(tuple(t.shape), tuple(t.stride())) for t in tensors], flop))
+                seen.append((name, [(tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch."))
+                                    for t in tensors], flop))
             return func(*args, **(kwargs or {}))
 
     with Record():
@@ -134,10 +136,11 @@ def replay_products(products, *, reps: int = 20) -> float:
     """CPU seconds of one step's matrix products alone, replayed back to back (median of ``reps``)."""
     import torch
 
-    def like(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    def like(shape: tuple[int, ...], stride: tuple[int, ...], dtype: str) -> torch.Tensor:
+        dt = getattr(torch, dtype)
         if len(shape) == 2 and stride[0] == 1 and stride[1] != 1:  # a transposed view (weights, backward)
-            return torch.randn(shape[1], shape[0]).t()
-        return torch.randn(shape)
+            return torch.randn(shape[1], shape[0], dtype=dt).t()
+        return torch.randn(shape, dtype=dt)
 
     calls = [(getattr(torch, name), [like(*layout) for layout in layouts]) for name, layouts, _ in products]
     times = []
@@ -192,6 +195,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions per version, interleaved")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--override", action="append", default=[], help="extra key=value for both versions")
+    p.add_argument("--new-override", action="append", default=[],
+                   help="extra key=value for this tree only: an option the base does not have (e.g. "
+                        "parallel.fsdp=never with parallel.mixed_precision=bf16)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the matrix-product floor (measured in each version's first repetition)")
@@ -208,7 +214,8 @@ def main() -> None:
         for rep in range(args.reps):
             order = ["base", "new"] if rep % 2 == 0 else ["new", "base"]
             for name in order:
-                results[name].append(run_worker(trees[name], args, overrides, floor=args.floor and rep == 0))
+                over = overrides + (args.new_override if name == "new" else [])
+                results[name].append(run_worker(trees[name], args, over, floor=args.floor and rep == 0))
                 r = results[name][-1]
                 floor = f", matrix products alone {1e3 * r['floor_s_per_step']:.1f} ms" if "floor_s_per_step" in r else ""
                 print(f"rep {rep + 1} {name:4s}: {1e3 * r['cpu_s_per_step']:.1f} ms CPU/step "
@@ -220,7 +227,8 @@ def main() -> None:
     rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
     first_steps = min(20, len(diffs))
     summary = {
-        "base": args.base, "config": str(args.config), "steps": args.steps, "warmup": args.warmup, "reps": args.reps,
+        "base": args.base, "config": str(args.config), "new_overrides": args.new_override, "steps": args.steps,
+        "warmup": args.warmup, "reps": args.reps,
         "threads": args.threads, "cpu_ms_per_step": {k: 1e3 * v for k, v in cpu.items()},
         "wall_ms_per_step": {k: 1e3 * v for k, v in wall.items()},
         "speedup_cpu": cpu["base"] / cpu["new"], "speedup_wall": wall["base"] / wall["new"],

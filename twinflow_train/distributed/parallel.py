@@ -1,7 +1,8 @@
 """Process groups, device mesh and FSDP2 placement shared by every model family.
 
 The trainer runs under FSDP2 whenever it needs it (``parallel.fsdp``): at world
-size > 1, under bf16 mixed precision, and for the Qwen-Image family. A 1-process
+size > 1, under bf16 mixed precision (unless ``never`` asks for plain modules, which
+take a bf16 autocast instead), and for the Qwen-Image family. A 1-process
 run of the small default model keeps plain modules by default: FSDP2's pre- and
 post-forward hooks, DTensor parameters and the single-tensor optimizer path they
 force cost more than the model's arithmetic there. ``parallel.fsdp: always``
@@ -11,8 +12,10 @@ use it by default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -92,10 +95,26 @@ def use_fsdp(par: ParallelConfig, *, world: int, fsdp_in_one_process: bool) -> b
 
 def place_plain(model: nn.Module, par: ParallelConfig, *, frozen: bool) -> nn.Module:
     """The 1-process placement without FSDP2: the module itself, with activation checkpointing on
-    its blocks when configured (a trainable model only: no-grad copies never run backward)."""
+    its blocks when configured (a trainable model only: no-grad copies never run backward). Under
+    ``mixed_precision: bf16`` its output comes back in fp32: the step runs its forwards in
+    ``forward_precision``'s bf16 autocast, and the method's arithmetic on the outputs stays fp32."""
     if par.activation_checkpointing and not frozen:
         model.enable_activation_checkpointing()
+    if par.mixed_precision == "bf16":
+        model.register_forward_hook(_fp32_output)
     return model
+
+
+def _fp32_output(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def forward_precision(par: ParallelConfig, *, device: torch.device, fsdp: bool) -> ContextManager:
+    """The context of a step's forwards: a bf16 autocast for plain modules under ``mixed_precision: bf16``
+    (matrix products in bf16, weights and gradients fp32); nothing otherwise (FSDP2 applies its own policy)."""
+    if fsdp or par.mixed_precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, par: ParallelConfig, *,

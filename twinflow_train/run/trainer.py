@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
 from ..data.batches import Setup, step_generator
 from ..distributed import checkpoint as ckpt
-from ..distributed.parallel import (Dist, agree_bad_flag, barrier, init_distributed, mean_over_ranks, reshard_all,
-                                    shutdown)
+from ..distributed.parallel import (Dist, agree_bad_flag, barrier, forward_precision, init_distributed, mean_over_ranks,
+                                    reshard_all, shutdown)
 from ..evaluation.evaluate import Evaluator
 from ..method.ema import EmaPairs, ema_apply_, ema_decay, ema_pairs
 from ..method.twinflow import TwinFlow
@@ -300,12 +300,14 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
         index = a * d.world + d.rank
         x, cond = run.setup.data.micro_batch(step=step, index=index, count=count)
         gen = step_generator(cfg.run.seed, step, index, device=d.device)
-        out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
+        with forward_precision(cfg.parallel, device=d.device, fsdp=run.fsdp):
+            out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
+            rl = None if terms is None else run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen,
+                                                              rect_grad=out.rect_grad, step=step)
         micro = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
         if hasattr(run.model, "set_requires_gradient_sync"):
             run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
         if terms is not None:
-            rl = run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=step)
             terms.backward(twinflow=out.loss, rl=rl.loss, rl_weight=rl.weight, scale=1.0 / accum)
             micro.update({k: v.detach() for k, v in rl.stats.items()})
             # the surrogate's value means little alone, but a non-finite reward must trip the non-finite policy

@@ -42,8 +42,8 @@ def test_fsdp_is_used_where_needed_only():
 def test_fsdp_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="parallel.fsdp"):
         load_config(None, ["parallel.fsdp=sometimes"])
-    with pytest.raises(ConfigError, match="mixed_precision"):
-        load_config(None, ["parallel.fsdp=never", "parallel.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match="parallel.mixed_precision"):
+        load_config(None, ["parallel.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="eval.ema_decay"):
         load_config(None, ["eval.ema_decay=1.0"])
 
@@ -255,6 +255,52 @@ def test_eval_ema_is_validated_checkpointed_and_resumes_exactly(tiny_overrides, 
     if min(vals, key=lambda r: r["val/loss"])["step"] == vals[-1]["step"]:
         best = torch.load(ref / "checkpoints" / "best" / "weights.pt", map_location="cpu", weights_only=True)
         assert all(torch.equal(best[k], state["extra"]["eval_ema"][k]) for k in best)
+
+
+@pytest.mark.slow
+def test_plain_bf16_runs_the_products_in_bf16_and_follows_fp32(tiny_overrides, tmp_path):
+    """``fsdp: never`` + ``mixed_precision: bf16``: plain modules, the step's matrix products in bf16 (an
+    autocast), fp32 weights, gradients and model outputs; the losses follow the fp32 run's to bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from twinflow_train.distributed.parallel import init_distributed, shutdown
+    from twinflow_train.run.trainer import preflight_teacher
+
+    over = tiny_overrides + ["run.val_every=0", "run.ckpt_every=0", "eval.teacher=false"]
+    bf16 = over + ["parallel.fsdp=never", "parallel.mixed_precision=bf16"]
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm):
+                self.dtypes.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(None, bf16)
+    d = init_distributed(cfg.run, cfg.parallel)
+    try:
+        run = trainer.build_run(cfg, d, preflight_teacher(cfg))
+        assert not run.fsdp
+        with Products() as seen:
+            stats = trainer.train_step(run, 1)
+        assert seen.dtypes == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+                   for p in run.model.parameters() if p.grad is not None)
+        x, cond = run.setup.data.micro_batch(step=1, index=0, count=1)
+        t = torch.full((x.shape[0],), 0.5)
+        assert run.model(x, t, t, cond).dtype == torch.float32 and torch.isfinite(stats["loss/total"])
+    finally:
+        shutdown()
+    runs = {}
+    for name, extra in (("fp32", over), ("bf16", bf16)):
+        runs[name] = tmp_path / name
+        assert fit(load_config(None, extra), runs[name], progress=False) == EXIT_DONE
+    a, b = _train(runs["fp32"]), _train(runs["bf16"])
+    assert [r["loss/total"] for r in b] == pytest.approx([r["loss/total"] for r in a], rel=0.02)
+    assert [r["loss/total"] for r in b] != [r["loss/total"] for r in a]  # really another precision
 
 
 @pytest.mark.gpu
