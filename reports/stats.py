@@ -324,11 +324,18 @@ def fmt_int(x: float | None) -> str:
 
 def fmt_fold(r: float) -> str:
     """A fold change: 'x1.02', 'x3.4', 'x21', 'x0.052', 'x3.4e14' (three significant digits near 1, where a
-    2% change matters; two elsewhere)."""
+    2% change matters; two elsewhere; within 1% of 1, two significant digits of the change: 'x1.00045',
+    'x0.9962')."""
     if r is None or not math.isfinite(r):
         return "—"
     if r <= 0:
         return f"x{fmt_num(r)}"
+    if 0 < abs(r - 1) < 0.01:
+        # within 1% of no change: enough decimals for two significant digits of the change (x1.00045, not x1)
+        if abs(r - 1) < 1e-6:
+            return f"x{r:.6f}"
+        decimals = max(3, 1 - math.floor(math.log10(abs(r - 1))))
+        return f"x{r:.{decimals}f}"
     if 0.1 <= r < 10:
         return f"x{r:.3g}"
     if 10 <= r < 1e4:

@@ -111,6 +111,8 @@ class PartResult:
         a mean. The one wording the table, the sentences and the figure's reader see."""
         if not math.isfinite(self.mean):
             return "n/a"
+        if self.n >= 2 and self.sd == 0 and self.mean == 0:
+            return "none: equal values on every seed"
         fmt = fmt_fold if self.fold else (lambda v: fmt_num(v, signed=True))
         lo, hi = self.effect_interval
         interval = f"[{fmt(lo)}, {fmt(hi)}]" if math.isfinite(self.lo) and math.isfinite(self.hi) else "[n/a]"
@@ -119,6 +121,8 @@ class PartResult:
     def mde_text(self) -> str:
         if not math.isfinite(self.mde):
             return "n/a"
+        if self.sd == 0:
+            return "any (the paired differences do not vary)"
         return f"{fmt_fold(math.exp(self.mde))} either way" if self.fold else f"±{fmt_num(self.mde)}"
 
 

@@ -117,9 +117,31 @@ def test_paired_effects_against_an_arm_and_against_the_teacher():
     assert r.n == 0 and r.verdict == "inconclusive" and r.excluded == ("no run of this grid logged val/gold_nfe4",)
 
 
+def test_equal_runs_read_as_no_effect_not_as_a_tiny_interval():
+    """Two arms whose runs give the same value on every seed (a clip that never binds): the effect is named as
+    none, and no detectable size is claimed from a spread of zero."""
+    data = _grid()
+    same = Claim("same", (_test(baseline="a", treatment="a2", metric="grad_norm/max", baseline_metric="grad_norm/max",
+                                reduce="max", scale="log"),))
+    m = data.metrics
+    twin = m[m["arm"] == "a"].assign(arm="a2")
+    st = data.statuses
+    data = prepare(name="g", metrics=pd.concat([m, twin]),
+                   statuses=pd.concat([st, st[st["arm"] == "a"].assign(arm="a2")]))
+    r = evaluate_test(data, same, 0)
+    assert r.n == 3 and r.sd == 0 and r.verdict == "inconclusive"
+    assert r.effect_text() == "none: equal values on every seed"
+    assert r.mde_text() == "any (the paired differences do not vary)"
+    shifted = evaluate_test(_grid(), Claim("x", (_test(metric="val/gold_nfe2", baseline_metric="val/gold_nfe2"),)), 0)
+    assert shifted.sd > 0 and shifted.effect_text().startswith("+")  # varying differences keep the interval
+
+
 def test_fold_changes_beyond_ten_times():
     assert [fmt_fold(x) for x in (3.4e14, 3449.0, 21.0, 9.96, 3.4, 1.02, 0.052, 1.2e-5)] == \
         ["x3.4e14", "x3400", "x21", "x9.96", "x3.4", "x1.02", "x0.052", "x1.2e-5"]
+    # within 1% of no change the change itself keeps two significant digits: x1.00045 is not x1
+    assert [fmt_fold(x) for x in (1.000453, 0.99994, 0.9962, 1.0, 1 - 2.4e-8)] == \
+        ["x1.00045", "x0.999940", "x0.9962", "x1", "x1.000000"]
     rel = {"mode": "rel"}
     # a ratio of 3.4e14 is a fold change, never "+34000000000000000%"; the interval follows the estimate
     assert fmt_diff({**rel, "estimate": 3.4e14 - 1, "lo": 11.0, "hi": 8.1e15}) == "x3.4e14 [x12, x8.1e15]"
