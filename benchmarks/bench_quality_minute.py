@@ -1,7 +1,7 @@
 """Quality per minute: the committed digits run, with and without the evaluation EMA.
 
 Each arm is ``twinflow-train fit --config CONFIG`` as committed (its ``run.steps`` and
-``run.val_every``; 1,500 steps are about two minutes of one core on a quiet machine),
+``run.val_every``; its 2,400 steps are about two minutes of one core on a quiet machine),
 with ``eval.n_samples`` raised for steadier FD, one thread, in its own subprocess; arms
 run ``--parallel`` at a time. Reported per arm, from its ``metrics.jsonl``: the teacher's
 28-step FD (same noise and prompts), the *final* validation's FD at 1 and 2 NFE and

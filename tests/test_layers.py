@@ -51,8 +51,7 @@ def _edges() -> list[tuple[str, str, list[str], bool]]:
                     out.append((name, t, [] if subs else names, id(node) in top))
             elif isinstance(node, ast.Import):
                 out += [(name, a.name, [], id(node) in top) for a in node.names]
-    return [(a, b, n, level) for a, b, n, level in out if b.split(".")[0] in PACKAGES and b in modules or
-            b.split(".")[0] in PACKAGES and any(m.startswith(b + ".") for m in modules)]
+    return [e for e in out if e[1] in modules]  # the project's own modules and packages (``__init__``)
 
 
 EDGES = _edges()

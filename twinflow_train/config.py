@@ -633,7 +633,7 @@ def literal_values(cls: type, name: str) -> tuple[Any, ...]:
     Functions that are also called without a config (plain keyword arguments) check their
     option against this, so the config's type is the one list of valid strings.
     """
-    return typing.get_args(typing.get_type_hints(cls)[name])
+    return _section_choices(cls)[name]
 
 
 # --------------------------------------------------------------------------- loading

@@ -88,8 +88,6 @@ def use_fsdp(par: ParallelConfig, *, world: int, fsdp_in_one_process: bool) -> b
             raise ValueError(f"parallel.fsdp 'never' needs one process; this run has {world} "
                              f"(use 'auto' or 'always')")
         return False
-    if par.fsdp != "auto":
-        raise ValueError(f"parallel.fsdp: unknown value {par.fsdp!r}; valid: 'auto', 'always', 'never'")
     return world > 1 or par.mixed_precision != "fp32" or fsdp_in_one_process
 
 

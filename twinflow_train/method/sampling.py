@@ -68,8 +68,6 @@ def ucgm_sample(*, model: FlowModel, z: torch.Tensor, cond: Cond, nfe: int, cfg:
     with ``s' = sigma_{i+1}`` and r the stochastic ratio. The last step has s' = 0,
     so it returns the last x_hat (1 NFE: the one-step output).
     """
-    if cfg.tt_mode not in ("few", "mul", "any"):
-        raise ValueError(f"sampler.tt_mode: unknown mode {cfg.tt_mode!r}; valid: 'few', 'mul', 'any'")
     n = z.shape[0]
     sigma = ucgm_grid(nfe=nfe, cfg=cfg)
     r = float(cfg.stochastic_ratio)
