@@ -16,6 +16,9 @@ protocol lives in one place:
 - checkpoint metadata: ``meta.json`` records the step, the format and the size and
   sha256 of every file of the checkpoint, and is written last; ``verify_checkpoint``
   checks it and ``checkpoint_candidates`` lists where a resume may come from;
+- forks (docs/run-directory.md, "Forks"): ``checkpoints/fork-<k>/``, ``fork.json`` (``fork_origin``) and
+  ``read_run_metrics``, a forked run's records from step 0 with its parent's shared prefix read from the
+  parent's own file;
 - the keys a run of a given config writes (``validation_keys``, ``metric_keys``): what a search objective
   and a claim may name.
 
