@@ -160,6 +160,50 @@ def test_rl_start_cuts_the_weight_to_exactly_zero():
         load_config(None, ["rl.start=0"])
 
 
+# --------------------------------------------------------------------------- reading a forked run
+
+
+def _fake_run(run_dir: Path, steps: range, *, fork: dict | None = None, config_hash: str = "h") -> None:
+    from twinflow_train.rundir import MetricsWriter, atomic_write_json, write_status
+
+    run_dir.mkdir(parents=True)
+    w = MetricsWriter(run_dir / "metrics.jsonl")
+    if fork is not None:
+        w.write({"step": fork["step"], "kind": "event", "event": "fork", "checkpoint": None, "reason": ""})
+        atomic_write_json(run_dir / "fork.json", fork)
+    for k in steps:
+        w.write({"step": k, "kind": "train", "loss/total": float(k), "run": run_dir.name})
+    w.close()
+    write_status(run_dir, "done", step=steps[-1], config_hash=config_hash)
+
+
+def test_read_run_metrics_takes_the_shared_prefix_from_each_parent_recursively(tmp_path):
+    g, p, c = tmp_path / "g", tmp_path / "a" / "p", tmp_path / "c"
+    _fake_run(g, range(0, 11))
+    _fake_run(p, range(5, 11), fork={"parent": "../../g", "step": 4, "parent_config_hash": "h"})
+    _fake_run(c, range(8, 11), fork={"parent": "../a/p", "step": 7, "parent_config_hash": "h"})
+    view = read_run_metrics(c).records
+    assert [(r["step"], r.get("run"), r.get(FORK_FROM)) for r in view] == (
+        [(k, "g", str(g)) for k in range(0, 5)] + [(4, None, str(p))] + [(k, "p", str(p)) for k in range(5, 8)]
+        + [(7, None, None)] + [(k, "c", None) for k in range(8, 11)])
+    assert fork_origin(c)["parent_dir"] == p and fork_origin(g) is None
+    # the parent re-run under another config: the prefix may have drifted
+    from twinflow_train.rundir import RunDirError, write_status
+    write_status(p, "done", step=10, config_hash="other")
+    with pytest.raises(RunDirError, match="now holds config other, not the h"):
+        read_run_metrics(c)
+    read = read_run_metrics(c, strict=False)
+    assert len(read.records) == len(view) and "now holds config other" in read.problem
+    # a parent gone: its steps are missing, said so
+    import shutil
+    shutil.rmtree(g)
+    read = read_run_metrics(p, strict=False)
+    assert [r["step"] for r in read.records] == [4, *range(5, 11)] and "has no metrics.jsonl" in read.problem
+    # a fallback is no fork
+    (c / "fork.json").write_text('{"fallback": "missing", "parent": "../a/p", "step": 7}')
+    assert fork_origin(c) is None and read_run_metrics(c).records == read_metrics(c / "metrics.jsonl").records
+
+
 # --------------------------------------------------------------------------- trainer
 
 
