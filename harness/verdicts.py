@@ -55,6 +55,8 @@ def run_values(metrics: pd.DataFrame, statuses: pd.DataFrame, *, arm: str, key: 
     st = statuses[statuses["arm"] == arm]
     states = dict(zip(st["seed"].astype(int), st["state"].astype(str)))
     seeds = sorted(set(states) | {int(s) for s in metrics.loc[metrics["arm"] == arm, "seed"].unique()})
+    if key not in metrics.columns or not metrics[key].notna().any():
+        return {}, {seed: f"{arm} seed {seed}: no {key} record" for seed in seeds}
     s = _series(metrics, arm, key)
     if window is not None:
         start, end = window
@@ -95,7 +97,7 @@ class Pairs:
     excluded: tuple[str, ...]
 
 
-def test_pairs(metrics: pd.DataFrame, statuses: pd.DataFrame, test: ClaimTest, *,
+def paired_values(metrics: pd.DataFrame, statuses: pd.DataFrame, test: ClaimTest, *,
                allowed: Iterable[int] | None = None) -> Pairs:
     """The paired differences of ``test`` (treatment - baseline, or their log-ratio) on the seeds in ``allowed``
     (None: every seed with runs)."""
@@ -260,7 +262,7 @@ def judge_fixed(claims: Sequence[Claim], metrics: pd.DataFrame, statuses: pd.Dat
     out = Judgement(alpha=alpha, alpha_test=a_test, spending="pocock")
     for ci, c in enumerate(claims):
         for pi, t in enumerate(c.tests):
-            pairs = test_pairs(metrics, statuses, t)
+            pairs = paired_values(metrics, statuses, t)
             n = max(len(pairs.seeds), 2)
             out.results.append(evaluate(t, pairs, claim=ci, part=pi, text=c.text, alpha_test=a_test, n_max=n,
                                         spending="pocock"))
@@ -292,7 +294,7 @@ def sequential_look(claims: Sequence[Claim], metrics: pd.DataFrame, statuses: pd
             if old is not None and old.state != "open":
                 out.results.append(old)
                 continue
-            pairs = test_pairs(metrics, statuses, t, allowed=seeds_for(t, targets, seeds))
+            pairs = paired_values(metrics, statuses, t, allowed=seeds_for(t, targets, seeds))
             out.results.append(evaluate(t, pairs, claim=ci, part=pi, text=c.text, alpha_test=a_test, n_max=n_max,
                                         spending=spending, prior_looks=old.looks if old else ()))
     # a claim decided by one part (contradicted) stops its other parts
