@@ -237,6 +237,9 @@ def grid_plan(args: argparse.Namespace) -> int:
         print(f"{'arm':<{width}}  {'GiB/rank':>9}  {'budget':>7}  fits")
         for arm, p in plans.items():
             print(f"{arm:<{width}}  {p.total / 2**30:>9.1f}  {p.budget / 2**30:>7.1f}  {'yes' if p.fits else 'NO'}")
+        print()
+        for line in plan_lines(grid):  # what the grid computes, and what its forks save
+            print(line)
     return 0 if all(p.fits for p in plans.values()) else 3
 
 
