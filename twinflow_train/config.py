@@ -412,6 +412,10 @@ class RlConfig:
     """RL-term clipping: none, parameter space (own max norm), or output space (relative to the rectify signal)."""
     clip_norm: float = 1.0
     """Parameter-space max norm of the RL gradient."""
+    grad_stash: Literal["device", "host"] = "device"
+    """Where a split step (log steps; ``clip: param`` with ``data.grad_accum`` > 1) keeps the RL term's
+    gradient during the TwinFlow backward: a second sharded fp32 gradient set on the ``device``, or in
+    ``host`` memory (same values; one device-host round trip of a gradient set per split step)."""
     clip_tau: float = 1.0
     """Output-space bound per row: RMS of the RL term's gradient on the generator output <= tau * RMS of the
     rectification term's gradient on it."""

@@ -43,9 +43,10 @@ reports the peak of each; the binding phase is the largest:
 - ``backward``: the gradient set, the activations, the recomputed block and one block's unsharded
   gradients (all of them at once: a bound, since backward frees activations as gradients land);
 - ``split forward`` / ``split backward`` (RL arms: every log step, and every step under ``rl.clip:
-  param``; ``run/grads.py``): the RL term's gradient is stashed while the TwinFlow backward fills a fresh
-  ``.grad``, so a second sharded fp32 gradient set is live in the backward (and, with ``grad_accum`` > 1,
-  in the later micro-batches' forwards).
+  param`` with ``grad_accum`` > 1; with one micro-batch that clip is applied in place; ``run/grads.py``):
+  the RL term's gradient is stashed while the TwinFlow backward fills a fresh ``.grad``, so with
+  ``rl.grad_stash: device`` a second sharded fp32 gradient set is live in the backward (and, with
+  ``grad_accum`` > 1, in the later micro-batches' forwards); ``host`` keeps it off the device.
 
 "Fits" means the binding phase fits, leaving ``headroom`` (default 10%) of the card for the CUDA context,
 NCCL buffers, allocator fragmentation and kernel workspaces, which no tensor count sees.
@@ -155,15 +156,15 @@ class MemoryPlan:
         lines = [f"params {self.params / 1e9:.2f} B ({self.trainable / 1e9:.2f} B trainable); world {self.world}; "
                  f"micro-batch {self.micro_batch} rows/rank at {self.image[0]}x{self.image[1]} + "
                  f"{self.text_tokens} text tokens; checkpointing {'on' if self.checkpointing else 'off'}",
-                 f"{'per rank':<38} {'GiB':>9}  note"]
+                 f"{'per rank':<44} {'GiB':>9}  note"]
         short = {"forward": "F", "backward": "B", "split forward": "sF", "split backward": "sB"}
-        lines += [f"{i.name:<38} {i.bytes / GIB:>9.2f}  "
+        lines += [f"{i.name:<44} {i.bytes / GIB:>9.2f}  "
                   f"[{' '.join(short[p] for p in self.phase_names if p in i.phases)}] {i.note}".rstrip()
                   for i in self.items]
         ph = self.phases
-        lines += [f"{'peak: ' + p:<38} {ph[p] / GIB:>9.2f}  {'binding' if p == self.binding else ''}".rstrip()
+        lines += [f"{'peak: ' + p:<44} {ph[p] / GIB:>9.2f}  {'binding' if p == self.binding else ''}".rstrip()
                   for p in self.phase_names]
-        lines.append(f"{'total (binding phase)':<38} {self.total / GIB:>9.2f}  budget {self.budget / GIB:.1f} GiB "
+        lines.append(f"{'total (binding phase)':<44} {self.total / GIB:>9.2f}  budget {self.budget / GIB:.1f} GiB "
                      f"({self.gpu_mem_gib:g} GiB less {self.headroom:.0%} headroom): "
                      f"{'FITS' if self.fits else 'DOES NOT FIT'}; every item added: {self.sum_all / GIB:.2f}")
         other = "no_ckpt" if self.checkpointing else "ckpt"
@@ -584,9 +585,11 @@ def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int
     if cfg.rl.enabled:
         items += _rl_items(cfg, micro=micro, image=image, decoder=decoder)
         # split steps: the RL term's gradient is stashed while the TwinFlow backward fills a fresh .grad
-        items.append(PlanItem("RL gradient stash (fp32, sharded)", shard_trainable,
-                              "split steps (log steps; every step under rl.clip 'param')",
-                              frozenset({"split backward"} | ({"split forward"} if accumulating else set()))))
+        # (rl.grad_stash 'host': in host memory, nothing on the device)
+        if cfg.rl.grad_stash == "device":
+            items.append(PlanItem("RL gradient stash (fp32, sharded)", shard_trainable,
+                                  "split steps (log steps; rl.clip 'param' with grad_accum > 1)",
+                                  frozenset({"split backward"} | ({"split forward"} if accumulating else set()))))
         phase_names = PHASES
     warnings = []
     if cfg.method.layout == "partitioned":

@@ -291,10 +291,13 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
     run.model.train()
     terms = None
     if run.guidance is not None:
-        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping
+        # per-term gradients on every logged step (telemetry); param-space clipping splits the terms when
+        # micro-batches accumulate and otherwise clips the RL gradient in place (no second gradient set)
         log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
-        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
-        terms.start(split=log_step or run.guidance.param_clip_norm is not None)
+        clip = run.guidance.param_clip_norm is not None
+        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm, stash=cfg.rl.grad_stash)
+        split = log_step or (clip and accum > 1)
+        terms.start(split=split, clip_in_place=clip and not split)
     sums: dict[str, torch.Tensor] = {}
     for a in range(accum):
         index = a * d.world + d.rank
