@@ -26,7 +26,8 @@ the trainer's placement (FSDP2 per block, fp32 master weights, ``parallel.mixed_
   whose one-step output the reward scores), in ``rl.decoder_dtype``. The trainer's decode
   (``decoder="checkpointed"``, ``models/qwen_decode.py``) keeps each decoder segment's input; while
   segment s is back-propagated, the inputs of segments 0..s, s's recomputed saved tensors and two
-  gradient buffers of s's largest map are live: the peak is the max over s. The plain ``vae.decode``
+  gradient buffers of s's largest map (in a half-precision decode three fp32 ones: the RMS norms
+  normalise in fp32) are live: the peak is the max over s. The plain ``vae.decode``
   (``decoder="plain"``, for comparison) keeps every saved tensor plus its ``feat_cache`` clones of the
   causal-conv inputs (not saved tensors: they live until the decode returns) and the output. Saved
   tensors and cache clones are measured on meta tensors like the transformer's. The HPSv2 scorer (open_clip
@@ -407,7 +408,10 @@ def decode_peak_bytes(vae: nn.Module, z: torch.Tensor, *, decoder: Decoder) -> d
         seg = saved_activation_bytes(vae, lambda: box.setdefault("y", fn(xin)))
         y = box["y"]
         kept += _nbytes(x)  # checkpoint keeps this segment's input until its backward is done
-        here = seg + 2 * max(_nbytes(x), _nbytes(y))  # + the gradient of its output and of its input
+        # + two gradient buffers of its largest map; in a half-precision decode the RMS norms normalise in
+        # fp32, so their backward holds three fp32 maps (the incoming gradient, the normalise's and its cast)
+        n = max(x.numel(), y.numel())
+        here = seg + (2 * n * x.element_size() if x.element_size() >= 4 else 3 * n * 4)
         if kept + here > peak:
             peak, binding = kept + here, here
         x = y.detach()
