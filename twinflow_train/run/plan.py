@@ -8,7 +8,8 @@ the trainer's placement (FSDP2 per block, fp32 master weights, ``parallel.mixed_
 
 - sharded (FSDP2 splits every tensor along dim 0, padded): fp32 master weights, fp32 gradients, AdamW's two
   fp32 moments (trainable parameters only), the EMA target (``method.target: ema``) and the frozen base
-  model (always built: the teacher of the comparison samples, and the target under ``frozen``);
+  model (always built: the teacher of the comparison samples, and the target under ``frozen``; in bf16
+  under bf16 compute when it is read sharded from the model directory, as the trainer stores it);
 - gathered compute copies: the root's own parameters for the whole step, plus three blocks at once (the one
   running, the one prefetched, and the last block, kept for backward) with ``reshard_after_forward``, else
   every block; one block's unsharded gradient (compute dtype, then fp32 for the reduce-scatter) in backward;
@@ -565,12 +566,23 @@ def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int
     accumulating = cfg.data.grad_accum > 1  # .grad holds the earlier micro-batches' sum during a forward
     grad_phases = ALL_PHASES if accumulating else BACKWARD
 
+    # the frozen base read sharded from the model directory stores bf16 shards under bf16 compute
+    # (models/qwen_image.py build_sharded_copies: bit-identical outputs); a host-built base stays fp32
+    from ..models.registry import model_family
+
+    family = model_family(cfg)
+    bf16_base = (compute == torch.bfloat16 and family.base_weights_in_model(cfg)
+                 and family.sharded_copies is not None)
+    base_item = (PlanItem("frozen base model (bf16, sharded)", sharded_bytes(params, world=world, bytes_per=2),
+                          "teacher samples; target under 'frozen'; stored in the compute dtype")
+                 if bf16_base else
+                 PlanItem("frozen base model (fp32, sharded)", shard, "teacher samples; target under 'frozen'"))
     items = [
         PlanItem("parameters (fp32 master, sharded)", shard, f"{len(params)} tensors / {world}"),
         PlanItem("gradients (fp32, sharded)", shard_trainable, "" if accumulating else
                  "backward only: .grad is None until the step's backward (grad_accum 1)", grad_phases),
         PlanItem("AdamW moments (2 x fp32, sharded)", 2 * shard_trainable),
-        PlanItem("frozen base model (fp32, sharded)", shard, "teacher samples; target under 'frozen'"),
+        base_item,
     ]
     if cfg.method.target == "ema":
         items.append(PlanItem("EMA target (fp32, sharded)", shard))
