@@ -386,9 +386,10 @@ def feat_cache_bytes(vae: nn.Module, z: torch.Tensor) -> int:
 
 def decode_peak_bytes(vae: nn.Module, z: torch.Tensor, *, decoder: Decoder) -> dict[str, int]:
     """Peak live bytes of a decode of ``z [B, C, 1, h, w]`` and its backward to ``z`` (module docstring), and
-    its parts: ``saved`` (plain: every saved tensor; checkpointed: the kept segment inputs), ``cache``
-    (plain: the ``feat_cache`` clones), ``segment`` (checkpointed: the binding segment's recomputed saved
-    tensors and its two gradient buffers) and ``peak``. Meta tensors work (nothing is allocated)."""
+    its parts: ``saved`` (plain: every saved tensor; checkpointed: all kept segment inputs),
+    ``kept_at_peak`` (checkpointed: the inputs still kept while the binding segment is back-propagated),
+    ``cache`` (plain: the ``feat_cache`` clones), ``segment`` (checkpointed: the binding segment's
+    recomputed saved tensors and its gradient buffers), ``output`` and ``peak``. Meta tensors work (nothing is allocated)."""
     from ..models.qwen_decode import decode_single_frame, decoder_segments
 
     if decoder == "plain":
@@ -398,11 +399,12 @@ def decode_peak_bytes(vae: nn.Module, z: torch.Tensor, *, decoder: Decoder) -> d
         cache = feat_cache_bytes(vae, z)
         out = _nbytes(box["out"])
         # the cache lives until decode returns; backward starts after it is gone (saved + gradients then)
-        return {"saved": saved, "cache": cache, "segment": 0, "output": out, "peak": saved + cache + out}
+        return {"saved": saved, "kept_at_peak": saved, "cache": cache, "segment": 0, "output": out,
+                "peak": saved + cache + out}
     if decoder != "checkpointed":
         raise ValueError(f"unknown decoder {decoder!r}; valid: 'checkpointed', 'plain'")
     x = z.detach()
-    kept = peak = binding = 0
+    kept = peak = binding = kept_then = 0
     for _, fn in decoder_segments(vae):
         xin = x.detach().requires_grad_(True)
         box = {}
@@ -414,9 +416,10 @@ def decode_peak_bytes(vae: nn.Module, z: torch.Tensor, *, decoder: Decoder) -> d
         n = max(x.numel(), y.numel())
         here = seg + (2 * n * x.element_size() if x.element_size() >= 4 else 3 * n * 4)
         if kept + here > peak:
-            peak, binding = kept + here, here
+            peak, binding, kept_then = kept + here, here, kept
         x = y.detach()
-    return {"saved": kept, "cache": 0, "segment": binding, "output": _nbytes(x), "peak": peak}
+    return {"saved": kept, "kept_at_peak": kept_then, "cache": 0, "segment": binding, "output": _nbytes(x),
+            "peak": peak}
 
 
 def _rl_items(cfg: Config, *, micro: int, image: tuple[int, int], decoder: Decoder) -> list[PlanItem]:
@@ -441,7 +444,7 @@ def _rl_items(cfg: Config, *, micro: int, image: tuple[int, int], decoder: Decod
         h, w = image[0] // VAE_FACTOR, image[1] // VAE_FACTOR
         z = torch.empty(e2e_rows, vae.config.z_dim, 1, h, w, device="meta", dtype=dtype)
         d = decode_peak_bytes(vae, z, decoder=decoder)
-        parts = (f"kept segment inputs {d['saved'] / GIB:.2f} + segment {d['segment'] / GIB:.2f}"
+        parts = (f"kept block inputs {d['kept_at_peak'] / GIB:.2f} + binding block {d['segment'] / GIB:.2f}"
                  if decoder == "checkpointed" else
                  f"saved {d['saved'] / GIB:.2f} + feat_cache {d['cache'] / GIB:.2f} + output {d['output'] / GIB:.2f}")
         items.append(PlanItem(f"RL: decode + backward ({decoder}, {cfg.rl.decoder_dtype})", d["peak"],
