@@ -124,7 +124,7 @@ def test_fits_follows_the_budget_and_rl_arms_hold_reward_and_vae():
     bf16 = plan_memory(_cfg("rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt",
                             "rl.decoder_dtype=bf16"), world=4, gpu_mem_gib=131.3, image=(1328, 1328),
                        arch="qwen-image")
-    assert next(i.bytes for i in bf16.items if i.name.startswith("RL: decode")) < 0.6 * decode
+    assert next(i.bytes for i in bf16.items if i.name.startswith("RL: decode")) < 0.7 * decode  # fp32 norms
     assert rl_cfg.rl.decoder_dtype == "fp32"
     reencode = _plan("rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt",
                      "rl.estimator=reencode")
