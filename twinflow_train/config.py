@@ -387,6 +387,10 @@ class RlConfig:
     """Latent gradient: autograd through the decoder, or the report's re-encode projection."""
     reencode_step: float = 1.0
     """Pixel step of the re-encode estimator (separate from the loss weight)."""
+    decoder_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Decoder precision of the exact estimator's backward (Qwen-Image codec): ``fp32`` is the exact
+    gradient (a checkpointed, cache-free decode, bitwise the plain decode's); ``bf16`` decodes with a bf16
+    copy of the decoder, an approximation that halves most of its activation memory."""
     normalize: Literal["none", "rms"] = "none"
     """Per-sample normalisation of the latent reward gradient: ``none`` (fades as the reward saturates) or
     ``rms`` (unit RMS per row: full push at any saturation, never fades; the training report's setting)."""
@@ -412,6 +416,10 @@ class RlConfig:
     """RL-term clipping: none, parameter space (own max norm), or output space (relative to the rectify signal)."""
     clip_norm: float = 1.0
     """Parameter-space max norm of the RL gradient."""
+    grad_stash: Literal["device", "host"] = "device"
+    """Where a split step (log steps; ``clip: param`` with ``data.grad_accum`` > 1) keeps the RL term's
+    gradient during the TwinFlow backward: a second sharded fp32 gradient set on the ``device``, or in
+    ``host`` memory (same values; one device-host round trip of a gradient set per split step)."""
     clip_tau: float = 1.0
     """Output-space bound per row: RMS of the RL term's gradient on the generator output <= tau * RMS of the
     rectification term's gradient on it."""
@@ -422,6 +430,8 @@ class RlConfig:
                  "hpsv2_checkpoint must be set to the local HPS v2/v2.1 checkpoint file when reward is 'hpsv2'")
         _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
         _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
+        _require(self.decoder_dtype == "fp32" or self.estimator == "exact",
+                 f"decoder_dtype {self.decoder_dtype!r} applies to estimator 'exact' only (got {self.estimator!r})")
         _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
         _require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
         _require(self.width > 0, f"width must be > 0 (got {self.width})")

@@ -296,12 +296,15 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
     terms = None
     rl_on = run.guidance is not None
     if rl_on and run.guidance.weight(step) != 0.0:
-        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping.
+        # per-term gradients on every logged step (telemetry); param-space clipping splits the terms when
+        # micro-batches accumulate and otherwise clips the RL gradient in place (no second gradient set).
         # At weight 0 the step is the no-RL step bit for bit (run/fork.py relies on it): one backward of
         # the TwinFlow loss, no split (a split sums micro-batches and shards in another order), no clip.
         log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
-        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
-        terms.start(split=log_step or run.guidance.param_clip_norm is not None)
+        clip = run.guidance.param_clip_norm is not None
+        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm, stash=cfg.rl.grad_stash)
+        split = log_step or (clip and accum > 1)
+        terms.start(split=split, clip_in_place=clip and not split)
     sums: dict[str, torch.Tensor] = {}
     for a in range(accum):
         index = a * d.world + d.rank
