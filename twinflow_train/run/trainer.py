@@ -32,6 +32,7 @@ from ..method.twinflow import TwinFlow
 from ..models.base import FlowModel
 from ..models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
 from .grads import TermGradients, clip_grads_
+from .divergence import GradNormRule
 from .lr_policy import LrPolicy
 from .setup import build_setup
 from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
@@ -40,14 +41,16 @@ from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
 
 class Diverged(Exception):
-    """The run cannot go on: non-finite values under the configured policy.
+    """The run cannot go on: non-finite values under the configured policy, or the grad-norm divergence rule.
 
-    ``step`` and ``stats`` are the step that ended the run and its statistics (logged as evidence)."""
+    ``step`` and ``stats`` are the step that ended the run and its statistics; ``record`` holds the further
+    fields of its metrics record (events, counts): the record is logged as evidence before the run stops."""
 
-    def __init__(self, message: str, *, step: int, stats: dict[str, Any]):
+    def __init__(self, message: str, *, step: int, stats: dict[str, Any], record: dict[str, Any]):
         super().__init__(message)
         self.step = step
         self.stats = stats
+        self.record = record
 
 
 # --------------------------------------------------------------------------- preflight
@@ -124,6 +127,11 @@ class Counters:
     train_s: float = 0.0
     """Seconds spent in training steps only (no validation, sampling or checkpoints)."""
     nonfinite_since_ckpt: int = 0
+    above_bound_in_a_row: int = 0
+    """The divergence rule's count (``GradNormRule``): consecutive finite steps, up to the last one accounted for,
+    whose pre-clip norm was above ``run.diverge_grad_norm``."""
+    above_bound_since: int = 0
+    """The first step of that count."""
 
 
 @dataclass
@@ -176,6 +184,9 @@ class Run:
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
+    fault_grad_scale: tuple[int, float] | None = None
+    """Tests only (``TWINFLOW_FAULT_GRAD_SCALE=STEP:SCALE``): gradients are multiplied by SCALE before the
+    clip from step STEP on, so the pre-clip norm explodes while the clipped updates stay finite."""
 
     def extra_modules(self) -> dict[str, nn.Module]:
         extra = {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
@@ -319,6 +330,8 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
             sums[k] = sums.get(k, 0.0) + v.float() / accum  # stays on the device: read on log steps only
     if terms is not None:
         sums.update({k: v.float() for k, v in terms.finish().items()})  # already global over ranks
+    if run.fault_grad_scale is not None and step >= run.fault_grad_scale[0]:
+        torch._foreach_mul_([p.grad for p in run.model.parameters() if p.grad is not None], run.fault_grad_scale[1])
     norm = clip_grads_(run.model.parameters(), max_norm=cfg.optim.max_grad_norm)  # pre-clip global norm
     sums["grad_norm/total"] = norm.detach().float()
     return sums
@@ -386,6 +399,7 @@ def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: flo
     """Host bookkeeping of one step's update decision: counters, ``Diverged``, spike policy; the events."""
     cfg, c = run.cfg, run.counters
     events = {"event/nonfinite": 0, "event/spike": 0, "event/decay": 0, "event/skipped": 0}
+    diverged = None
     if bad:
         c.nonfinite += 1
         c.nonfinite_in_a_row += 1
@@ -399,14 +413,25 @@ def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: flo
             reason = f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})"
         if reason is not None:
             run.step = step - 1  # the last completed step, as if the run had stopped right there
-            raise Diverged(reason, step=step, stats=stats)
+            raise Diverged(reason, step=step, stats=stats, record={**events, "count/nonfinite": c.nonfinite})
     else:
         c.nonfinite_in_a_row = 0
+        # the divergence rule sees every finite step's norm in order (the gated path replays them here too)
+        rule = GradNormRule(bound=cfg.run.diverge_grad_norm, steps=cfg.run.diverge_steps,
+                            in_a_row=c.above_bound_in_a_row, since=c.above_bound_since)
+        diverged = rule.observe(step, norm)
+        c.above_bound_in_a_row, c.above_bound_since = rule.in_a_row, rule.since
         events.update(run.policy.observe_grad_norm(step, norm))
         c.spikes += events["event/spike"]
         if events["event/skipped"]:
             c.skipped += 1
     run.log_window.add(events, norm)
+    if diverged is not None:
+        run.step = step  # the step the rule fired at (finite): status.json names it
+        window = run.log_window
+        raise Diverged(diverged, step=step, stats=stats,
+                       record={"grad_norm/max": window.max_norm, **window.events, "event/diverged": 1,
+                               "count/nonfinite": c.nonfinite, "count/spikes": c.spikes, "lr": run.policy.lr(step)})
     return events
 
 
@@ -543,6 +568,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     cfg, d, c = run.cfg, run.dist, run.counters
     total = cfg.run.steps
     fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    run.fault_grad_scale = _fault_grad_scale(os.environ.get("TWINFLOW_FAULT_GRAD_SCALE", ""))
     t_start = time.perf_counter()
     wall0 = c.wall_s
     if start == 0 and cfg.eval.teacher:
@@ -574,8 +600,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         except Diverged as e:
             if writer:  # the step that ended the run is evidence: log it before stopping
                 writer.write({"step": e.step, "kind": "train", **{k: float(v) for k, v in e.stats.items()},
-                              "event/nonfinite": 1, "event/skipped": 1, "count/nonfinite": c.nonfinite,
-                              "time/wall_s": c.wall_s, "time/train_s": c.train_s})
+                              **e.record, "time/wall_s": c.wall_s, "time/train_s": c.train_s})
             raise
         steps_since_log += 1
         c.wall_s = wall0 + (time.perf_counter() - t_start)
@@ -619,6 +644,17 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     bar.close()
     _finish(run, run_dir)
     return step
+
+
+def _fault_grad_scale(text: str) -> tuple[int, float] | None:
+    """``TWINFLOW_FAULT_GRAD_SCALE``'s ``STEP:SCALE`` (tests of the divergence rule); empty: off."""
+    if not text:
+        return None
+    try:
+        step, scale = text.split(":")
+        return int(step), float(scale)
+    except ValueError:
+        raise ValueError(f"TWINFLOW_FAULT_GRAD_SCALE must be STEP:SCALE, e.g. 5:1e6 (got {text!r})") from None
 
 
 def _agree_budget_spent(run: Run) -> bool:
