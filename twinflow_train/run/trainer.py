@@ -184,6 +184,8 @@ class Run:
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
+    teacher_weights: Path | None = None
+    """The teacher's weights file (``preflight_teacher``): keys the cached teacher metrics."""
     fault_grad_scale: tuple[int, float] | None = None
     """Tests only (``TWINFLOW_FAULT_GRAD_SCALE=STEP:SCALE``): gradients are multiplied by SCALE before the
     clip from step STEP on, so the pre-clip norm explodes while the clipped updates stay finite."""
@@ -491,6 +493,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
+        run.teacher_weights = tpath
         run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt)
         if d.is_main:
             mirror = None
@@ -572,7 +575,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     t_start = time.perf_counter()
     wall0 = c.wall_s
     if start == 0 and cfg.eval.teacher:
-        rec = {"step": 0, "kind": "teacher", **run.evaluator.teacher_metrics(run.teacher)}
+        rec = {"step": 0, "kind": "teacher", **_teacher_metrics(run)}
         if writer:
             writer.write(rec)
     bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
@@ -644,6 +647,20 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     bar.close()
     _finish(run, run_dir)
     return step
+
+
+def _teacher_metrics(run: Run) -> dict[str, float]:
+    """The teacher's step-0 metrics, from the asset cache where an earlier run with the same key computed them."""
+    from ..evaluation.teacher_cache import cached_teacher_metrics
+
+    def compute() -> dict[str, float]:
+        return run.evaluator.teacher_metrics(run.teacher)
+
+    if run.setup.scorer is None:
+        return compute()  # no sample metrics for this data (nothing to compute or cache)
+    d = run.dist
+    return cached_teacher_metrics(run.cfg, compute, teacher_weights=run.teacher_weights, world=d.world, rank=d.rank,
+                                  fsdp=run.fsdp, device=d.device)
 
 
 def _fault_grad_scale(text: str) -> tuple[int, float] | None:
