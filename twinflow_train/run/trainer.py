@@ -184,6 +184,9 @@ class Run:
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
+    precast: list[Any] = field(default_factory=list)
+    """``Bf16Linears`` of the no-grad networks the step calls under a bf16 autocast (plain modules,
+    ``mixed_precision: bf16``): refreshed before each step's forwards."""
     teacher_weights: Path | None = None
     """The teacher's weights file (``preflight_teacher``): keys the cached teacher metrics."""
     fault_grad_scale: tuple[int, float] | None = None
@@ -284,12 +287,17 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
         from ..rl.rewards import build_reward
         guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
     samplers = build_time_samplers(cfg.renoise)
+    fsdp = uses_fsdp(cfg, world=d.world)
+    precast = []
+    if not fsdp and cfg.parallel.mixed_precision == "bf16" and cfg.method.target in ("ema", "frozen"):
+        from ..distributed.precast import Bf16Linears
+        precast.append(Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
                method=TwinFlow(cfg.method, time_samplers=samplers,
                                with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
                policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
                evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
-               fsdp=uses_fsdp(cfg, world=d.world),
+               fsdp=fsdp, precast=precast,
                gated=optimizer.defaults.get("fused") is True and not cfg.schedule.spike.enabled)
 
 
@@ -308,6 +316,8 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
         log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
         terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
         terms.start(split=log_step or run.guidance.param_clip_norm is not None)
+    for copies in run.precast:
+        copies.refresh()  # after the last update (and any resume): this step's bf16 weights of the no-grad networks
     sums: dict[str, torch.Tensor] = {}
     for a in range(accum):
         index = a * d.world + d.rank
