@@ -458,14 +458,15 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
         trials: 4
         workers: 2
         pruner: {{kind: median, n_startup_trials: 2}}
-        divergence: {{max_grad_norm: 1.0e4}}
+        divergence: {{max_grad_norm: 1.0e3, grad_norm_steps: 5}}
         """))
     root = tmp_path / "runs"
     study_dir = root / "rlw"
     spec = load_search_spec(path)
     # absurd weights, outside the searched range on purpose: a spec's enqueue refuses them, the Optuna API does not
     study = open_study(spec, storage_for(spec, root=root)[0])
-    study.enqueue_trial({"rl.weight": 1.0e6})   # clipped updates stay finite, the pre-clip grad norm explodes
+    # clipped updates stay finite, the pre-clip grad norm explodes (7e3-2e4 from step 1): the trainer's rule ends it
+    study.enqueue_trial({"rl.weight": 1.0e6})
     study.enqueue_trial({"rl.weight": 1.0e30})  # the loss overflows: the trainer stops the run as diverged
 
     def search(**kw):
@@ -479,8 +480,8 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert sorted(n for n, _ in r1.told) == [0, 1, 2, 3]  # each told exactly once
     absurd = {t.params["rl.weight"]: t for t in trials if t.params["rl.weight"] >= 1e6}
-    # 1e6: the search's spike threshold fires; 1e30: the step is non-finite, which the search sees either in
-    # the logged record of that step or from the trainer's exit as diverged, whichever it reads first
+    # 1e6: the trainer's grad-norm rule fires (5 steps above 1000); 1e30: the step is non-finite, which the search
+    # sees either in the logged record of that step or from the trainer's exit as diverged, whichever it reads first
     for w, whys in ((1e6, ("pre-clip grad norm",)), (1e30, ("stopped the run as diverged", "non-finite training values"))):
         t = absurd[w]
         assert t.state == TrialState.PRUNED and t.user_attrs["diverged"]
