@@ -96,6 +96,11 @@ class RunConfig:
     """On a non-finite loss agreed across ranks: skip the update and count it, or stop the run as diverged."""
     max_nonfinite: int = 20
     """Under ``skip``: this many non-finite steps in a row mark the run diverged."""
+    diverge_grad_norm: float | None = 1000.0
+    """Divergence rule (``run/divergence.py``): a pre-clip global grad norm above this for ``diverge_steps``
+    consecutive steps ends the run as diverged, finite values or not (healthy digits runs peak near 2; None: off)."""
+    diverge_steps: int = 10
+    """Consecutive steps above ``diverge_grad_norm`` that end the run."""
     max_train_s: float = 0.0
     """Stop after this many seconds of training steps (validation excluded) as if ``steps`` were reached; 0: off."""
     threads: int = 0
@@ -109,6 +114,9 @@ class RunConfig:
         _require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
         _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
         _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
+        _require(self.diverge_grad_norm is None or self.diverge_grad_norm > 0,
+                 f"diverge_grad_norm must be > 0 or null (got {self.diverge_grad_norm})")
+        _require(self.diverge_steps >= 1, f"diverge_steps must be >= 1 (got {self.diverge_steps})")
         # more threads than any node has cores is a typo that torch would try to honour
         _require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
         _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
