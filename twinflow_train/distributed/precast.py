@@ -31,11 +31,16 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+def fp32_linears(module: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers of ``module`` whose weights are fp32 (a base model already held in bf16 has none)."""
+    return [m for m in module.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+
+
 class Bf16Linears:
     """The bf16 copies of every fp32 ``nn.Linear`` of ``module`` that does not train (see the module docstring)."""
 
     def __init__(self, module: nn.Module):
-        self.linears = [m for m in module.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+        self.linears = fp32_linears(module)
         if not self.linears:
             raise ValueError(f"{type(module).__name__} has no fp32 nn.Linear to keep bf16 copies of")
         trained = [m for m in self.linears if m.weight.requires_grad]

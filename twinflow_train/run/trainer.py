@@ -294,8 +294,9 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     fsdp = uses_fsdp(cfg, world=d.world)
     precast = []
     if not fsdp and cfg.parallel.mixed_precision == "bf16" and cfg.method.target in ("ema", "frozen"):
-        from ..distributed.precast import Bf16Linears
-        precast.append(Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
+        from ..distributed.precast import Bf16Linears, fp32_linears
+        if fp32_linears(target):  # a base model already held in bf16 has nothing to cast
+            precast.append(Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
                method=TwinFlow(cfg.method, time_samplers=samplers,
                                with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
