@@ -1,5 +1,5 @@
-"""Sample metrics: Frechet distance in the evaluation network's feature space, reward, prompt accuracy,
-and on digits the gold preference score and its learned proxy."""
+"""Sample metrics: Frechet distance and kernel inception distance in the evaluation network's feature space,
+reward, prompt accuracy, and on digits the gold preference score and its learned proxy."""
 
 from __future__ import annotations
 
@@ -51,6 +51,40 @@ def frechet_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor)
     return max(fd, 0.0)
 
 
+def _as_float64(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    return (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.float64)
+
+
+def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel ``k(x, y) = (x.y / D + 1)^3`` between the rows of ``a`` [N, D] and ``b`` [M, D]: [N, M]."""
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def _off_diagonal_mean(k: np.ndarray) -> float:
+    n = k.shape[0]
+    return float((k.sum() - np.trace(k)) / (n * (n - 1)))
+
+
+def kernel_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Kernel inception distance (Binkowski et al. 2018) between feature sets ``a`` [N, D] and ``b`` [M, D].
+
+    The unbiased estimate of the squared maximum mean discrepancy under the cubic polynomial kernel
+    (``polynomial_kernel``): ``mean_{i!=j} k(a_i, a_j) + mean_{i!=j} k(b_i, b_j) - 2 mean_{i,j} k(a_i, b_j)``,
+    over all pairs at once (no subsets) in float64. Its expectation is 0 when both sets are drawn from one
+    distribution, whatever their sizes, so an estimate may be slightly negative. Returns NaN when either set holds
+    a non-finite value.
+    """
+    a, b = _as_float64(a), _as_float64(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"kernel_distance needs two [N, D] arrays with the same D (got {a.shape} and {b.shape})")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"kernel_distance needs at least 2 rows per set (got {a.shape[0]} and {b.shape[0]})")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    return (_off_diagonal_mean(polynomial_kernel(a, a)) + _off_diagonal_mean(polynomial_kernel(b, b))
+            - 2.0 * float(polynomial_kernel(a, b).mean()))
+
+
 class SampleScorer:
     """Scores generated images against a fixed reference set (the held-out split).
 
@@ -70,6 +104,13 @@ class SampleScorer:
         """Further per-sample scores ``name -> f(images, labels) -> [B]`` whose means ``score`` reports
         (digits: ``gold`` and ``proxy``)."""
         self.reference_features = self._features(reference_images)
+        mu, sd = self.reference_features.mean(0), self.reference_features.std(0)
+        if not (sd > 0).all():
+            raise ValueError(f"the reference set's features are constant in {int((sd <= 0).sum())} dimensions: "
+                             "no scale for the kernel distance")
+        self.kid_shift, self.kid_scale = mu, sd
+        """The affine map ``(f - shift) / scale`` (reference mean and std per dimension) applied to the features
+        before the kernel distance: the cubic kernel's ``1 / D`` scaling assumes features of unit scale."""
 
     def _device(self) -> torch.device:
         return next(self.eval_net.parameters()).device
@@ -81,9 +122,13 @@ class SampleScorer:
                for i in range(0, images.shape[0], SCORE_BATCH)]
         return torch.cat(out).numpy().astype(np.float64)
 
+    def kid_features(self, features: np.ndarray) -> np.ndarray:
+        """Features as the kernel distance sees them: standardised by the reference set (``kid_shift``/``kid_scale``)."""
+        return (features - self.kid_shift) / self.kid_scale
+
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """``fd`` to the reference set, ``accuracy`` (eval net argmax == prompt) and ``reward`` (mean log p(prompt)),
+        """``fd`` and ``kid`` (``kernel_distance``) to the reference set, ``accuracy`` (eval net argmax == prompt) and ``reward`` (mean log p(prompt)),
         plus the mean of every ``extra`` score under its name.
 
         ``reward`` is present when a reward model was given.
@@ -103,7 +148,10 @@ class SampleScorer:
             for k, fn in self.extra.items():
                 sums[k] += float(fn(x, y).double().sum())
         n = images.shape[0]
-        out = {"fd": frechet_distance(torch.cat(feats).numpy(), self.reference_features), "accuracy": correct / n}
+        feats_np = torch.cat(feats).numpy()
+        out = {"fd": frechet_distance(feats_np, self.reference_features),
+               "kid": kernel_distance(self.kid_features(feats_np), self.kid_features(self.reference_features)),
+               "accuracy": correct / n}
         if self.reward is not None:
             out["reward"] = reward_sum / n
         out.update({k: v / n for k, v in sums.items()})

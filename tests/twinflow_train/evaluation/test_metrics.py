@@ -10,7 +10,7 @@ from twinflow_train.assets.auxiliary import DigitsReward, classifier_accuracy, g
 from twinflow_train.config import load_config
 from twinflow_train.data.digits import eval_prompts, load_digits_split
 from twinflow_train.data.imaging import save_grid_png, save_samples
-from twinflow_train.evaluation.metrics import SampleScorer, frechet_distance
+from twinflow_train.evaluation.metrics import SampleScorer, frechet_distance, kernel_distance, polynomial_kernel
 
 
 def gaussian_sample(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
@@ -85,6 +85,63 @@ def test_fd_bad_inputs():
     assert math.isnan(frechet_distance(x + 1, y))  # a diverged sample set is not a number
 
 
+# --------------------------------------------------------------------------- kernel distance (KID)
+
+
+def test_kid_matches_a_direct_sum_over_pairs():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)) + 0.3
+    d = a.shape[1]
+
+    def k(u, v):
+        return (float(np.dot(u, v)) / d + 1.0) ** 3
+
+    aa = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    bb = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    ab = sum(k(a[i], b[j]) for i in range(7) for j in range(5)) / (7 * 5)
+    assert kernel_distance(a, b) == pytest.approx(aa + bb - 2 * ab, rel=1e-12)
+    assert kernel_distance(b, a) == pytest.approx(kernel_distance(a, b), rel=1e-12)  # symmetric
+    assert polynomial_kernel(a, b)[2, 4] == pytest.approx(k(a[2], b[4]), rel=1e-12)
+    assert kernel_distance(torch.from_numpy(a).float(), b) == pytest.approx(aa + bb - 2 * ab, rel=1e-5)
+
+
+def test_kid_is_unbiased_for_two_samples_of_one_distribution():
+    # small, unequal sets: the biased (V-statistic) estimate would sit clearly above 0 here
+    rng = np.random.default_rng(1)
+    cov = random_cov(4, 2)
+    chol = np.linalg.cholesky(cov)
+    draws = [kernel_distance(rng.standard_normal((20, 4)) @ chol.T, rng.standard_normal((50, 4)) @ chol.T)
+             for _ in range(400)]
+    mean, se = float(np.mean(draws)), float(np.std(draws) / np.sqrt(len(draws)))
+    assert abs(mean) < 3 * se, (mean, se)
+    assert min(draws) < 0 < max(draws)  # an unbiased estimate of 0 goes both ways
+    # the same data, shifted: clearly positive
+    shifted = [kernel_distance(rng.standard_normal((20, 4)) @ chol.T + 0.5, rng.standard_normal((50, 4)) @ chol.T)
+               for _ in range(50)]
+    assert np.mean(shifted) > 10 * se
+
+
+def test_kid_grows_with_a_mean_shift_and_a_variance_loss():
+    x = gaussian_sample(400, np.zeros(8), random_cov(8, 3), seed=4)
+    y = gaussian_sample(400, np.zeros(8), random_cov(8, 3), seed=5)
+    direction = np.ones(8) / np.sqrt(8)
+    shifts = [kernel_distance(x, y + s * direction) for s in (0.0, 0.25, 0.5, 1.0)]
+    assert all(a < b for a, b in zip(shifts, shifts[1:])), shifts
+    shrunk = [kernel_distance(x, y * f) for f in (1.0, 0.8, 0.5, 0.2)]
+    assert all(a < b for a, b in zip(shrunk, shrunk[1:])), shrunk
+
+
+def test_kid_bad_inputs():
+    x = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="same D"):
+        kernel_distance(x, np.zeros((10, 5)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        kernel_distance(x, np.zeros((1, 4)))
+    y = np.random.default_rng(0).standard_normal((10, 4))
+    y[3, 1] = np.inf
+    assert math.isnan(kernel_distance(x, y))
+
+
 # --------------------------------------------------------------------------- sample scorer
 
 
@@ -102,15 +159,25 @@ def test_scorer_reports_fd_reward_and_accuracy(scorer_parts):
     scorer, net, reward, split = scorer_parts
     x, y = split.train_images[:400], split.train_labels[:400]
     s = scorer.score(x, y)
-    assert set(s) == {"fd", "reward", "accuracy"}
+    assert set(s) == {"fd", "kid", "reward", "accuracy"}
     assert s["accuracy"] == pytest.approx(classifier_accuracy(net.logits, x, y))
     with torch.no_grad():
         assert s["reward"] == pytest.approx(float(reward(x, {"labels": y}).mean()), rel=1e-5)
     assert scorer.score(x, y) == s  # deterministic
-    # the reference set itself is at distance ~0; wrong prompts lower reward and accuracy, not FD
-    assert scorer.score(split.val_images, split.val_labels)["fd"] < 1e-6
+    # KID: the unbiased estimate on features standardised by the reference set
+    feats = scorer._features(x)
+    assert s["kid"] == pytest.approx(kernel_distance(scorer.kid_features(feats),
+                                                     scorer.kid_features(scorer.reference_features)), rel=1e-9)
+    ref_std = scorer.kid_features(scorer.reference_features)
+    assert np.allclose(ref_std.mean(0), 0, atol=1e-9) and np.allclose(ref_std.std(0), 1)
+    # the reference set itself is at distance ~0 (FD) and below 0 (KID: the cross term holds each image paired
+    # with itself, the two within-set terms leave those pairs out);
+    # wrong prompts lower reward and accuracy, not FD or KID
+    own = scorer.score(split.val_images, split.val_labels)
+    assert own["fd"] < 1e-6 and own["kid"] < 0
     wrong = scorer.score(x, (y + 1) % 10)
-    assert wrong["fd"] == s["fd"] and wrong["reward"] < s["reward"] and wrong["accuracy"] < 0.2
+    assert wrong["fd"] == s["fd"] and wrong["kid"] == s["kid"]
+    assert wrong["reward"] < s["reward"] and wrong["accuracy"] < 0.2
 
 
 def test_scorer_fd_tracks_degradation(scorer_parts):
@@ -118,8 +185,10 @@ def test_scorer_fd_tracks_degradation(scorer_parts):
     x, y = split.train_images[:400], split.train_labels[:400]
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=gen)
-    fds = [scorer.score(x + s * noise, y)["fd"] for s in (0.0, 0.5, 1.0)]
+    scores = [scorer.score(x + s * noise, y) for s in (0.0, 0.5, 1.0)]
+    fds, kids = [m["fd"] for m in scores], [m["kid"] for m in scores]
     assert all(a < b for a, b in zip(fds, fds[1:])), fds
+    assert all(a < b for a, b in zip(kids, kids[1:])), kids
     blank = scorer.score(-torch.ones(50, 1, 8, 8), eval_prompts(per_class=5))
     assert blank["fd"] > fds[1]
 
@@ -129,9 +198,10 @@ def test_scorer_without_reward_and_nan_samples(scorer_parts):
     scorer = SampleScorer(eval_net=net, reward=None, reference_images=split.val_images)
     x = split.train_images[:20].clone()
     s = scorer.score(x, split.train_labels[:20])
-    assert set(s) == {"fd", "accuracy"}
+    assert set(s) == {"fd", "kid", "accuracy"}
     x[0, 0, 0, 0] = float("nan")
-    assert math.isnan(scorer.score(x, split.train_labels[:20])["fd"])
+    bad = scorer.score(x, split.train_labels[:20])
+    assert math.isnan(bad["fd"]) and math.isnan(bad["kid"])
     with pytest.raises(ValueError, match="labels"):
         scorer.score(x, split.train_labels[:19])
 
