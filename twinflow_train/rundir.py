@@ -731,7 +731,7 @@ def validation_keys(cfg: "Config") -> list[str]:
     out = ["val/loss", "val/best_loss"]
     if cfg.data.dataset == "digits":  # sample metrics need the evaluation network, which only digits has
         for n in cfg.eval.nfe:
-            out += [f"val/{what}_nfe{n}" for what in ("fd", "reward", "accuracy", "gold", "proxy")]
+            out += [f"val/{what}_nfe{n}" for what in ("fd", "kid", "reward", "accuracy", "gold", "proxy")]
     return out
 
 
@@ -752,7 +752,7 @@ def metric_keys(cfg: "Config") -> set[str]:
         elif cfg.rl.clip == "output":
             keys.update({"rl/grad_rms", "rl/clip_frac", "rl/clip_scale"})
     if cfg.data.dataset == "digits":  # the teacher line needs the evaluation network, which only digits has
-        keys.update({"teacher/fd", "teacher/reward", "teacher/accuracy", "teacher/gold", "teacher/proxy",
+        keys.update({"teacher/fd", "teacher/kid", "teacher/reward", "teacher/accuracy", "teacher/gold", "teacher/proxy",
                      "teacher/steps"})
-        keys.update(f"teacher/fd_euler{n}" for n in cfg.eval.nfe)
+        keys.update(f"teacher/{what}_euler{n}" for n in cfg.eval.nfe for what in ("fd", "kid"))
     return keys
