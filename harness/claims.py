@@ -54,6 +54,8 @@ DEFAULT_MARGINS: tuple[tuple[str, str, float], ...] = (
     ("grad_norm/", "log", 1.1),        # a 10% change of a peak grad norm is noise beside a spike (x1e3 and more)
     ("val/fd_", "log", 1.05),          # FD changes by ~2% between validations of a converged student
     ("teacher/fd", "log", 1.05),
+    ("val/kid_", "diff", 0.002),       # KID can be <= 0 (unbiased), so differences, not folds; docs/reward.md
+    ("teacher/kid", "diff", 0.002),
     ("val/gold_", "diff", 0.05),       # gold and proxy scores: z-score units of the real digits (SD ~0.8)
     ("val/proxy_", "diff", 0.05),
     ("teacher/gold", "diff", 0.05),

@@ -126,3 +126,12 @@ def test_shipped_ladders_declare_claims_that_validate():
     assert lift.tests[1].tolerance is not None
     qwen = load_matrix(REPO / "ablations" / "blog-qwen.yaml")
     assert qwen.claims and all(t.treatment in {a.name for a in qwen.arms} for c in qwen.claims for t in c.tests)
+
+
+def test_kid_has_a_default_margin_on_the_difference_scale_only():
+    # KID is unbiased and can be negative, so a fold (log scale) has no default: the claim must give one
+    t = ClaimTest(baseline=TEACHER, treatment="vanilla", metric="val/kid_nfe1", baseline_metric="teacher/kid",
+                  direction="decrease")
+    assert t.margin == 0.002 and t.bound() == 0.002
+    assert ClaimTest(baseline="a", treatment="b", metric="val/kid_nfe2", direction="increase", scale="log").margin is None
+    assert ClaimTest(baseline="a", treatment="b", metric="teacher/kid_euler2", direction="increase").margin == 0.002

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twinflow_train.config import ConfigError, load_config
-from twinflow_train.rundir import iter_metrics, read_status
+from twinflow_train.rundir import iter_metrics, metric_keys, read_status, validation_keys
 from twinflow_train.run.trainer import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, fit
 
 from ..conftest import run_cli
@@ -38,6 +38,12 @@ def test_uninterrupted_run_writes_the_contract(tiny_overrides, tmp_path):
     vals = [r for r in recs if r["kind"] == "val"]
     assert [r["step"] for r in vals] == [6, 12]
     assert all(k in vals[-1] for k in ("val/loss", "val/fd_nfe1", "val/fd_nfe2", "val/reward_nfe2", "val/accuracy_nfe2"))
+    # the second sample measure (KID) beside FD, student and teacher, under names a claim may use
+    kid = ["val/kid_nfe1", "val/kid_nfe2", "teacher/kid", "teacher/kid_euler1", "teacher/kid_euler2"]
+    written = set(vals[-1]) | set(teacher[0])
+    assert set(kid) <= written and set(kid) <= metric_keys(cfg)
+    assert {"val/kid_nfe1", "val/kid_nfe2"} <= set(validation_keys(cfg))
+    assert all(isinstance(vals[-1][k], float) for k in kid[:2])
     for tag in ("final-nfe1", "final-nfe2", "best-nfe2", "teacher"):
         z = __import__("numpy").load(run / "samples" / f"{tag}.npz")
         assert z["images"].dtype.name == "float32" and z["images"].shape == (40, 1, 8, 8)
