@@ -284,7 +284,7 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
                f"{t_label} on the same prompts"
                + ("; dotted line (FD): the teacher sampled with Euler in as many steps as the student's NFE"
                   if euler_refs else "")
-               + ". FD (log axis) is lower-better; reward, accuracy, gold and proxy higher-better.")
+               + ". FD (log axis) and KID are lower-better; reward, accuracy, gold and proxy higher-better.")
     return FigureOut("sample_metrics", "Validation sample metrics", caption, render(fig),
                      {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs,
                       "log_rows": [w for i, w in enumerate(rows) if axes[i, 0].get_yscale() == "log"]})

@@ -23,9 +23,11 @@ from scipy import stats as sps
 from .data import GridData, GridDataError
 
 RUN_KEYS = ["arm", "seed"]
-SAMPLE_METRICS = ("fd", "reward", "accuracy", "gold", "proxy")
-"""Student sample metrics per NFE (``val/<what>_nfe<n>``); gold and proxy: the preference score and its learned
-proxy, where the trainer writes them."""
+SAMPLE_METRICS = ("fd", "kid", "reward", "accuracy", "gold", "proxy")
+"""Student sample metrics per NFE (``val/<what>_nfe<n>``); kid: the kernel distance beside FD (lower-better, like
+FD); gold and proxy: the preference score and its learned proxy, where the trainer writes them."""
+LOWER_BETTER = ("fd", "kid")
+"""The sample metrics that are distances to the reference set (lower is better); the others are higher-better."""
 
 
 # --------------------------------------------------------------------------- per run
@@ -153,9 +155,10 @@ def metric_specs(nfe: Sequence[int], primary_nfe: int | None) -> list[MetricSpec
     specs = [MetricSpec("best_val_loss", "best val loss", "abs", "lower"),
              MetricSpec("final_val_loss", "final val loss", "abs", "lower")]
     specs += [MetricSpec(f"fd_nfe{n}", f"FD@{n}", "abs", "lower") for n in nfe]
+    specs += [MetricSpec(f"kid_nfe{n}", f"KID@{n}", "abs", "lower") for n in nfe]  # skipped where not written
     if primary_nfe is not None:
         specs += [MetricSpec(f"{what}_nfe{primary_nfe}", f"{what}@{primary_nfe}", "abs", "higher")
-                  for what in SAMPLE_METRICS if what != "fd"]
+                  for what in SAMPLE_METRICS if what not in LOWER_BETTER]
     specs += [MetricSpec("max_grad_norm", "max grad norm", "rel", "lower"),
               MetricSpec("spikes", "spikes", "abs", "lower"),
               MetricSpec("wall_s", "wall time", "rel", "none")]
