@@ -249,3 +249,20 @@ def test_grid_marks_non_finite_pixels_red_and_checks_input(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         save_samples(tmp_path / "bad", torch.zeros(3, 1, 8, 8), torch.zeros(2, dtype=torch.int64))
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.npz").exists()
+
+
+def test_scorer_refuses_a_reference_with_constant_features():
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def features(self, x):  # the second feature is the same for every image: no scale for KID
+            return torch.stack([x.flatten(1).mean(1), torch.ones(x.shape[0])], 1)
+
+        def logits(self, x):
+            return torch.zeros(x.shape[0], 10)
+
+    images = torch.linspace(-1, 1, 5 * 64).reshape(5, 1, 8, 8)
+    with pytest.raises(ValueError, match="constant in 1 dimensions"):
+        SampleScorer(eval_net=Flat(), reward=None, reference_images=images)
