@@ -34,7 +34,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from .config import Config
@@ -608,17 +608,21 @@ class ResumePoint:
         return "; ".join(f"{name}: {why}" for name, why in self.rejected)
 
 
-def find_resume_point(run_dir: str | Path) -> ResumePoint:
+def find_resume_point(run_dir: str | Path, *,
+                      check: Callable[[Path], str | None] | None = None) -> ResumePoint:
     """Try latest, last_good, then the kept checkpoints (newest first); the first that verifies wins.
 
     A candidate that does not exist is not a problem (a run may have no last_good);
-    one that exists and does not verify is listed in ``rejected``.
+    one that exists and does not verify is listed in ``rejected``. ``check``: a further test of a
+    candidate whose checksums match (the trainer's: its files are plain data), None or what is wrong.
     """
     rejected: list[tuple[str, str]] = []
     for c in checkpoint_candidates(run_dir):
         if not c.exists():
             continue
         why = verify_checkpoint(c)
+        if why is None and check is not None:
+            why = check(c)
         if why is None:
             return ResumePoint(path=c, step=int(checkpoint_step(c) or 0), rejected=rejected)
         rejected.append((f"{CHECKPOINTS_DIR}/{c.name}", why))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
 from ..data.batches import Setup, step_generator
 from ..distributed import checkpoint as ckpt
+from ..distributed.safeload import load_data
 from ..distributed.parallel import (Dist, agree_bad_flag, barrier, forward_precision, init_distributed, mean_over_ranks,
                                     reshard_all, shutdown)
 from ..evaluation.evaluate import Evaluator
@@ -206,7 +207,7 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
     """The base model the student starts from (and the teacher it is compared with)."""
     base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
     if teacher_weights is not None:
-        base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+        base.load_state_dict(load_data(teacher_weights))
     return base
 
 
