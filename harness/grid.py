@@ -293,6 +293,9 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                 if outcome == "failed" and a.record.failures <= retries:
                     queue.append(a.spec)
                     display.event(f"{a.spec.key} will be retried ({a.record.failures}/{retries})")
+                elif outcome == "preempted":  # stopped on a signal at a checkpoint: no failed attempt
+                    queue.append(a.spec)
+                    display.event(f"{a.spec.key} resumes from its checkpoint")
                 else:
                     result.outcomes[a.spec.key] = outcome
             active = still

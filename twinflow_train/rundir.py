@@ -55,11 +55,16 @@ KEPT_PREFIX = "step-"
 """Earlier checkpoints kept by ``checkpoint.keep_latest_k`` live in ``checkpoints/step-<k>/``."""
 META_FILE = "meta.json"
 
-STATES = ("queued", "running", "done", "failed", "diverged")
+STATES = ("queued", "running", "done", "failed", "diverged", "preempted")
 TERMINAL = ("done", "failed", "diverged")
+"""``preempted`` is not terminal: the run stopped on a signal at a checkpoint and resumes from it."""
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
-EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverged"}
+EXIT_PREEMPTED, EXIT_PREEMPTED_NOW = 4, 5
+"""Stopped on a signal (``twinflow_train.run.preempt``): at a checkpoint of the step in flight (4), or at once
+on a second signal or when the grace ran out, leaving the last complete checkpoint (5)."""
+EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverged", EXIT_PREEMPTED: "preempted",
+               EXIT_PREEMPTED_NOW: "preempted"}
 """The state a trainer's exit code stands for (2, a bad config, is refused before a run exists)."""
 
 RESTART_FLAG = "--restart-on-corrupt"

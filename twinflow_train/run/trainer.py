@@ -35,8 +35,10 @@ from ..models.registry import build_model, model_family, parallelize, place_froz
 from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .setup import build_setup
-from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
-                     atomic_write_text, truncate_metrics, write_status)
+from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED,  # noqa: F401
+                     EXIT_PREEMPTED_NOW, MetricsWriter, atomic_write_text, resume_step, truncate_metrics,
+                     write_status)
+from .preempt import Preempted, PreemptWatch, signals_at_steps
 from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
 
@@ -176,6 +178,8 @@ class Run:
     """Updates are decided on the device (``_gated_update``): no host read on steps that do not log."""
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
+    preempt: PreemptWatch | None = None
+    """Signal handling of this fit (``run.preempt``); None: signals keep their default action."""
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
 
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -460,6 +464,15 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
     chash = config_hash(cfg)
     run: Run | None = None
     writer: MetricsWriter | None = None
+
+    def record_exit_now(reason: str) -> None:  # a second signal or the grace ran out: the last checkpoint stands
+        if d.is_main and run_dir.is_dir():
+            step = resume_step(run_dir)
+            write_status(run_dir, "preempted", step=step, config_hash=chash,
+                         reason=f"{reason}; exited at once, resumes from the checkpoint of step {step}")
+
+    watch = PreemptWatch(grace_s=cfg.run.preempt_grace_s, check_every=cfg.run.preempt_check_every,
+                         on_exit_now=record_exit_now).install()
     try:
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -467,6 +480,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
+        run.preempt = watch
         run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt)
         if d.is_main:
             mirror = None
@@ -482,6 +496,11 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
         if d.is_main:
             write_status(run_dir, "done", step=run.step, config_hash=chash)
         return EXIT_DONE
+    except Preempted as e:
+        if d.is_main:
+            write_status(run_dir, "preempted", step=e.step, reason=str(e), config_hash=chash)
+        print(f"twinflow-train: {e}", flush=True)
+        return EXIT_PREEMPTED
     except Diverged as e:
         if d.is_main:
             write_status(run_dir, "diverged", step=run.step if run else 0, reason=str(e), config_hash=chash)
@@ -500,6 +519,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             traceback.print_exc()
         return EXIT_FAILED
     finally:
+        watch.uninstall()
         if writer is not None:
             writer.close()
         shutdown()
@@ -544,6 +564,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     cfg, d, c = run.cfg, run.dist, run.counters
     total = cfg.run.steps
     fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    signals = signals_at_steps(os.environ.get("TWINFLOW_SIGNAL_AT_STEP", ""), rank=d.rank)
     t_start = time.perf_counter()
     wall0 = c.wall_s
     if start == 0 and cfg.eval.teacher:
@@ -558,6 +579,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         run.step = step - 1
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        for sig in signals.get(step, ()):
+            os.kill(os.getpid(), sig)  # as a scheduler would, while the step runs
         t_step = time.perf_counter()
         lr = run.policy.lr(step)
         for g in run.optimizer.param_groups:
@@ -567,9 +590,12 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             _apply_update(run, step, stats)
             c.train_s += time.perf_counter() - t_step
             last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
+            # a signal: this step's checkpoint, then stop (no extra log or validation, so the resumed run
+            # follows an uninterrupted one exactly)
+            stop = not last and run.preempt is not None and run.preempt.agreed(step, world=d.world, device=d.device)
             is_log = step % cfg.run.log_every == 0 or last
             is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
-            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
+            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last or stop
             if is_log or is_val or is_ckpt:
                 _settle(run)  # every gated step is accounted for before anything is logged or saved
         except Diverged as e:
@@ -615,6 +641,10 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
                 writer.sync()
             _save(run, run_dir, step)
         run.step = step
+        if stop:
+            bar.close()
+            raise Preempted(f"stopped on {run.preempt.signal_name or 'a signal on another rank'} at the checkpoint "
+                            f"of step {step}; resumes from there", step=step)
         if last:
             break
     bar.close()
