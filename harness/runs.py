@@ -325,8 +325,15 @@ def stop_runs(actives: list[ActiveRun], *, state: Literal["queued", "diverged"] 
     for a in actives:
         d, rc = a.spec.run_dir, a.handle.poll()
         status = status_or_none(d) or {}
-        if _ended_by_itself(a, status):
+        preempted = status.get("state") == PREEMPTED
+        if _ended_by_itself(a, status) and not (preempted and state != "queued"):
+            # a stop meant to resume later that the trainer turned into a checkpoint: preempted, with the stop's
+            # reason; a stop that ends the run (diverged) is recorded as that below
             outcomes.append(finish_run(a, rc if rc is not None else -int(signal.SIGTERM)))
+            if preempted:
+                step = int(status.get("step") or 0)
+                write_status(d, PREEMPTED, step=step, reason=f"{reason} (stopped at the checkpoint of step {step})",
+                             config_hash=a.spec.config_hash)
             continue
         write_status(d, state, step=max(int(status.get("step") or 0), resume_step(d)), reason=reason,
                      config_hash=a.spec.config_hash)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.collect import run_statuses
 from harness.grid import run_grid
 from harness.launchers import LocalLauncher, SlurmLauncher
 from harness.matrix import load_matrix
@@ -107,6 +108,8 @@ def test_a_harness_stop_lets_the_run_checkpoint_and_a_rerun_resumes_it(reference
     status = read_status(spec.run_dir)
     assert outcome == "preempted" and status["state"] == "preempted", status
     assert rundir.checkpoint_step(spec.run_dir / "checkpoints" / "latest") == status["step"] >= 1
+    assert "interrupted (test)" in status["reason"] and _outcomes(spec.run_dir) == ["preempted"]
+    assert run_statuses(grid.grid_dir).set_index("arm").loc["a", "state"] == "preempted"  # what `grid status` shows
     result = run_grid(grid, launcher=LocalLauncher(workers=1), stream=io.StringIO(), tty=False)
     assert result.outcomes == {"a/seed-0": "done"}
     assert _outcomes(spec.run_dir) == ["preempted", "done"] and read_record(spec.run_dir).failures == 0

@@ -27,7 +27,13 @@ pytestmark = pytest.mark.slow
 
 
 def _state(run):
-    return torch.load(run / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)
+    latest = run / "checkpoints" / "latest"
+    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+    if (latest / "shards").is_dir():  # dcp: the tensors live in the shards
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        dcp_to_torch_save(latest / "shards", run / "dcp-full.pt")
+        state.update(torch.load(run / "dcp-full.pt", map_location="cpu", weights_only=True))
+    return state
 
 
 def assert_bit_identical(a, b):
@@ -122,8 +128,9 @@ def test_the_grace_running_out_exits_at_once(tiny_overrides, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_gloo_processes_agree_on_a_signal_only_rank_0_got(tiny_overrides, tmp_path):
-    over = [*tiny_overrides, "run.steps=8", "parallel.backend=gloo"]
+@pytest.mark.parametrize("fmt", ["full", "dcp"])
+def test_two_gloo_processes_agree_on_a_signal_only_rank_0_got(tiny_overrides, tmp_path, fmt):
+    over = [*tiny_overrides, "run.steps=8", "parallel.backend=gloo", f"checkpoint.format={fmt}"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     done = fit_cli(ref, over, torchrun=2)
     assert done.returncode == EXIT_DONE, done.stdout[-3000:] + done.stderr[-3000:]
