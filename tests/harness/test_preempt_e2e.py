@@ -22,7 +22,7 @@ import torch
 
 from harness.collect import run_statuses
 from harness.grid import run_grid
-from harness.launchers import LocalLauncher, SlurmLauncher
+from harness.launchers import LocalLauncher, SlurmLauncher, TorchrunLauncher
 from harness.matrix import load_matrix
 from harness.runs import prepare_run_dir, start_run, stop_runs
 from harness.store import read_record, read_status
@@ -93,6 +93,18 @@ def test_a_signalled_run_is_resumed_on_the_next_poll_with_no_failed_attempt(refe
     assert read_record(run).attempts[1].start_step == 6  # no completed step lost
     assert train_steps(run) == list(range(1, STEPS + 1))
     assert_bit_identical(reference, run)
+
+
+@pytest.mark.distributed
+def test_torchrun_a_run_preempted_on_rank_0_alone_is_resumed_with_no_failed_attempt(env_cache, tmp_path):
+    grid = _grid(tmp_path, "runs")
+    result = run_grid(grid, launcher=TorchrunLauncher(workers=1, nproc_per_node=2), stream=io.StringIO(), tty=False,
+                      run_env={"a": {"TWINFLOW_SIGNAL_AT_STEP": "6:SIGTERM@0"}})
+    run = grid.grid_dir / "a" / "seed-0"
+    assert result.outcomes == {"a/seed-0": "done"}, (run / "logs" / "attempt-1.log").read_text()[-3000:]
+    assert _outcomes(run) == ["preempted", "done"] and read_record(run).failures == 0
+    assert read_record(run).attempts[1].start_step == 6
+    assert train_steps(run) == list(range(1, STEPS + 1))
 
 
 def test_a_harness_stop_lets_the_run_checkpoint_and_a_rerun_resumes_it(reference, tmp_path):

@@ -451,7 +451,8 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 
 
 def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False) -> int:
-    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged, 4/5 preempted:
+    stopped on a signal, ``run.preempt``).
 
     ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
     (an event in metrics.jsonl) instead of failing.
