@@ -566,7 +566,7 @@ def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tm
     assert table[0].split(",")[:5] == ["trial", "state", "val/fd_nfe1", "val/proxy_nfe1", "val/gold_nfe1"]
 
     out = tmp_path / "report"
-    build_report(grid_dir=root / "mo", out_dir=out, n_boot=200, progress=False)
+    build_report(grid_dir=root / "mo", out_dir=out, progress=False)
     figs = {f["slug"]: f for f in json.loads((out / "figures.json").read_text())}
     meta = figs["study_mo_pareto"]["meta"]
     assert meta["colour"] == "val/gold_nfe1"

@@ -44,7 +44,8 @@ def plant_in_state(ckpt_dir: Path, marker: Path) -> None:
     payload["state"]["counters"]["note"] = Payload(marker)
     torch.save(payload, ckpt_dir / "state.pt")
     meta = rundir.read_json(ckpt_dir / rundir.META_FILE)
-    rundir.write_checkpoint_meta(ckpt_dir, step=meta["step"], fmt=meta["format"])
+    extra = {k: v for k, v in meta.items() if k not in ("step", "format", "files")}  # a fork's kind, world, ...
+    rundir.write_checkpoint_meta(ckpt_dir, step=meta["step"], fmt=meta["format"], extra=extra)
     assert rundir.verify_checkpoint(ckpt_dir) is None  # the checksums cannot tell
 
 
@@ -155,4 +156,19 @@ def test_a_dcp_metadata_or_value_that_is_not_data_is_passed_over(tiny_overrides,
     assert fit(cfg, run, progress=False) == EXIT_DONE
     (event,) = [r for r in read_metrics(run / "metrics.jsonl").records if r.get("kind") == "event"]
     assert event["checkpoint"] == "checkpoints/last_good" and ".metadata" in event["reason"]
+    assert not marker.exists()
+
+
+def test_a_fork_checkpoint_that_is_not_data_is_never_loaded(tiny_overrides, tmp_path, capfd):
+    from twinflow_train.run.fork import ForkRequest
+
+    cfg = load_config(None, tiny_overrides)
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    assert fit(cfg, parent, progress=False, fork_at=[4]) == EXIT_DONE
+    marker = tmp_path / "MARKER"
+    plant_in_state(rundir.fork_checkpoint(parent, 4), marker)
+    capfd.readouterr()
+    assert fit(cfg, child, progress=False, fork=ForkRequest(parent=parent, step=4)) == EXIT_DONE
+    assert "fork_fallback at step 0" in capfd.readouterr().out
+    assert "state.pt: refused, not plain data" in rundir.read_fork_file(child)["fallback"]
     assert not marker.exists()
