@@ -79,8 +79,8 @@ class Evaluator:
             return out
         for nfe in self.cfg.eval.nfe:
             s = self._score(self.student_latents(model, nfe=nfe, z=self.sample_noise, cond=self.sample_prompts))
-            out.update({f"val/fd_nfe{nfe}": s["fd"], f"val/kid_nfe{nfe}": s["kid"], f"val/reward_nfe{nfe}": s["reward"],
-                        f"val/accuracy_nfe{nfe}": s["accuracy"]})
+            out.update({f"val/fd_nfe{nfe}": s["fd"], f"val/kid_nfe{nfe}": s["kid"],
+                        f"val/reward_nfe{nfe}": s["reward"], f"val/accuracy_nfe{nfe}": s["accuracy"]})
             out.update({f"val/{k}_nfe{nfe}": s[k] for k in _PREFERENCE if k in s})
         return out
 
@@ -92,7 +92,8 @@ class Evaluator:
         cfg = self.cfg
         s = self._score(self.teacher_latents(teacher, steps=cfg.teacher.sample_steps, cfg_scale=cfg.teacher_cfg_scale,
                                              z=self.sample_noise, cond=self.sample_prompts))
-        out = {"teacher/fd": s["fd"], "teacher/kid": s["kid"], "teacher/reward": s["reward"], "teacher/accuracy": s["accuracy"],
+        out = {"teacher/fd": s["fd"], "teacher/kid": s["kid"], "teacher/reward": s["reward"],
+               "teacher/accuracy": s["accuracy"],
                "teacher/steps": cfg.teacher.sample_steps, "teacher/cfg_scale": cfg.teacher_cfg_scale}
         out.update({f"teacher/{k}": s[k] for k in _PREFERENCE if k in s})
         for steps in (1, 2, 4):

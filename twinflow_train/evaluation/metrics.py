@@ -123,13 +123,15 @@ class SampleScorer:
         return torch.cat(out).numpy().astype(np.float64)
 
     def kid_features(self, features: np.ndarray) -> np.ndarray:
-        """Features as the kernel distance sees them: standardised by the reference set (``kid_shift``/``kid_scale``)."""
+        """Features as the kernel distance sees them: standardised by the reference set (``kid_shift``,
+        ``kid_scale``)."""
         return (features - self.kid_shift) / self.kid_scale
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """``fd`` and ``kid`` (``kernel_distance``) to the reference set, ``accuracy`` (eval net argmax == prompt) and ``reward`` (mean log p(prompt)),
-        plus the mean of every ``extra`` score under its name.
+        """``fd`` and ``kid`` (``kernel_distance`` on ``kid_features``) to the reference set, ``accuracy`` (eval
+        net argmax == prompt) and ``reward`` (mean log p(prompt)), plus the mean of every ``extra`` score under its
+        name.
 
         ``reward`` is present when a reward model was given.
         """
