@@ -145,7 +145,7 @@ def grid_status_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_status(args: argparse.Namespace) -> int:
-    from .grid import grid_is_live, lock_info
+    from .lock import grid_is_live, lock_info
     from .monitor import GridMonitor, render_table
 
     problems = [f"--workers must be >= 1 (got {args.workers})"] if args.workers is not None and args.workers < 1 else []

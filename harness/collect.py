@@ -169,7 +169,7 @@ def grid_manifest(grid_dir: str | Path) -> dict[str, Any] | None:
 
 def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
     """One row per run of a grid: state, reason, last step, wall-clock seconds (see the module docstring)."""
-    from .grid import grid_is_live
+    from .lock import grid_is_live
     from .monitor import pid_is_trainer
 
     grid_dir = Path(grid_dir)
