@@ -98,7 +98,7 @@ def grid_run(args: argparse.Namespace) -> int:
     with reading_input("twinflow-lab grid run: launcher"):  # e.g. submitit missing, an unknown --slurm-param
         launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
                                  nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
-                                 slurm_parameters=params)
+                                 slurm_parameters=params, accelerate_config=args.accelerate_config)
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error",
                       restart_on_corrupt=args.restart_on_corrupt)

@@ -312,9 +312,9 @@ class Search:
 
     def __init__(self, spec: SearchSpec, *, root: str | Path = "runs", trials: int | None = None,
                  workers: int | None = None, storage: str | None = None, launcher: Launcher | None = None,
-                 launcher_kind: Literal["local", "torchrun", "slurm"] = "local", nproc_per_node: int | None = None,
-                 slurm_cluster: Literal["slurm", "local"] = "slurm",
-                 slurm_parameters: Mapping[str, Any] | None = None, poll_s: float = 1.0, heartbeat_s: float = 30.0,
+                 launcher_kind: Literal["local", "torchrun", "accelerate", "slurm"] = "local",
+                 nproc_per_node: int | None = None, slurm_cluster: Literal["slurm", "local"] = "slurm",
+                 slurm_parameters: Mapping[str, Any] | None = None, accelerate_config: Path | None = None, poll_s: float = 1.0, heartbeat_s: float = 30.0,
                  stale_after_s: float = 600.0, stream: TextIO | None = None, progress: bool = True,
                  prepare_teacher: bool = True, run_env: Mapping[str, Mapping[str, str]] | None = None):
         if trials is not None and trials < 1:
@@ -336,7 +336,7 @@ class Search:
         if launcher is None:
             launcher = make_launcher(launcher_kind, workers=slots, grid_dir=self.study_dir,
                                      nproc_per_node=nproc_per_node, slurm_cluster=slurm_cluster,
-                                     slurm_parameters=slurm_parameters)
+                                     slurm_parameters=slurm_parameters, accelerate_config=accelerate_config)
         self.launcher = launcher
         self.storage_override = storage
         self.run_env = run_env
@@ -647,7 +647,7 @@ def _prepare(args: argparse.Namespace) -> Search:
         raise SearchSpecError(problems)
     return Search(spec, root=args.root, trials=args.trials, workers=args.workers, storage=args.storage,
                   launcher_kind=args.launcher, nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
-                  slurm_parameters=params, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
+                  slurm_parameters=params, accelerate_config=args.accelerate_config, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
                   stale_after_s=args.stale_after_s, progress=not args.no_progress)
 
 
