@@ -30,7 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, TextIO
 
 from .identity import trainer_package_dir
 
@@ -146,15 +146,37 @@ class Launcher(ABC):
     def start(self, job: LaunchJob) -> Handle:
         """Start ``job``; returns at once."""
 
-    def run_blocking(self, job: LaunchJob, *, poll_s: float = 0.2) -> int:
-        """Start ``job`` and wait for it (shared-asset preparation)."""
+    def run_blocking(self, job: LaunchJob, *, poll_s: float = 0.2, echo: TextIO | None = None) -> int:
+        """Start ``job`` and wait for it (shared-asset preparation); with ``echo``, the lines the job adds to its
+        log are copied there as they come (indented), so the terminal shows the progress the log records."""
+        offset = job.log_path.stat().st_size if echo is not None and job.log_path.is_file() else 0
+        pending = b""
+
+        def relay(*, last: bool = False) -> None:
+            nonlocal offset, pending
+            if echo is None or not job.log_path.is_file():
+                return
+            with open(job.log_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            if last and pending:  # the job ended in mid-line
+                lines, pending = lines + [pending], b""
+            for line in lines:
+                echo.write(f"  {line.decode(errors='replace').rstrip()}\n")
+            if lines:
+                echo.flush()
+
         handle = self.start(job)
         try:
             while (rc := handle.poll()) is None:
+                relay()
                 time.sleep(poll_s)
         except BaseException:
             handle.terminate()
             raise
+        relay(last=True)
         return rc
 
     def describe(self) -> str:
