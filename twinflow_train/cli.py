@@ -61,6 +61,11 @@ def _load(args: argparse.Namespace) -> Config:
     with reading_input(f"twinflow-train {args.command}"):
         problems = _argument_problems(args)
         path = args.config
+        if path is None and args.command in ("fit", "teacher", "plan") and _is_rank_zero():
+            from .config import RunConfig, TeacherConfig
+            print(f"twinflow-train {args.command}: no --config: using the built-in defaults of twinflow_train/config.py "
+                  f"(digits; run.steps {RunConfig().steps}, teacher.steps {TeacherConfig().steps}); configs/digits.yaml "
+                  "is the tuned digits setup the README uses", file=sys.stderr, flush=True)
         if path is None and args.command in ("sample", "eval") and (args.run_dir / CONFIG_FILE).is_file():
             path = args.run_dir / CONFIG_FILE  # a missing one is among the problems already
         try:
@@ -83,10 +88,24 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_rank_zero() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from .run.summary import fit_summary, run_is_complete
+    if run_is_complete(cfg, args.run_dir):
+        # nothing to train: no process group, no W&B run, status.json and the files stay as they are
+        if _is_rank_zero():
+            print(fit_summary(args.run_dir, steps=cfg.run.steps, already_complete=True), flush=True)
+        return 0
     from .run.trainer import fit
-    return fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt)
+    rc = fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt)
+    if rc == 0 and _is_rank_zero():
+        print(fit_summary(args.run_dir, steps=cfg.run.steps), flush=True)
+    return rc
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
