@@ -202,6 +202,8 @@ arms:
     text = capsys.readouterr().out
     assert "metrics.parquet" in text and "first_nonfinite_step" in text
     assert (grid.grid_dir / ".harness" / "metrics.parquet").is_file()
+    assert f"-> {grid.grid_dir / 'metrics.parquet'}" in text  # the table where ls shows it
+    assert (grid.grid_dir / "metrics.parquet").read_bytes() == (grid.grid_dir / ".harness" / "metrics.parquet").read_bytes()
 
 
 @pytest.mark.distributed
