@@ -216,6 +216,9 @@ def export_main(argv: list[str]) -> int:
             print(f"twinflow-train export: {problem}", file=sys.stderr)
         return 2
     print(out)
+    if out is not None and (Path(out) / "model_index.json").is_file():
+        print(f"twinflow-train export: load it with diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
+              "trust_remote_code=True)", file=sys.stderr)
     return 0
 
 
