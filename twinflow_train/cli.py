@@ -63,9 +63,10 @@ def _load(args: argparse.Namespace) -> Config:
         path = args.config
         if path is None and args.command in ("fit", "teacher", "plan") and _is_rank_zero():
             from .config import RunConfig, TeacherConfig
-            print(f"twinflow-train {args.command}: no --config: using the built-in defaults of twinflow_train/config.py "
-                  f"(digits; run.steps {RunConfig().steps}, teacher.steps {TeacherConfig().steps}); configs/digits.yaml "
-                  "is the tuned digits setup the README uses", file=sys.stderr, flush=True)
+            print(f"twinflow-train {args.command}: no --config: using the built-in defaults of "
+                  f"twinflow_train/config.py (digits; run.steps {RunConfig().steps}, teacher.steps "
+                  f"{TeacherConfig().steps}); configs/digits.yaml is the tuned digits setup the README uses",
+                  file=sys.stderr, flush=True)
         if path is None and args.command in ("sample", "eval") and (args.run_dir / CONFIG_FILE).is_file():
             path = args.run_dir / CONFIG_FILE  # a missing one is among the problems already
         try:

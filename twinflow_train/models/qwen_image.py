@@ -2,9 +2,9 @@
 
 Two layers:
 
-* ``TwinFlowQwenImageTransformer2DModel`` (defined in ``qwen_transformer``, which imports only torch and
-  diffusers so that ``export`` can ship it inside the exported directory): a subclass of the diffusers class that adds
-  the gated target-time embedding of docs/method.md §1, ``temb = E1(t) + E2(tt) * (t - tt)``
+* ``TwinFlowQwenImageTransformer2DModel`` (defined in ``qwen_transformer``, which imports only torch
+  and diffusers so that ``export`` can ship it inside the exported directory): a subclass of the
+  diffusers class that adds the gated target-time embedding of docs/method.md §1, ``temb = E1(t) + E2(tt) * (t - tt)``
   (+ an optional zero-initialised sign embedding where t < 0). It keeps the parent's
   forward signature (packed tokens, ``img_shapes``), so a stock ``QwenImagePipeline``
   can call it, and it is what ``export`` saves with ``save_pretrained``. At tt = t the
