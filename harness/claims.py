@@ -14,6 +14,7 @@ per run to one number::
         window: ["${steps // 3 + 1}", null]   # steps [start, end], inclusive; null end: to the last step
         direction: decrease               # the effect the claim predicts for treatment vs baseline
         scale: log                        # log: paired log-ratios (fold changes); diff: paired differences
+        margin: 1.1                       # smallest effect of interest (a fold on the log scale); default per metric
       - claim: RL lifts the gold reward above the teacher's without costing fidelity
         tests:                            # a claim of several parts: every part must hold
           - {baseline: teacher, treatment: spike_decay, metric: val/gold_nfe2, baseline_metric: teacher/gold,
@@ -21,12 +22,16 @@ per run to one number::
           - {baseline: vanilla, treatment: spike_decay, metric: val/fd_nfe2, scale: log, direction: decrease,
              tolerance: 1.5}            # non-inferiority: FD@2 at most 1.5x the baseline's
 
-The statistics and the verdict rule live in ``reports.verdict``; this module only
-parses and validates, so a matrix with a wrong claim is refused before any run starts.
+The statistics and the verdict rule live in ``harness.inference`` (and ``harness.verdicts`` reads the
+runs' values); this module only parses and validates, so a matrix with a wrong claim is refused before any
+run starts. ``margin`` is the smallest effect of interest: inside it both ways, a test's verdict is "no
+meaningful effect". Its default depends on the metric (``DEFAULT_MARGINS``); a metric without one needs
+``margin`` in the claim.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
@@ -42,6 +47,31 @@ TEACHER = "teacher"
 Reduce = Literal["final", "max", "min", "mean"]
 Direction = Literal["increase", "decrease"]
 Scale = Literal["diff", "log"]
+
+
+DEFAULT_MARGINS: tuple[tuple[str, str, float], ...] = (
+    # (key prefix, scale, margin): folds on the log scale, metric units on the diff scale
+    ("grad_norm/", "log", 1.1),        # a 10% change of a peak grad norm is noise beside a spike (x1e3 and more)
+    ("val/fd_", "log", 1.05),          # FD changes by ~2% between validations of a converged student
+    ("teacher/fd", "log", 1.05),
+    ("val/gold_", "diff", 0.05),       # gold and proxy scores: z-score units of the real digits (SD ~0.8)
+    ("val/proxy_", "diff", 0.05),
+    ("teacher/gold", "diff", 0.05),
+    ("teacher/proxy", "diff", 0.05),
+    ("val/reward_", "diff", 0.05),     # the reward model's own units (digits: log-probability; proxy: gold z-units)
+    ("teacher/reward", "diff", 0.05),
+    ("val/accuracy_", "diff", 0.01),   # one percentage point of prompt accuracy
+    ("val/loss", "log", 1.02),
+)
+"""Smallest effect of interest per metric kind, where the claim gives none (docs/harness.md, "Claims")."""
+
+
+def default_margin(metric: str, scale: str) -> float | None:
+    """The documented margin of ``metric`` on ``scale``, or None where there is none."""
+    for prefix, sc, m in DEFAULT_MARGINS:
+        if metric.startswith(prefix) and sc == scale:
+            return m
+    return None
 
 
 def _window_problem(w: list[int | None]) -> str | None:
@@ -74,6 +104,10 @@ class ClaimTest:
     tolerance: float | None = checked(None, check=lambda v: None if v > 0 else f"expected a number > 0, got {v!r}")
     """Non-inferiority margin instead of a predicted effect: the treatment may be worse than the baseline by at
     most this much (``diff``: in the metric's units; ``log``: a fold, > 1)."""
+    margin: float | None = checked(None, check=lambda v: None if v > 0 else f"expected a number > 0, got {v!r}")
+    """Smallest effect of interest, both ways (``diff``: metric units; ``log``: a fold, > 1): an interval inside
+    it reads "no meaningful effect". None: the metric's default (``DEFAULT_MARGINS``); the one-sided case is
+    ``tolerance``."""
 
     def __post_init__(self) -> None:
         if self.baseline_metric is None:
@@ -92,7 +126,24 @@ class ClaimTest:
         if self.scale == "log" and self.tolerance is not None and self.tolerance <= 1:
             out.append(("tolerance", f"on the log scale the margin is a fold (> 1, e.g. 1.5 = at most 1.5x worse), "
                                      f"got {self.tolerance!r}"))
+        if self.tolerance is not None and self.margin is not None:
+            out.append(("margin", "a non-inferiority test (tolerance) has its margin already; give one of the two"))
+        if self.scale == "log" and self.margin is not None and self.margin <= 1:
+            out.append(("margin", f"on the log scale the margin is a fold (> 1, e.g. 1.1 = within 10% either way), "
+                                  f"got {self.margin!r}"))
+        if self.tolerance is None and self.margin is None:
+            # None stays where the metric has no default: ``arm_problems`` names it with the other problems
+            object.__setattr__(self, "margin", default_margin(self.metric, self.scale))
         raise_problems(out)
+
+    def bound(self) -> float | None:
+        """The test's margin or tolerance on the analysis scale (``ln`` of a fold on the log scale); None for a
+        test without either (read from a grid manifest written before margins: it cannot conclude "no meaningful
+        effect")."""
+        m = self.tolerance if self.tolerance is not None else self.margin
+        if m is None:
+            return None
+        return math.log(m) if self.scale == "log" else float(m)
 
     def describe(self) -> str:
         """'val/fd_nfe2 (final)' or 'grad_norm/max (max over steps 134-400)'."""
@@ -107,6 +158,11 @@ class ClaimTest:
     def arm_problems(self, arms: Mapping[str, "Config"]) -> list[tuple[str | None, str]]:
         """What this test names that the matrix's arms do not have or do not write: ``(key or None, text)``."""
         out: list[tuple[str | None, str]] = []
+        if self.tolerance is None and self.margin is None:
+            out.append(("margin", f"no default smallest effect of interest for '{self.metric}' on the "
+                                  f"{self.scale} scale (defaults: "
+                                  + ", ".join(f"{p}* {sc} {m}" for p, sc, m in DEFAULT_MARGINS)
+                                  + "); give margin: the smallest effect that matters"))
         arm_list = ", ".join(arms)
         if self.treatment not in arms:
             out.append(("treatment", f"no arm named '{self.treatment}'; arms: {arm_list}"))

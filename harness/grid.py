@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
+from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, with_sources
+from .forks import describe as describe_forks
+from .forks import ready as fork_ready
 from .launchers import Launcher
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
@@ -190,6 +193,8 @@ class GridResult:
     """Seconds spent preparing shared assets."""
     runs_wall_s: float = 0.0
     """Seconds from the first launch to the last run's end."""
+    steps_computed: int | None = None
+    """Training steps the grid's runs computed (sequential grids; printed at the end)."""
 
     @property
     def exit_code(self) -> int:
@@ -201,8 +206,11 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
              on_changed: Literal["error", "supersede"] = "error",
              run_env: RunEnv | None = None,
              stream: TextIO | None = None, tty: bool | None = None, poll_s: float = 0.1,
-             prepare_teacher: bool = True, restart_on_corrupt: bool = False) -> GridResult:
+             prepare_teacher: bool = True, restart_on_corrupt: bool = False, forks: bool = True) -> GridResult:
     """Launch every run of ``grid`` that is not done, watch them, record what happened.
+
+    ``forks``: arms that share a prefix with another arm start from its runs' state there
+    (``harness.forks``; bit-identical to training them from step 0, which ``forks=False`` does).
 
     ``run_env``: extra environment per arm name or per run key (``arm/seed-k``), e.g.
     ``{"crash": {"TWINFLOW_FAULT_AT_STEP": "5"}}`` (tests inject faults this way).
@@ -245,15 +253,31 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
                     result.outcomes[p.spec.key] = (status_or_none(p.spec.run_dir) or {}).get("state", "?")
             todo = [p for p in plans if p.action in LAUNCH_ACTIONS]
             display = LiveDisplay(stream, tty=tty)
-            stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, {len(result.skipped)} "
-                         f"skipped; {launcher.describe()}\n")
+            if grid.plan is None:
+                stream.write(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo)} to launch, "
+                             f"{len(result.skipped)} skipped; {launcher.describe()}\n")
+            else:
+                stream.write(f"grid {grid.name}: sequential, {len(grid.arms)} arms x {grid.plan.first}-"
+                             f"{grid.plan.max} seeds ({len(result.skipped)} runs already ended); "
+                             f"{launcher.describe()}\n")
             stream.flush()
             if todo and prepare_teacher:
                 result.teacher_s = prepare_shared_assets(todo[0].spec, launcher, grid_dir=grid.grid_dir, stream=stream)
-            for p in todo:
-                prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
-            _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                      poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
+            fork_plan = plan_forks(grid) if forks else {}
+            for line in describe_forks(fork_plan):
+                stream.write(f"fork: {line}\n")
+            if grid.plan is None:
+                for p in todo:
+                    prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
+                _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
+                          poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=fork_plan)
+            else:
+                _run_waves(grid, plans, launcher=launcher, retries=retries, run_env=run_env, display=display,
+                           poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, stream=stream,
+                           forks=fork_plan)
+            result.steps_computed = _steps_computed(grid)
+            stream.write(f"grid {grid.name}: {result.steps_computed:,} training steps computed by its runs "
+                         f"(every arm and seed from step 0 would be {_steps_scratch(grid):,})\n")
             monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
             stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
                                       title=f"grid {grid.name}: finished") + "\n")
@@ -263,18 +287,110 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
         lock.release()
 
 
+def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retries: int, run_env: RunEnv,
+               display: LiveDisplay, poll_s: float, result: GridResult, restart_on_corrupt: bool,
+               stream: TextIO, forks: Mapping[str, Fork]) -> None:
+    """A sequential grid (``harness.sequential``): run a wave, look at every open claim, give the next wave's
+    seeds to the arms of the claims still open; resume from the recorded looks."""
+    from .collect import collect_grid, run_statuses
+    from .sequential import look_json, open_tests_text, read_record, resume_state, write_record
+    from .verdicts import sequential_look
+
+    plan = grid.plan
+    assert plan is not None
+    arms = [a.name for a in grid.arms]
+    by_key = {p.spec.key: p for p in plans}
+
+    def tables():
+        return collect_grid(grid.grid_dir), run_statuses(grid.grid_dir)
+
+    record = read_record(grid.grid_dir)
+    metrics, statuses = tables() if record and record.get("looks") else (None, None)
+    wave = resume_state(grid.grid_dir, grid.claims, arms, plan, metrics, statuses)
+    looks = list(record["looks"]) if record and record.get("looks") else []
+    judgement = wave.judgement
+    while not wave.done:
+        wanted = with_sources({f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
+                              {r.key: r for r in grid.runs})
+        todo = [by_key[k] for k in sorted(wanted, key=lambda k: list(by_key).index(k))
+                if by_key[k].action in LAUNCH_ACTIONS]
+        stream.write(f"wave {wave.number}: seeds per arm "
+                     + ", ".join(f"{a} {n}" for a, n in wave.targets.items()) + f"; {len(todo)} runs to launch\n")
+        stream.flush()
+        for p in todo:
+            prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
+        _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
+                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks)
+        for p in todo:
+            p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
+        metrics, statuses = tables()
+        judgement = sequential_look(grid.claims, metrics, statuses, targets=wave.targets, seeds=plan.seeds,
+                                    previous=judgement, alpha=judgement.alpha if judgement else 0.05,
+                                    spending=plan.spending, n_max=plan.max)
+        looks.append(look_json(wave.number, wave.targets, judgement))
+        write_record(grid.grid_dir, plan=plan, claims=grid.claims, looks=looks)
+        stream.write(f"look after wave {wave.number}:\n" + "".join(f"  {line}\n" for line in
+                                                                  open_tests_text(judgement, grid.claims)))
+        stream.flush()
+        wave = resume_state(grid.grid_dir, grid.claims, arms, plan, metrics, statuses)
+
+
+def _steps_computed(grid: Grid) -> int:
+    """Training steps the grid's runs computed (their last logged step; a forked run counts from its fork)."""
+    from twinflow_train.rundir import tail_metrics
+
+    total = 0
+    for spec in grid.runs:
+        last = tail_metrics(spec.run_dir / "metrics.jsonl", kinds=("train",)).last.get("train")
+        if last is None:
+            continue
+        fork = spec.run_dir / "fork.json"
+        start = 0
+        if fork.is_file():
+            info = json.loads(fork.read_text())
+            start = 0 if info.get("fallback") else int(info.get("step", 0))
+        total += int(last["step"]) - start
+    return total
+
+
+def _steps_scratch(grid: Grid) -> int:
+    """What the runs that have a record would have computed each from step 0."""
+    from twinflow_train.rundir import tail_metrics
+
+    total = 0
+    for spec in grid.runs:
+        last = tail_metrics(spec.run_dir / "metrics.jsonl", kinds=("train",)).last.get("train")
+        total += int(last["step"]) if last is not None else 0
+    return total
+
+
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
               run_env: RunEnv, display: LiveDisplay, poll_s: float,
-              result: GridResult, restart_on_corrupt: bool = False) -> None:
-    queue = [p.spec for p in todo]
+              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None) -> None:
+    forks = forks or {}
+    runs = {r.key: r for r in grid.runs}
+    points = fork_points(forks)
+    # sources before the runs that fork from them; otherwise the plan's order
+    depth = {s.key: len(with_sources({s.key}, forks, runs)) for s in (p.spec for p in todo)}
+    queue = sorted((p.spec for p in todo), key=lambda s: depth[s.key])
+
+    def startable(spec: RunSpec, active: list[ActiveRun]) -> bool:
+        pending = {s.key for s in queue} | {a.spec.key for a in active}
+        src = source_run(spec, forks, runs)
+        return src is None or src.key not in pending or fork_ready(spec, forks, runs)
+
     active: list[ActiveRun] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
     first_start: float | None = None
     try:
         while queue or active:
             while queue and len(active) < launcher.slots:
-                spec = queue.pop(0)
-                a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt)
+                spec = next((s for s in queue if startable(s, active)), None)
+                if spec is None:
+                    break  # every queued run waits for its source's fork checkpoint
+                queue.remove(spec)
+                a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt,
+                              extra_argv=fork_argv(spec, forks, points, runs))
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)

@@ -41,6 +41,7 @@ from twinflow_train.yamlio import InputError, read_mapping
 from .claims import Claim, parse_claims
 from .identity import code_version as trainer_code_version
 from .identity import run_identity
+from .sequential import SeedPlan
 
 ARM_EXTENDS = "extends"
 # set by the harness for every run; an arm setting them would be silently overridden
@@ -186,6 +187,8 @@ class Grid:
     code_version: str
     claims: tuple[Claim, ...] = ()
     """The ``claims:`` block (see harness/claims.py): which arm pair tests which claim."""
+    plan: SeedPlan | None = None
+    """The sequential seed plan (``seeds: {first, max}``), None for a plain seed list (every run at once)."""
 
     @property
     def grid_dir(self) -> Path:
@@ -254,8 +257,11 @@ def name_problem(name: str, *, role: str = "the grid and its directory") -> str 
     return f"must be a string of letters, digits, '_', '.', '-' (got {name!r}); it names {role}"
 
 
-def seeds_problem(seeds: list[int], *, why: str = "") -> str | None:
-    """The problem with a ``seeds`` list (non-empty, in range, no repeats), or None; ``why`` ends the message."""
+def seeds_problem(seeds: "list[int] | SeedPlan", *, why: str = "") -> str | None:
+    """The problem with a ``seeds`` list (non-empty, in range, no repeats), or None; ``why`` ends the message.
+    A sequential plan (``SeedPlan``) checks itself."""
+    if isinstance(seeds, SeedPlan):
+        return None
     if not seeds or any(s < 0 for s in seeds):
         return f"expected a non-empty list of integers in [0, 2**31 - 1] (got {seeds!r}){why}"
     return f"has duplicates ({seeds})" if len(set(seeds)) != len(seeds) else None
@@ -269,8 +275,11 @@ class MatrixFile:
     """The grid: ``runs/<name>/``; default: the file's stem."""
     description: str = ""
     base: str = checked(missing="the trainer config the arms override, relative to this file")
-    seeds: list[int] = checked(check=seeds_problem, expect="a non-empty list of integers in [0, 2**31 - 1]",
-                               missing="a non-empty list of integers")
+    seeds: list[int] | SeedPlan = checked(
+        check=seeds_problem, expect="a non-empty list of integers in [0, 2**31 - 1], or a sequential plan "
+                                    "{first, max, step, spending} (harness/sequential.py)",
+        missing="a non-empty list of integers, or a sequential plan {first, max}")
+    """The seeds every arm runs, or a sequential plan: seeds given in waves where claims are still open."""
     vars: dict[str, bool | int | float | str] | None = None
     """Names usable in ``${expr}`` values."""
     overrides: dict[str, Any] | None = None
@@ -388,6 +397,11 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
     except ConfigError as e:
         raise MatrixError(problems + e.problems) from None
     name = m.name or matrix_path.stem
+    plan = m.seeds if isinstance(m.seeds, SeedPlan) else None
+    seeds = list(plan.seeds) if plan is not None else list(m.seeds)
+    if plan is not None and not m.claims:
+        raise MatrixError([f"{file}, key 'seeds': a sequential plan gives seeds where claims are still open; this "
+                           f"matrix declares no claims (give a list of seeds instead)"])
     env = dict(m.vars or {})
     top, arms = _arm_specs(m, file, env, problems)
     if problems or base_path is None:
@@ -424,7 +438,7 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
             problems.append(f"{where}, key 'telemetry.wandb': '{cfg.telemetry.wandb}' needs the wandb package, "
                             "which is not installed (pip install 'twinflow-lab[wandb]')")
             continue
-        for seed in m.seeds:
+        for seed in seeds:
             run_over = {**spec.overrides, "run.seed": seed, "telemetry.group": name,
                         "telemetry.name": f"{spec.name}-{seed}"}
             run_cfg = _resolve(base_path, run_over)
@@ -436,8 +450,8 @@ def load_matrix(path: str | Path, *, root: str | Path = "runs", code_version: st
                                               evaluate=lambda v: evaluate(v, env), problems=problems)
     if problems:
         raise MatrixError(problems)
-    return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(m.seeds),
-                arms=tuple(arms), runs=tuple(runs), code_version=code, claims=claims)
+    return Grid(name=name, matrix_path=matrix_path, base_path=base_path, root=root, seeds=tuple(seeds),
+                arms=tuple(arms), runs=tuple(runs), code_version=code, claims=claims, plan=plan)
 
 
 def _blame(base: Path, top: Mapping[str, Any], spec: ArmSpec, where: str, error: ConfigError) -> list[str]:

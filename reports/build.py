@@ -36,8 +36,9 @@ from .stats import (
 from .verdict import (
     METHOD,
     RULE,
-    evaluate_claims,
+    detail_table,
     grid_claims,
+    judge,
     verdict_csv,
     verdict_figure,
     verdict_sentences,
@@ -48,9 +49,6 @@ if TYPE_CHECKING:
     import optuna
 
     from harness.claims import Claim
-
-FEW_PAIRS = 5
-
 
 def fmt_seconds(s: float) -> str:
     if s is None or not math.isfinite(s):
@@ -112,7 +110,7 @@ def diff_display(diffs: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame:
         for _, r in d.iterrows():  # one per metric
             flag = "" if r["n_pairs"] == n_max else f" (n={int(r['n_pairs'])})"
             if excludes_zero(r["excludes_zero"]):
-                flag += f" * (p={r['p_signflip']:.2g})"
+                flag += " *"
             row[r["metric"]] = fmt_diff(r) + flag
         rows.append(row)
     # one column per arm: a ladder has fewer arms than metrics, and each cell is long
@@ -161,6 +159,8 @@ def runs_display(runs: pd.DataFrame, primary_nfe: int | None, divergence: pd.Dat
         "reason": runs["reason"].fillna("").astype(str).to_numpy(),
         "last step": [fmt_int(v) for v in runs["last_step"]],
     })
+    if "fork" in runs.columns and runs["fork"].notna().any():
+        out["first steps shared with"] = runs["fork"].fillna("—").astype(str).to_numpy()
     for key, label, f in (("best_val_loss", "best val loss", fmt_num), ("best_val_step", "step of best", fmt_int),
                           ("final_val_loss", "final val loss", fmt_num),
                           (f"fd_nfe{primary_nfe}", f"FD@{primary_nfe}", fmt_num),
@@ -183,21 +183,24 @@ def runs_display(runs: pd.DataFrame, primary_nfe: int | None, divergence: pd.Dat
     return out
 
 
-def verdict_section(verdicts: Sequence[Sequence], *, source: str) -> Section:
-    """The claims and their verdicts (first in the report): a sentence per claim, the table, the method."""
-    if not verdicts:
+def verdict_section(judgement, *, source: str, how: str) -> Section:
+    """The claims and their verdicts (first in the report): the table, the forest plot, the sentences, the method."""
+    if not judgement.results:
         return Section("Verdicts", anchor="verdicts",
                        paragraphs=[f"No claims to judge: {source or 'none given'}. A matrix declares them in a "
                                    "'claims:' block (docs/harness.md); 'twinflow-lab report --claims MATRIX' takes "
                                    "them from another file."])
-    fig = verdict_figure(verdicts)
+    fig = verdict_figure(judgement)
+    k = len(judgement.results)
     return Section("Verdicts", anchor="verdicts",
-                   paragraphs=[f"Claims from {source}." if source else "Claims given to the report.", METHOD, RULE],
+                   lead=[("", verdict_table(judgement))],
+                   tables=[("What stands behind each row.", detail_table(judgement))],
                    figures=[fig] if fig is not None else [],
-                   bullets=verdict_sentences(verdicts),
-                   tables=[("One row per test; a claim of several parts has one row per part and its verdict on the "
-                            "first row. Effect: treatment vs baseline, paired by seed; (fold) = ratio of geometric "
-                            "means.", verdict_table(verdicts))])
+                   bullets=verdict_sentences(judgement),
+                   paragraphs=[f"Claims from {source}." if source else "Claims given to the report.",
+                               f"{k} tests; each decided at level {judgement.alpha:.2g}/{k} = "
+                               f"{judgement.alpha_test:.2g} (two-sided), spent over its looks ({how}).",
+                               METHOD, RULE])
 
 
 def _resolve_run_dirs(statuses: pd.DataFrame, grid_dir: Path | None) -> pd.DataFrame:
@@ -217,7 +220,7 @@ def _slug_ok(slug: str) -> str:
 
 
 def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = None, band: Band = "minmax",
-                 n_boot: int = 10_000, boot_seed: int = 0, max_points: int = 400, primary_nfe: int | None = None,
+                 max_points: int = 400, primary_nfe: int | None = None,
                  sample_seed: int | None = None, studies: Sequence["optuna.Study"] = (), title_note: str = "",
                  claims: Sequence["Claim"] | None = None, claims_source: str = "", progress: bool = True) -> Path:
     """Compute and write the report of ``data`` into ``out_dir``; returns the path of report.html.
@@ -227,8 +230,6 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     """
     if band not in BANDS:
         raise ValueError(f"band must be one of {BANDS} (got {band!r})")
-    if n_boot < 100:
-        raise ValueError(f"n_boot must be >= 100 for a 95% percentile interval (got {n_boot})")
     if max_points < 10:
         raise ValueError(f"max_points must be >= 10 (got {max_points})")
     arms = data.arms
@@ -244,14 +245,14 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     specs = metric_specs(nfe, primary)
     runs = run_table(data)
     summary = arm_table(runs, arms, specs)
-    diffs = compare_all(runs, arms=arms, baseline=baseline, specs=specs, n_boot=n_boot, seed=boot_seed)
+    diffs = compare_all(runs, arms=arms, baseline=baseline, specs=specs)
     pairs = [(prev, arm) for arm in arms if (prev := data.predecessor(arm)) is not None]
-    found = findings(runs, summary, pairs=pairs, specs=specs, primary_nfe=primary, n_boot=n_boot, seed=boot_seed)
+    found = findings(runs, summary, pairs=pairs, specs=specs, primary_nfe=primary)
     teacher = teacher_values(data)
     statuses = _resolve_run_dirs(data.statuses, data.grid_dir)
     if claims is None:
         claims, claims_source = grid_claims(data.grid_dir)
-    verdicts = evaluate_claims(data, claims)
+    judgement, how = judge(data, claims)
     bar.update(1)
 
     curves = curve_figures(data, band=band, max_points=max_points)
@@ -276,20 +277,15 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
              + ", ".join(f"{v} {k}" for k, v in sorted(states.items()))
              + f"). Arm order: {', '.join(arms)} (source: {data.arm_order_source}). Baseline arm: {baseline}.",
              f"Curves: mean over seeds, {BAND_LABEL[band]}, at most {max_points} step bins per curve. "
-             f"Differences: arm minus baseline over seeds present in both (paired by seed), with a bootstrap 95% "
-             f"percentile interval ({n_boot} resamples of the seed pairs, seed {boot_seed}); '*' marks an interval "
-             f"that excludes 0, with the p-value of the exact paired sign-flip test beside it; 'significant' means "
-             f"both (interval excludes 0 and p < 0.05). With fewer than 2 pairs there is no interval (n/a). "
-             f"Relative differences (%) are mean(arm)/mean(baseline) - 1; where a ratio is beyond 10x (or below "
-             f"1/10) all three numbers are written as fold changes xR = mean(arm)/mean(baseline) instead."]
+             f"Differences: arm minus baseline over seeds present in both (paired by seed), with the unadjusted "
+             f"95% paired t-interval of the verdicts' engine (harness/inference.py); '*' marks an interval that "
+             f"excludes 0. These comparisons are exploratory: only the verdicts control their error over the "
+             f"matrix. With fewer than 2 pairs there is no interval (n/a). Relative differences (%) are the "
+             f"geometric-mean ratio - 1 (paired log-ratios); beyond 10x (or below 1/10) all three numbers are "
+             f"written as fold changes instead."]
     if title_note:
         intro.insert(0, title_note)
     notes = []
-    n_pairs = int(diffs["n_pairs"].max()) if not diffs.empty else 0
-    if 2 <= n_pairs < FEW_PAIRS:
-        notes.append(f"Only {n_pairs} paired seeds: a bootstrap interval from so few pairs tends to be too narrow, "
-                     f"and the exact sign-flip test cannot go below p = 1/2^{n_pairs} = {1 / 2 ** n_pairs:.2g}; "
-                     "read '*' as a hint, not as proof.")
     spread = {k: v for k, v in teacher_spread(data).items() if v > 1e-9 * max(1.0, abs(teacher.get(k, 0.0)))}
     if spread:
         notes.append("Teacher metrics differ across runs (not one shared teacher?): "
@@ -313,9 +309,9 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     dd = diff_display(diffs, arms)
     if not dd.empty:
         summary_sec.tables.append((f"Differences against the baseline '{baseline}' (arm - baseline; "
-                                   "[95% bootstrap interval]; * interval excludes 0, with the sign-flip p; "
-                                   "(n=k) fewer pairs than the column's).", dd))
-    sections = [verdict_section(verdicts, source=claims_source), summary_sec,
+                                   "[unadjusted 95% paired t-interval]; * interval excludes 0; "
+                                   "(n=k) fewer pairs than the column's; exploratory, not verdicts).", dd))
+    sections = [verdict_section(judgement, source=claims_source, how=how), summary_sec,
                 Section("Findings", anchor="findings",
                         paragraphs=["Each arm against the arm it extends in the matrix (where the grid manifest records it; "
                                     "otherwise the arm before it in the ladder order), computed from the paired seeds."],
@@ -334,7 +330,8 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
                               "recorded from the same evaluation, not optimised.", sec.front.map(fmt4)))
         sections.append(Section(f"Optuna study '{sec.name}'", anchor=f"study-{_slug_ok(sec.name)}",
                                 paragraphs=[sec.summary], figures=sec.figures, tables=tables))
-    doc = Document(title=f"TwinFlow comparison report: {data.name}", intro=intro, sections=sections)
+    sections.append(Section("About this grid", anchor="about", paragraphs=intro))
+    doc = Document(title=f"TwinFlow comparison report: {data.name}", intro=[], sections=sections)
 
     # ------------------------------------------------------------------ files
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +343,7 @@ def write_report(data: GridData, *, out_dir: str | Path, baseline: str | None = 
     _publish_csv(summary, out_dir / "summary.csv")
     _publish_csv(runs, out_dir / "runs.csv")
     _publish_csv(diffs, out_dir / "differences.csv", index=False)
-    _publish_csv(verdict_csv(verdicts), out_dir / "verdicts.csv", index=False)
+    _publish_csv(verdict_csv(judgement), out_dir / "verdicts.csv", index=False)
     manifest = [{"slug": f.slug, "file": names[f.slug], "title": f.title, "caption": f.caption, "meta": f.meta}
                 for f in figures_of(doc)]
     atomic_write_text(out_dir / "figures.json", json.dumps(manifest, indent=1, default=str) + "\n")
@@ -364,8 +361,8 @@ def _publish_csv(df: pd.DataFrame, path: Path, *, index: bool = True) -> None:
 
 
 def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, baseline: str | None = None,
-                 arm_order: Sequence[str] | None = None, band: Band = "minmax", n_boot: int = 10_000,
-                 boot_seed: int = 0, max_points: int = 400, primary_nfe: int | None = None,
+                 arm_order: Sequence[str] | None = None, band: Band = "minmax", max_points: int = 400,
+                 primary_nfe: int | None = None,
                  sample_seed: int | None = None, studies: Sequence["optuna.Study"] | None = None,
                  claims: Sequence["Claim"] | None = None, claims_source: str = "",
                  progress: bool = True) -> Path:
@@ -382,6 +379,6 @@ def build_report(*, grid_dir: str | Path, out_dir: str | Path | None = None, bas
 
         studies = find_studies(grid_dir)
     return write_report(data, out_dir=out_dir if out_dir is not None else grid_dir / "report", baseline=baseline,
-                        band=band, n_boot=n_boot, boot_seed=boot_seed, max_points=max_points,
+                        band=band, max_points=max_points,
                         primary_nfe=primary_nfe, sample_seed=sample_seed, studies=studies, claims=claims,
                         claims_source=claims_source, progress=progress)

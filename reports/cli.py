@@ -28,9 +28,6 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ladder order of the arms (default: the matrix order)")
     parser.add_argument("--band", choices=BANDS, default="minmax",
                         help="seed band of the curves: min-max over seeds, or 95%% t-interval of the mean")
-    parser.add_argument("--bootstrap", type=int, default=10_000, metavar="N",
-                        help="bootstrap resamples (default 10000)")
-    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--max-points", type=int, default=400, help="step bins per curve (default 400)")
     parser.add_argument("--nfe", type=int, default=None, help="NFE of reward/accuracy in the summary (default 2)")
     parser.add_argument("--sample-seed", type=int, default=None, help="run seed shown in the sample grid")
@@ -55,8 +52,6 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
                                                          else "does not exist"))
     if args.out is not None and (problem := dir_problem(args.out)) is not None:
         problems.append(f"--out: {problem}")
-    if args.bootstrap < 100:
-        problems.append(f"--bootstrap must be >= 100 for a 95% percentile interval (got {args.bootstrap})")
     if args.max_points < 10:
         problems.append(f"--max-points must be >= 10 (got {args.max_points})")
     if args.nfe is not None and args.nfe < 1:
@@ -100,8 +95,7 @@ def run_report(args: argparse.Namespace, *, load_claims: ClaimsLoader) -> int:
 
         # a run's sample files that do not load are problems of the grid's data, found while writing
         path = write_report(data, out_dir=args.out if args.out is not None else args.grid_dir / "report",
-                            baseline=args.baseline, band=args.band, n_boot=args.bootstrap,
-                            boot_seed=args.bootstrap_seed, max_points=args.max_points, primary_nfe=args.nfe,
+                            baseline=args.baseline, band=args.band, max_points=args.max_points, primary_nfe=args.nfe,
                             sample_seed=args.sample_seed, studies=studies, claims=claims, claims_source=source,
                             progress=not args.no_progress)
     except (InputError, RunDirError, FileNotFoundError) as e:  # arguments, grid data, damaged run files

@@ -22,6 +22,8 @@ class Section:
     """(caption, table of display strings)."""
     figures: list[FigureOut] = field(default_factory=list)
     anchor: str = ""
+    lead: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    """Tables shown first, right under the title (the verdict table: the report's first screen)."""
 
 
 @dataclass(slots=True)
@@ -58,6 +60,10 @@ def to_html(doc: Document) -> str:
     parts.append(f"<nav>{nav}</nav>")
     for s in doc.sections:
         parts.append(f'<h2 id="{html.escape(s.anchor)}">{html.escape(s.title)}</h2>')
+        for caption, table in s.lead:
+            if caption:
+                parts.append(f'<p class="caption">{html.escape(caption)}</p>')
+            parts.append(_html_table(table))
         parts += [f"<p>{html.escape(p)}</p>" for p in s.paragraphs]
         if s.bullets:
             parts.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in s.bullets) + "</ul>")
@@ -91,6 +97,10 @@ def to_markdown(doc: Document, *, image_names: dict[str, str]) -> str:
     out += [p + "\n" for p in doc.intro]
     for s in doc.sections:
         out += [f"## {s.title}", ""]
+        for caption, table in s.lead:
+            if caption:
+                out += [f"*{caption}*", ""]
+            out += [_md_table(table), ""]
         out += [p + "\n" for p in s.paragraphs]
         if s.bullets:
             out += [f"- {b}" for b in s.bullets] + [""]

@@ -1,4 +1,4 @@
-"""Per-run and per-arm numbers, paired bootstrap differences, and the findings sentences.
+"""Per-run and per-arm numbers, paired differences (``harness.inference``'s t-intervals), and the findings.
 
 Everything is computed with pandas group-bys over the telemetry table; a value
 that is missing or non-finite in a run is left out of that run's statistic and
@@ -9,7 +9,6 @@ surviving seeds is never shown as a mean over three.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -18,13 +17,15 @@ import pandas as pd
 
 from harness.collect import GRAD_NORM_KEYS, run_divergence
 
+from harness.inference import ALPHA, Paired, t_interval
+from scipy import stats as sps
+
 from .data import GridData, GridDataError
 
 RUN_KEYS = ["arm", "seed"]
 SAMPLE_METRICS = ("fd", "reward", "accuracy", "gold", "proxy")
 """Student sample metrics per NFE (``val/<what>_nfe<n>``); gold and proxy: the preference score and its learned
 proxy, where the trainer writes them."""
-ALPHA = 0.05
 
 
 # --------------------------------------------------------------------------- per run
@@ -64,6 +65,8 @@ def run_table(data: GridData) -> pd.DataFrame:
     out = pd.DataFrame(index=runs).sort_index()
     out["state"] = st["state"].reindex(out.index).fillna("unknown")
     out["reason"] = st["reason"].reindex(out.index)
+    if "fork" in st.columns:  # a forked run: whose records its first steps are (harness.collect.run_statuses)
+        out["fork"] = st["fork"].reindex(out.index)
 
     train = m[m["kind"] == "train"]
     out["last_step"] = _by_run(train)["step"].max().reindex(out.index)
@@ -195,75 +198,33 @@ def arm_table(runs: pd.DataFrame, arms: Sequence[str], specs: Sequence[MetricSpe
 # --------------------------------------------------------------------------- differences
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, mode: Literal["abs", "rel"], n_boot: int,
-                     rng: np.random.Generator) -> tuple[float, float, float]:
-    """Estimate and 95% percentile interval of the difference of paired samples (a[i], b[i]).
-
-    Seeds are resampled as pairs. ``abs``: mean(a - b); ``rel``: mean(a) / mean(b) - 1.
-    Fewer than two pairs: the estimate only, interval (nan, nan), as no spread can be estimated.
-    """
+def paired_interval(a: np.ndarray, b: np.ndarray, *, mode: Literal["abs", "rel"]) -> tuple[float, float, float, float]:
+    """Estimate, unadjusted 95% interval and two-sided t-test p of paired samples (a[i], b[i]), from
+    ``harness.inference`` (the verdicts' engine). ``abs``: mean(a - b); ``rel``: the geometric-mean ratio - 1
+    (paired log-ratios, positive values only). Fewer than two pairs: the estimate only."""
     if mode not in ("abs", "rel"):
         raise ValueError(f"mode must be 'abs' or 'rel' (got {mode!r})")
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired samples need equal 1-d shapes (got {a.shape} and {b.shape})")
-    n = a.size
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    if mode == "abs":
-        est = float(np.mean(a - b))
+    if a.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    if mode == "rel" and (np.any(a <= 0) or np.any(b <= 0)):
+        return math.nan, math.nan, math.nan, math.nan  # a ratio is meaningless off the positive axis
+    d = np.log(a / b) if mode == "rel" else a - b
+    p = Paired.of(d)
+    lo, hi = t_interval(p, ALPHA) if p.n >= 2 else (math.nan, math.nan)
+    if p.n >= 2 and p.sd > 0:
+        pval = float(2 * sps.t.sf(abs(p.mean) / (p.sd / math.sqrt(p.n)), p.n - 1))
     else:
-        if np.any(b <= 0) or np.any(a < 0):
-            return math.nan, math.nan, math.nan  # a ratio of means is meaningless off the positive axis
-        est = float(a.mean() / b.mean() - 1.0)
-    if n < 2:
-        return est, math.nan, math.nan
-    idx = rng.integers(0, n, size=(n_boot, n))
-    if mode == "abs":
-        boots = (a - b)[idx].mean(axis=1)
-    else:
-        boots = a[idx].mean(axis=1) / b[idx].mean(axis=1) - 1.0
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return est, float(lo), float(hi)
+        pval = math.nan if p.n < 2 else (1.0 if p.mean == 0 else 0.0)
+    back = (lambda v: math.exp(v) - 1.0) if mode == "rel" else (lambda v: v)
+    return back(p.mean), back(lo), back(hi), pval
 
 
-def signflip_p(a: np.ndarray, b: np.ndarray, *, mode: Literal["abs", "rel"], rng: np.random.Generator,
-               n_random: int = 20_000) -> float:
-    """Two-sided p-value of the paired sign-flip (swap within pairs) test of no difference.
-
-    Exact over all 2^n swaps for n <= 14, else ``n_random`` random swaps. With n pairs
-    p cannot go below 1 / 2^n (and is at least 2 / 2^n for ``abs``, whose statistic is
-    symmetric): three seeds cannot make a difference significant, whatever a bootstrap
-    interval says.
-    """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    n = a.size
-    if n == 0:
-        return math.nan
-    if n <= 14:
-        flips = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
-    else:
-        flips = np.vstack([np.zeros((1, n), bool), rng.random((n_random, n)) < 0.5])
-    A = np.where(flips, b, a)
-    B = np.where(flips, a, b)
-    if mode == "abs":
-        stat = np.abs((A - B).mean(axis=1))
-    else:
-        if np.any(b <= 0) or np.any(a <= 0):
-            return math.nan
-        stat = np.abs(A.mean(axis=1) / B.mean(axis=1) - 1.0)
-    observed = stat[0]  # row 0 is the unswapped assignment in both branches
-    return float(np.mean(stat >= observed - 1e-12 * max(1.0, abs(observed))))
-
-
-def _rng(seed: int, *parts: str) -> np.random.Generator:
-    # one stream per (arm, reference, metric): a result does not depend on which others were computed
-    return np.random.default_rng([seed, *(zlib.crc32(p.encode()) for p in parts)])
-
-
-def compare(runs: pd.DataFrame, *, arm: str, ref: str, specs: Sequence[MetricSpec], n_boot: int = 10_000,
-            seed: int = 0) -> pd.DataFrame:
-    """Differences arm - ref over seeds present (with a finite value) in both, per metric."""
+def compare(runs: pd.DataFrame, *, arm: str, ref: str, specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    """Differences arm - ref over seeds present (with a finite value) in both, per metric: the unadjusted 95%
+    paired t-interval (exploratory: only the claims' verdicts are corrected for multiplicity)."""
     rows = []
     for spec in specs:
         if spec.key not in runs.columns:
@@ -272,25 +233,18 @@ def compare(runs: pd.DataFrame, *, arm: str, ref: str, specs: Sequence[MetricSpe
         a = col.xs(arm, level="arm") if arm in col.index.get_level_values("arm") else col.iloc[:0]
         b = col.xs(ref, level="arm") if ref in col.index.get_level_values("arm") else col.iloc[:0]
         pair = pd.concat({"a": a, "b": b}, axis=1, join="inner")
-        # sorted by seed, so the resampling (and its result) does not depend on row order
         pair = pair[np.isfinite(pair["a"]) & np.isfinite(pair["b"])].sort_index()
-        est, lo, hi = paired_bootstrap(pair["a"].to_numpy(), pair["b"].to_numpy(), mode=spec.mode, n_boot=n_boot,
-                                       rng=_rng(seed, arm, ref, spec.key))
+        est, lo, hi, p = paired_interval(pair["a"].to_numpy(), pair["b"].to_numpy(), mode=spec.mode)
         has_ci = math.isfinite(lo) and math.isfinite(hi)
         flag = (lo > 0 or hi < 0) if has_ci else None
-        p = signflip_p(pair["a"].to_numpy(), pair["b"].to_numpy(), mode=spec.mode,
-                       rng=_rng(seed, arm, ref, spec.key, "signflip")) if has_ci else math.nan
         rows.append({"arm": arm, "ref": ref, "key": spec.key, "metric": spec.label, "mode": spec.mode,
                      "better": spec.better, "n_pairs": len(pair), "seeds": ",".join(map(str, pair.index)),
-                     "estimate": est, "lo": lo, "hi": hi, "excludes_zero": flag, "p_signflip": p,
-                     # both must agree: the percentile bootstrap is too narrow with few seeds
-                     "significant": bool(flag and p < ALPHA) if has_ci else None})
+                     "estimate": est, "lo": lo, "hi": hi, "excludes_zero": flag, "p": p})
     return pd.DataFrame(rows)
 
 
-def compare_all(runs: pd.DataFrame, *, arms: Sequence[str], baseline: str, specs: Sequence[MetricSpec],
-                n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    parts = [compare(runs, arm=a, ref=baseline, specs=specs, n_boot=n_boot, seed=seed) for a in arms if a != baseline]
+def compare_all(runs: pd.DataFrame, *, arms: Sequence[str], baseline: str, specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    parts = [compare(runs, arm=a, ref=baseline, specs=specs) for a in arms if a != baseline]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -379,7 +333,7 @@ def excludes_zero(value) -> bool:
 
 
 def _direction(row) -> str:
-    if row["better"] == "none" or not excludes_zero(row["significant"]):
+    if row["better"] == "none" or not excludes_zero(row["excludes_zero"]):
         return ""
     lower = row["hi"] < 0
     good = lower if row["better"] == "lower" else not lower
@@ -393,21 +347,19 @@ def _part(row: pd.Series, n_max: int) -> str:
 
 
 def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, pairs: Sequence[tuple[str, str]],
-             specs: Sequence[MetricSpec], primary_nfe: int | None, n_boot: int = 10_000, seed: int = 0) -> list[str]:
+             specs: Sequence[MetricSpec], primary_nfe: int | None) -> list[str]:
     """One sentence per (predecessor, arm) pair of ``pairs`` (``GridData.predecessor``), from the numbers alone.
 
-    The sentence always names max grad norm, FD/reward at the primary NFE and best val
-    loss, then every other metric whose interval excludes zero. 'significant' is said
-    only where the bootstrap 95% interval excludes zero and the exact sign-flip test
-    gives p < 0.05; (better)/(worse) only for those.
-    """
+    The sentence always names max grad norm, FD/reward at the primary NFE and best val loss, then every other
+    metric whose unadjusted 95% interval excludes zero. These are exploratory comparisons: the claims' verdicts
+    (first section) are the ones whose error is controlled."""
     head = ["max_grad_norm"]
     if primary_nfe is not None:
         head += [f"fd_nfe{primary_nfe}", f"reward_nfe{primary_nfe}"]
     head += ["best_val_loss"]
     out = []
     for prev, arm in pairs:
-        c = compare(runs, arm=arm, ref=prev, specs=specs, n_boot=n_boot, seed=seed)
+        c = compare(runs, arm=arm, ref=prev, specs=specs)
         if c.empty:
             continue
         c = c.set_index("key")
@@ -415,27 +367,18 @@ def findings(runs: pd.DataFrame, arm_summary: pd.DataFrame, *, pairs: Sequence[t
         shown += [k for k in c.index if k not in shown and excludes_zero(c.loc[k, "excludes_zero"])]
         n = int(c["n_pairs"].max())
         parts = [_part(c.loc[k], n) for k in shown]
-        sig = [f"{c.loc[k, 'metric']} (p={c.loc[k, 'p_signflip']:.2g})" for k in shown
-               if excludes_zero(c.loc[k, "significant"])]
-        flagged_keys = [k for k in shown
-                        if excludes_zero(c.loc[k, "excludes_zero"]) and not excludes_zero(c.loc[k, "significant"])]
-        flagged = [c.loc[k, "metric"] for k in flagged_keys]
+        flagged = [c.loc[k, "metric"] for k in shown if excludes_zero(c.loc[k, "excludes_zero"])]
         if n < 2:
-            verdict = "fewer than 2 paired seeds, so no interval and no claim (n/a)"
-        elif sig:
-            verdict = "significant (interval excludes 0 and sign-flip p < 0.05): " + ", ".join(sig)
+            verdict = "fewer than 2 paired seeds, so no interval (n/a)"
+        elif flagged:
+            verdict = "unadjusted 95% interval excludes 0 for " + ", ".join(flagged)
         else:
-            verdict = "not significant"
-        if flagged and n >= 2:
-            verdict += (f"; the interval excludes 0 for {', '.join(flagged)}, but the exact sign-flip test does not "
-                        f"reach p < 0.05" + (f" (with {k} pairs it cannot go below 1/2^{k} = {1 / 2 ** k:.2g})"
-                                              if 1 / 2 ** (k := min(int(c.loc[m, "n_pairs"]) for m in flagged_keys))
-                                              >= ALPHA else ""))
+            verdict = "no unadjusted interval excludes 0"
         div = ""
         da, dp = arm_summary.loc[arm], arm_summary.loc[prev]
         if da["diverged"] or dp["diverged"]:
             div = f"; diverged {int(da['diverged'])}/{int(da['runs'])} vs {int(dp['diverged'])}/{int(dp['runs'])}"
-        pairs = f"{n} paired seed{'s' if n != 1 else ''}"
+        npairs = f"{n} paired seed{'s' if n != 1 else ''}"
         body = ", ".join(parts) if parts else "no metric with values in both arms"
-        out.append(f"{arm} vs {prev} ({pairs}): {body}; {verdict}{div}.")
+        out.append(f"{arm} vs {prev} ({npairs}): {body}; {verdict}{div}.")
     return out

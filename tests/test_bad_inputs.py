@@ -203,8 +203,8 @@ CASES: dict[str, tuple[dict[str, str | bytes], str, list[str], list[str]]] = {
     # ---- the commands' own arguments
     "report_empty_dir": ({"grid/.keep": ""}, "lab", ["report", "grid"], ["grid", "no run directories"]),
     "report_missing_dir": ({}, "lab", ["report", "nowhere"], ["GRID_DIR", "nowhere", "does not exist"]),
-    "report_bad_numbers": ({"grid/.keep": ""}, "lab", ["report", "grid", "--bootstrap", "5", "--max-points", "1"],
-                           ["--bootstrap", "--max-points"]),
+    "report_bad_numbers": ({"grid/.keep": ""}, "lab", ["report", "grid", "--max-points", "1"],
+                           ["--max-points"]),
     "report_storage_unknown_scheme": ({"grid/.keep": ""}, "lab", ["report", "grid", "--study-storage", "foo://x"],
                                       ["--study-storage", "unknown URL scheme 'foo'"]),
     "report_storage_sqlite_missing": ({"grid/.keep": ""}, "lab",

@@ -27,6 +27,11 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     problems = []
     if args.command == "fit" and (problem := dir_problem(run_dir)) is not None:
         problems.append(f"--run-dir: {problem}")
+    if args.command == "fit" and (args.fork_from is None) != (args.fork_step is None):
+        problems.append("--fork-from and --fork-step go together (the parent run directory and the step to fork at)")
+    if args.command == "fit" and args.fork_from is not None and run_dir is not None and \
+            args.fork_from.resolve() == run_dir.resolve():
+        problems.append(f"--fork-from: {args.fork_from} is the run directory itself")
     if args.command in ("sample", "eval"):
         if not run_dir.is_dir():
             problems.append(f"--run-dir: {run_dir} is not a run directory (it does not exist)"
@@ -97,13 +102,17 @@ def _is_rank_zero() -> bool:
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from .run.summary import fit_summary, run_is_complete
-    if run_is_complete(cfg, args.run_dir):
+    forking = bool(args.fork_at) or args.fork_from is not None  # the trainer checks and handles those itself
+    if not forking and run_is_complete(cfg, args.run_dir):
         # nothing to train: no process group, no W&B run, status.json and the files stay as they are
         if _is_rank_zero():
             print(fit_summary(args.run_dir, steps=cfg.run.steps, already_complete=True), flush=True)
         return 0
+    from .run.fork import ForkRequest
     from .run.trainer import fit
-    rc = fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt)
+    fork = ForkRequest(parent=args.fork_from, step=args.fork_step) if args.fork_from is not None else None
+    rc = fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt,
+             fork_at=args.fork_at or (), fork=fork)
     if rc == 0 and _is_rank_zero():
         print(fit_summary(args.run_dir, steps=cfg.run.steps), flush=True)
     return rc
@@ -157,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_dir=True)
     p.add_argument(RESTART_FLAG, action="store_true", help="when the run directory holds checkpoints "
                    "but none verifies, start again from step 0 (default: fail, naming them)")
+    p.add_argument("--fork-at", type=_positive_int, action="append", metavar="K",
+                   help="also write the full state after step K to RUN_DIR/checkpoints/fork-K/ for child runs "
+                   "to start from (repeatable; not part of the config)")
+    p.add_argument("--fork-from", type=Path, default=None, metavar="PARENT_RUN_DIR",
+                   help="with no checkpoint of its own, start from PARENT_RUN_DIR/checkpoints/fork-K "
+                   "(--fork-step K) when the two configs share steps 1-K; a missing or corrupt one: train from "
+                   "step 0, recording why")
+    p.add_argument("--fork-step", type=_positive_int, default=None, metavar="K", help="the step --fork-from forks at")
     p.set_defaults(func=cmd_fit)
     for name, func, text in (("sample", cmd_sample, "fixed-noise samples (.npz + .png) from a run's weights"),
                              ("eval", cmd_eval, "deterministic validation of a run's weights")):

@@ -404,6 +404,10 @@ class RlConfig:
     """Sigmoid centre k0."""
     width: float = 250.0
     """Sigmoid width tau."""
+    start: int | None = None
+    """First step the RL term acts: the weight is exactly 0 for steps < ``start`` and the schedule's own value
+    from ``start`` on (a sigmoid ramp cut at an explicit start, so it is exactly zero before it; any schedule).
+    None: the schedule alone decides (a sigmoid then acts, however faintly, from step 1)."""
     clip: Literal["none", "param", "output"] = "none"
     """RL-term clipping: none, parameter space (own max norm), or output space (relative to the rectify signal)."""
     clip_norm: float = 1.0
@@ -421,6 +425,7 @@ class RlConfig:
         _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
         _require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
         _require(self.width > 0, f"width must be > 0 (got {self.width})")
+        _require(self.start is None or self.start >= 1, f"start must be >= 1 or null (got {self.start})")
         _require(self.clip_norm > 0, f"clip_norm must be > 0 (got {self.clip_norm})")
         _require(self.clip_tau > 0, f"clip_tau must be > 0 (got {self.clip_tau})")
 

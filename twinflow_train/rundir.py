@@ -16,6 +16,9 @@ protocol lives in one place:
 - checkpoint metadata: ``meta.json`` records the step, the format and the size and
   sha256 of every file of the checkpoint, and is written last; ``verify_checkpoint``
   checks it and ``checkpoint_candidates`` lists where a resume may come from;
+- forks (docs/run-directory.md, "Forks"): ``checkpoints/fork-<k>/``, ``fork.json`` (``fork_origin``) and
+  ``read_run_metrics``, a forked run's records from step 0 with its parent's shared prefix read from the
+  parent's own file;
 - the keys a run of a given config writes (``validation_keys``, ``metric_keys``): what a search objective
   and a claim may name.
 
@@ -54,6 +57,13 @@ BEST_WEIGHTS = "weights.pt"
 KEPT_PREFIX = "step-"
 """Earlier checkpoints kept by ``checkpoint.keep_latest_k`` live in ``checkpoints/step-<k>/``."""
 META_FILE = "meta.json"
+FORK_FILE = "fork.json"
+"""A forked run's origin: ``{"parent", "step", "checkpoint_sha256", "parent_config_hash"}``, or ``{"fallback", ...}``
+when the fork was asked for and the run trained from scratch instead (``fork_origin``)."""
+FORK_PREFIX = "fork-"
+"""The state after step k that a child run forks from: ``checkpoints/fork-<k>/`` (``twinflow-train fit --fork-at k``)."""
+FORK_FROM = "fork/from"
+"""Key ``read_run_metrics`` adds to a record it took from a parent's metrics.jsonl: that parent's run directory."""
 
 STATES = ("queued", "running", "done", "failed", "diverged")
 TERMINAL = ("done", "failed", "diverged")
@@ -623,6 +633,94 @@ def find_resume_point(run_dir: str | Path) -> ResumePoint:
             return ResumePoint(path=c, step=int(checkpoint_step(c) or 0), rejected=rejected)
         rejected.append((f"{CHECKPOINTS_DIR}/{c.name}", why))
     return ResumePoint(path=None, step=0, rejected=rejected)
+
+
+# --------------------------------------------------------------------------- forks
+
+
+def fork_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """``checkpoints/fork-<step>/``: the full training state after ``step``, outside the ``latest`` rotation."""
+    return checkpoints_dir(run_dir) / f"{FORK_PREFIX}{int(step)}"
+
+
+def fork_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """The fork checkpoints a run wrote, by step (complete or not: ``verify_checkpoint`` tells)."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return {}
+    found = {}
+    for p in d.iterdir():
+        tail = p.name[len(FORK_PREFIX):]
+        if p.is_dir() and p.name.startswith(FORK_PREFIX) and tail.isdigit():
+            found[int(tail)] = p
+    return dict(sorted(found.items()))
+
+
+def read_fork_file(run_dir: str | Path) -> dict[str, Any] | None:
+    """``fork.json`` as written (a fork or a fallback), or None when the run was not asked to fork."""
+    return read_json(Path(run_dir) / FORK_FILE)
+
+
+def fork_origin(run_dir: str | Path) -> dict[str, Any] | None:
+    """Where a forked run's first steps come from: ``{"parent", "step", "checkpoint_sha256",
+    "parent_config_hash"}`` (``parent`` relative to ``run_dir``), plus ``parent_dir``, the parent's path as
+    seen from here. None for a run that did not start from a fork (never asked to, or it fell back)."""
+    fork = read_fork_file(run_dir)
+    if fork is None or "fallback" in fork:
+        return None
+    if not isinstance(fork.get("parent"), str) or not isinstance(fork.get("step"), int):
+        raise RunDirError(f"{Path(run_dir) / FORK_FILE}: expected 'parent' (a path) and 'step' (an integer), "
+                          f"got {fork}")
+    return {**fork, "parent_dir": Path(os.path.normpath(Path(run_dir) / fork["parent"]))}
+
+
+def read_run_metrics(run_dir: str | Path, *, strict: bool = True) -> MetricsRead:
+    """A run's records from its first step: for a forked run, its parent's records with step <= the fork
+    step (the parent's own view, so recursively its parents' too), each marked ``fork/from`` = the run
+    directory whose metrics.jsonl holds it, then the run's own records (unmarked). Nothing is copied, so
+    the shared prefix cannot drift. A parent that is missing or whose config changed since the fork
+    (status.json's ``config_hash`` against fork.json's ``parent_config_hash``) is a problem: ``strict``
+    raises ``RunDirError``, else it is listed in ``problems`` and the records that can be read are returned.
+    """
+    return _run_metrics(Path(run_dir), strict=strict, seen=())
+
+
+def _run_metrics(run_dir: Path, *, strict: bool, seen: tuple[Path, ...]) -> MetricsRead:
+    own = read_metrics(run_dir / METRICS_FILE, strict=strict)
+    try:
+        origin = fork_origin(run_dir)
+    except RunDirError as e:
+        if strict:
+            raise
+        return MetricsRead(records=own.records, problems=[str(e), *own.problems])
+    if origin is None:
+        return own
+    parent: Path = origin["parent_dir"]
+    key = parent.resolve()
+    problems: list[str] = []
+    if key in seen or key == run_dir.resolve():
+        problems.append(f"{run_dir / FORK_FILE}: forks form a cycle through {parent}")
+        prefix = MetricsRead()
+    elif not (parent / METRICS_FILE).is_file():
+        problems.append(f"{run_dir / FORK_FILE}: the parent {parent} has no {METRICS_FILE} (steps 1-{origin['step']} "
+                        "of this run are missing)")
+        prefix = MetricsRead()
+    else:
+        try:
+            status = read_status(parent)
+        except RunDirError as e:
+            status = None
+            problems.append(str(e))
+        want = origin.get("parent_config_hash")
+        if status is not None and want is not None and status.get("config_hash") not in (None, want):
+            problems.append(f"{run_dir / FORK_FILE}: the parent {parent} now holds config {status.get('config_hash')}, "
+                            f"not the {want} this run forked from at step {origin['step']}")
+        prefix = _run_metrics(parent, strict=strict, seen=(*seen, run_dir.resolve()))
+    if problems and strict:
+        raise RunDirError("; ".join(problems))
+    records = [r if FORK_FROM in r else {**r, FORK_FROM: str(parent)}
+               for r in prefix.records if int(r["step"]) <= origin["step"]]
+    return MetricsRead(records=records + own.records, problems=[*problems, *prefix.problems, *own.problems])
 
 
 # --------------------------------------------------------------------------- what a run writes

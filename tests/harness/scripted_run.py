@@ -8,7 +8,9 @@ is chosen per run by ``SCRIPT_MODE``:
 - ``fail``: status running -> failed with a reason, exit 1;
 - ``silent_crash``: exit 1 without touching status.json (a crash before start-up);
 - ``sigkill``: status running, then SIGKILL itself (an OOM kill);
-- ``contradict``: status done but exit 1.
+- ``contradict``: status done but exit 1;
+- ``metrics``: like ``done``, and first writes one train record whose ``grad_norm/max`` is
+  ``$SCRIPT_VALUES`` (a JSON list) at the run's seed (the sequential grid's tests).
 
 Every start and end is appended to ``$SCRIPT_TRACE`` so the test can check concurrency.
 """
@@ -62,6 +64,11 @@ def main() -> int:
     if mode == "fail":
         _status(args.run_dir, "failed", "RuntimeError: scripted failure")
         return 1
+    if mode == "metrics":
+        seed = int(args.run_dir.name.split("-")[1])
+        value = json.loads(os.environ["SCRIPT_VALUES"])[seed]
+        with open(args.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 10, "kind": "train", "grad_norm/max": value}) + "\n")
     if mode == "contradict":
         _status(args.run_dir, "done")
         return 1

@@ -584,7 +584,7 @@ def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tm
         assert datetime.fromisoformat(t.user_attrs["heartbeat"]).tzinfo is not None  # a readable UTC time
 
     out = tmp_path / "report"
-    build_report(grid_dir=root / "mo", out_dir=out, n_boot=200, progress=False)
+    build_report(grid_dir=root / "mo", out_dir=out, progress=False)
     figs = {f["slug"]: f for f in json.loads((out / "figures.json").read_text())}
     meta = figs["study_mo_pareto"]["meta"]
     assert meta["colour"] == "val/gold_nfe1"

@@ -15,7 +15,7 @@ from .conftest import ARMS
 @pytest.fixture(scope="module")
 def built(disk_grid, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    html = build_report(grid_dir=disk_grid, out_dir=out, arm_order=ARMS, n_boot=2000, progress=False)
+    html = build_report(grid_dir=disk_grid, out_dir=out, arm_order=ARMS, progress=False)
     return disk_grid, out, html
 
 
@@ -99,7 +99,7 @@ def test_cli_hook_with_arm_order_and_baseline(disk_grid, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_report_arguments(parser)
     args = parser.parse_args([str(disk_grid), "--out", str(tmp_path / "r"), "--arm-order", "rl_hard", "vanilla",
-                              "renoise", "--baseline", "vanilla", "--bootstrap", "500", "--no-progress"])
+                              "renoise", "--baseline", "vanilla", "--no-progress"])
     assert run_report(args, load_claims=_no_claims) == 0
     html = tmp_path / "r" / "report.html"
     assert capsys.readouterr().out.strip() == str(html)
@@ -128,7 +128,7 @@ def test_a_grid_with_training_records_only(tmp_path):
     m, s = synthetic_grid_frames(arms=["only"], seeds=[0], steps=40, log_every=5, val_every=20)
     m = m[m["kind"] == "train"].drop(columns=[c for c in m.columns if c.startswith(("val/", "teacher/"))])
     s = s.assign(state="running", run_dir=str(tmp_path / "no-such-run"))
-    html = write_report(prepare(name="early", metrics=m, statuses=s), out_dir=tmp_path, n_boot=200, progress=False)
+    html = write_report(prepare(name="early", metrics=m, statuses=s), out_dir=tmp_path, progress=False)
     md = (tmp_path / "report.md").read_text()
     (row,) = md_table(md, "arm | runs done")
     assert row["runs done"] == "0/1" and row["best val loss"] == "—" and row["max pre-clip grad norm"] != "—"
@@ -145,8 +145,7 @@ def test_report_is_a_command_of_the_twinflow_lab_table(disk_grid, tmp_path, caps
 
     assert "report" in lab.COMMANDS and "report" not in harness_cli.COMMANDS
     out = tmp_path / "r"
-    rc = lab.main(["report", str(disk_grid), "--out", str(out), "--arm-order", *ARMS, "--bootstrap", "200",
-                   "--max-points", "50", "--no-progress"])
+    rc = lab.main(["report", str(disk_grid), "--out", str(out), "--arm-order", *ARMS, "--max-points", "50", "--no-progress"])
     assert rc == 0 and (out / "report.html").is_file()
     assert capsys.readouterr().out.strip() == str(out / "report.html")
 
@@ -162,7 +161,7 @@ def test_a_study_section_is_added_for_each_study(tmp_path):
     study = optuna.create_study(study_name="rl-weight", sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: (t.suggest_float("rl.weight", 1e-3, 1.0, log=True) - 0.05) ** 2, n_trials=5)
     m, s = synthetic_grid_frames(arms=["a"], seeds=[0], steps=20, log_every=5, val_every=10)
-    write_report(prepare(name="g", metrics=m, statuses=s), out_dir=tmp_path, studies=[study], n_boot=200,
+    write_report(prepare(name="g", metrics=m, statuses=s), out_dir=tmp_path, studies=[study],
                  max_points=20, progress=False)
     md = (tmp_path / "report.md").read_text()
     assert "## Optuna study 'rl-weight'" in md and "Study 'rl-weight': 5 trials (5 complete)." in md

@@ -31,7 +31,7 @@ def screenshot(html, png, tmp_path, *, width=1400, height=5000):
 def test_report_renders_table_and_plots(disk_grid, tmp_path):
     from PIL import Image
 
-    html = build_report(grid_dir=disk_grid, out_dir=tmp_path / "report", arm_order=ARMS, n_boot=500, progress=False)
+    html = build_report(grid_dir=disk_grid, out_dir=tmp_path / "report", arm_order=ARMS, progress=False)
     png = tmp_path / "shot.png"
     screenshot(html, png, tmp_path)
     img = np.asarray(Image.open(png).convert("RGB"))

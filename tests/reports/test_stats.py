@@ -13,53 +13,29 @@ from reports.stats import (
     fmt_diff,
     fmt_num,
     metric_specs,
-    paired_bootstrap,
+    paired_interval,
     resolve_primary_nfe,
     run_table,
-    signflip_p,
 )
 from reports.synthetic import synthetic_grid_frames
 
 
-def test_bootstrap_is_seeded_and_brackets_the_estimate():
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(1.0, 0.2, 10), rng.normal(0.0, 0.2, 10)
-    r1 = paired_bootstrap(a, b, mode="abs", n_boot=4000, rng=np.random.default_rng(1))
-    r2 = paired_bootstrap(a, b, mode="abs", n_boot=4000, rng=np.random.default_rng(1))
-    assert r1 == r2
-    est, lo, hi = r1
+def test_paired_interval_is_the_verdicts_t_interval():
+    from harness.inference import Paired, t_interval
+
+    a, b = np.array([10.0, 11.0, 12.5, 9.0]), np.array([9.0, 10.5, 11.0, 9.5])
+    est, lo, hi, p = paired_interval(a, b, mode="abs")
     assert est == pytest.approx(np.mean(a - b))
+    assert (lo, hi) == pytest.approx(t_interval(Paired.of(a - b), 0.05))
+    from scipy import stats as sps
+    assert p == pytest.approx(sps.ttest_rel(a, b).pvalue)
+    # rel: the geometric-mean ratio - 1 from paired log-ratios
+    est, lo, hi, _ = paired_interval(a, b, mode="rel")
+    assert est == pytest.approx(math.exp(np.mean(np.log(a / b))) - 1)
     assert lo < est < hi
-    assert lo > 0  # a difference of ~5 standard errors
-
-
-def test_bootstrap_relative_mode_is_a_ratio_of_means():
-    a, b = np.array([2.0, 4.0, 6.0]), np.array([4.0, 8.0, 12.0])
-    est, lo, hi = paired_bootstrap(a, b, mode="rel", n_boot=1000, rng=np.random.default_rng(0))
-    assert est == pytest.approx(-0.5)
-    assert lo == pytest.approx(-0.5) and hi == pytest.approx(-0.5)  # every pair has the same ratio
-
-
-def test_bootstrap_with_one_pair_gives_no_interval():
-    est, lo, hi = paired_bootstrap(np.array([3.0]), np.array([1.0]), mode="abs", n_boot=1000,
-                                   rng=np.random.default_rng(0))
-    assert est == 2.0 and math.isnan(lo) and math.isnan(hi)
-    assert fmt_diff({"estimate": est, "lo": lo, "hi": hi, "mode": "abs"}) == "+2.00 [n/a]"
-
-
-def test_bootstrap_rejects_unknown_mode_and_unpaired_input():
+    assert all(math.isnan(v) for v in paired_interval(np.array([3.0]), np.array([1.0]), mode="abs")[1:3])
     with pytest.raises(ValueError, match="mode"):
-        paired_bootstrap(np.ones(3), np.ones(3), mode="ratio", n_boot=100, rng=np.random.default_rng(0))
-    with pytest.raises(ValueError, match="equal"):
-        paired_bootstrap(np.ones(3), np.ones(4), mode="abs", n_boot=100, rng=np.random.default_rng(0))
-
-
-def test_signflip_p_is_exact():
-    rng = np.random.default_rng(0)
-    assert signflip_p(np.array([3.0, 2.0, 5.0]), np.zeros(3), mode="abs", rng=rng) == pytest.approx(2 / 8)
-    assert signflip_p(np.arange(1.0, 9.0), np.zeros(8), mode="abs", rng=rng) == pytest.approx(2 / 256)
-    # no difference at all: every swap is as extreme as the data
-    assert signflip_p(np.ones(4), np.ones(4), mode="abs", rng=rng) == 1.0
+        paired_interval(np.ones(3), np.ones(3), mode="ratio")
 
 
 def _table(values: dict[tuple[str, int], dict[str, float]]) -> pd.DataFrame:
@@ -75,35 +51,22 @@ def test_compare_pairs_by_seed_and_skips_missing_values():
     runs = _table({("a", 0): {"fd_nfe2": 10.0}, ("a", 1): {"fd_nfe2": 11.0}, ("a", 2): {"fd_nfe2": np.nan},
                    ("b", 1): {"fd_nfe2": 8.0}, ("b", 2): {"fd_nfe2": 7.0}, ("b", 0): {"fd_nfe2": 9.0}})
     specs = [s for s in metric_specs([2], 2) if s.key == "fd_nfe2"]
-    c = compare(runs, arm="b", ref="a", specs=specs, n_boot=2000, seed=3).iloc[0]
+    c = compare(runs, arm="b", ref="a", specs=specs).iloc[0]
     assert c["n_pairs"] == 2 and c["seeds"] == "0,1"  # seed 2 has no value in arm a
     assert c["estimate"] == pytest.approx(((9 - 10) + (8 - 11)) / 2)
     assert c["lo"] <= c["estimate"] <= c["hi"]
 
 
-def test_findings_do_not_call_three_seeds_significant():
-    # a perfectly consistent effect on 3 seeds: the bootstrap interval excludes 0, the sign-flip test cannot
-    vals = {(arm, s): {"fd_nfe2": (5.0 if arm == "b" else 10.0) + 0.1 * s, "max_grad_norm": 1.0 + s}
-            for arm in ("a", "b") for s in range(3)}
+def test_findings_flag_an_unadjusted_interval_that_excludes_zero():
+    vals = {(arm, s): {"fd_nfe2": (5.0 if arm == "b" else 10.0) + 0.1 * s * (1 if arm == "a" else 2),
+                       "max_grad_norm": 2.0}
+            for arm in ("a", "b") for s in range(4)}
     runs = _table(vals)
     specs = [s for s in metric_specs([2], 2) if s.key in ("fd_nfe2", "max_grad_norm")]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2, n_boot=2000)
-    assert text.startswith("b vs a (3 paired seeds): ")
-    assert "FD@2 -5.00 [-5.00, -5.00]" in text
-    assert "not significant" in text and "with 3 pairs it cannot go below 1/2^3 = 0.12" in text
-    assert "(better)" not in text
-
-
-def test_findings_call_a_consistent_effect_on_eight_seeds_significant():
-    vals = {(arm, s): {"fd_nfe2": (5.0 if arm == "b" else 10.0) + 0.1 * s, "max_grad_norm": 2.0}
-            for arm in ("a", "b") for s in range(8)}
-    runs = _table(vals)
-    specs = [s for s in metric_specs([2], 2) if s.key in ("fd_nfe2", "max_grad_norm")]
-    summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2, n_boot=2000)
-    assert "FD@2 -5.00 [-5.00, -5.00] (better)" in text
-    assert "significant (interval excludes 0 and sign-flip p < 0.05): FD@2 (p=0.0078)" in text
+    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2)
+    assert text.startswith("b vs a (4 paired seeds): ")
+    assert "(better)" in text and "unadjusted 95% interval excludes 0 for FD@2" in text
     assert "max grad norm +0.0% [+0.0%, +0.0%]" in text  # identical values: shown, not flagged
 
 
@@ -112,7 +75,7 @@ def test_findings_with_a_single_seed_make_no_claim():
     specs = [s for s in metric_specs([2], 2) if s.key == "fd_nfe2"]
     summary = arm_table(runs, ["a", "b"], specs)
     (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2)
-    assert "FD@2 -5.00 [n/a]" in text and "no claim (n/a)" in text
+    assert "FD@2 -5.00 [n/a]" in text and "no interval (n/a)" in text
 
 
 def test_run_table_matches_a_direct_computation(small_data):

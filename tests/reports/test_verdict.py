@@ -1,4 +1,5 @@
-"""The verdict section: paired t statistics, the verdict rule, per-run reductions, fold-change formatting."""
+"""The verdict section: per-run reductions, paired effects on the verdicts' engine, the report's first screen,
+fold-change formatting."""
 
 from __future__ import annotations
 
@@ -14,51 +15,18 @@ from harness.claims import Claim, ClaimTest
 from reports.build import write_report
 from reports.data import prepare
 from reports.stats import fmt_diff, fmt_fold
-from reports.verdict import claim_verdict, evaluate_test, paired_t, rule_verdict, run_values
-
-# Student t quantiles from a printed table (not from scipy), df = 4
-T975_DF4, T80_DF4 = 2.7764451, 0.9409646
-
+from harness.verdicts import judge_fixed, run_values, paired_values
+from reports.verdict import effect_text, mde_text
 
 def _test(**kw) -> ClaimTest:
     base = dict(baseline="a", treatment="b", metric="m", baseline_metric="m", direction="increase")
+    if "tolerance" not in kw and "margin" not in kw:
+        kw["margin"] = 1.1 if kw.get("scale") == "log" else 0.01
     return ClaimTest(**{**base, **kw})
 
 
-def test_paired_t_interval_and_detectable_effect_by_hand():
-    d = np.array([0.3, 0.1, 0.5, 0.2, 0.4])
-    mean, sd, lo, hi, mde = paired_t(d)
-    se = math.sqrt(sum((x - 0.3) ** 2 for x in d) / 4) / math.sqrt(5)
-    assert mean == pytest.approx(0.3) and sd == pytest.approx(se * math.sqrt(5))
-    assert (lo, hi) == (pytest.approx(0.3 - T975_DF4 * se), pytest.approx(0.3 + T975_DF4 * se))
-    assert mde == pytest.approx((T975_DF4 + T80_DF4) * se)
-    one = paired_t(np.array([0.7]))
-    assert one[0] == 0.7 and all(math.isnan(v) for v in one[1:])
-
-
-@pytest.mark.parametrize("lo, hi, direction, tolerance, scale, expected", [
-    (0.1, 0.5, "increase", None, "diff", "supported"),
-    (-0.5, -0.1, "increase", None, "diff", "contradicted"),
-    (-0.1, 0.5, "increase", None, "diff", "inconclusive"),
-    (-0.5, -0.1, "decrease", None, "diff", "supported"),
-    # non-inferiority of a lower-better metric on the log scale, margin x1.5 (log 1.5 = 0.405)
-    (-0.2, 0.3, "decrease", 1.5, "log", "supported"),
-    (-0.2, 0.5, "decrease", 1.5, "log", "inconclusive"),
-    (0.45, 0.9, "decrease", 1.5, "log", "contradicted"),
-    # a higher-better metric, margin 0.1 in its units: worse means lower
-    (-0.05, 0.2, "increase", 0.1, "diff", "supported"),
-    (-0.3, -0.15, "increase", 0.1, "diff", "contradicted"),
-])
-def test_verdict_rule(lo, hi, direction, tolerance, scale, expected):
-    t = _test(direction=direction, tolerance=tolerance, scale=scale)
-    assert rule_verdict(t, n=5, lo=lo, hi=hi) == expected
-    assert rule_verdict(t, n=1, lo=lo, hi=hi) == "inconclusive"  # no interval from one pair
-
-
-def test_claim_verdict_needs_every_part():
-    assert claim_verdict(["supported", "supported"]) == "supported"
-    assert claim_verdict(["supported", "inconclusive"]) == "inconclusive"
-    assert claim_verdict(["inconclusive", "contradicted"]) == "contradicted"
+def evaluate_test(data, claim, part):
+    return [r for r in judge_fixed([claim], data.metrics, data.statuses).results if r.part == part][0]
 
 
 def _grid():
@@ -82,16 +50,17 @@ def _grid():
 
 def test_run_values_reduce_windows_and_leave_out_runs_with_a_reason():
     data = _grid()
-    v, miss = run_values(data, arm="b", key="grad_norm/max", reduce="max", window=(4, None), scale="log")
+    v, miss = run_values(data.metrics, data.statuses, arm="b", key="grad_norm/max", reduce="max", window=(4, None), scale="log")
     assert v == {0: 2.0 * 5 * 10, 1: 2.0 * 6 * 10, 2: 2.0 * 7 * 10} and miss == {}  # a diverged run has a max
-    v, miss = run_values(data, arm="b", key="grad_norm/max", reduce="mean", window=(1, 2), scale="diff")
+    v, miss = run_values(data.metrics, data.statuses, arm="b", key="grad_norm/max", reduce="mean", window=(1, 2), scale="diff")
     assert v[1] == pytest.approx(2.0 * (2 + 3) / 2)
-    v, miss = run_values(data, arm="b", key="val/fd_nfe2", reduce="final", window=None, scale="log")
-    assert v == {0: 2.0 * 16, 1: 2.0 * 17} and miss == {2: "b seed 2: no final value (run diverged)"}
+    v, miss = run_values(data.metrics, data.statuses, arm="b", key="val/fd_nfe2", reduce="final", window=None, scale="log")
+    # a diverged run has no final weights: the worst outcome (inf), signed by the test that reads it
+    assert v == {0: 2.0 * 16, 1: 2.0 * 17, 2: math.inf} and miss == {}
     # the last value of a window that closes before the end exists for a run that diverged later
-    v, miss = run_values(data, arm="b", key="val/fd_nfe2", reduce="final", window=(0, 4), scale="log")
+    v, miss = run_values(data.metrics, data.statuses, arm="b", key="val/fd_nfe2", reduce="final", window=(0, 4), scale="log")
     assert v == {0: 2.0 * 13, 1: 2.0 * 14, 2: 2.0 * 15} and miss == {}
-    v, miss = run_values(data, arm="a", key="grad_norm/max", reduce="max", window=(7, 9), scale="diff")
+    v, miss = run_values(data.metrics, data.statuses, arm="a", key="grad_norm/max", reduce="max", window=(7, 9), scale="diff")
     assert v == {} and miss[0] == "a seed 0: no grad_norm/max record in steps 7-9"
 
 
@@ -102,14 +71,15 @@ def test_paired_effects_against_an_arm_and_against_the_teacher():
     r = evaluate_test(data, spikes, 0)
     # per seed: max b = 2 * 10 * (5 + s), max a = 6 + s: log-ratios differ by seed
     d = [math.log(20 * (5 + s) / (6 + s)) for s in (0, 1, 2)]
-    assert r.n == 3 and r.seeds == (0, 1, 2) and r.mean == pytest.approx(np.mean(d))
+    assert r.n == 3 and r.seeds == (0, 1, 2) and r.paired.mean == pytest.approx(np.mean(d))
     assert r.effect == pytest.approx(math.exp(np.mean(d))) and r.verdict == "supported"
     lift = Claim("lift", (_test(baseline="teacher", treatment="b", metric="val/gold_nfe2",
                                 baseline_metric="teacher/gold"),))
     r = evaluate_test(data, lift, 0)
-    # seed 2 of b diverged: no final gold, so no pair; the others: 0.2 - 0.15, 0.4 - 0.15
-    assert r.n == 2 and r.mean == pytest.approx(((0.2 - 0.15) + (0.4 - 0.15)) / 2)
-    assert r.excluded == ("b seed 2: no final value (run diverged)",)
+    # seed 2 of b diverged: its final gold is the worst outcome, an infinitely worse pair; the others:
+    # 0.2 - 0.15, 0.4 - 0.15, whose interval stays the lower end
+    assert r.n == 3 and r.paired.mean == pytest.approx(((0.2 - 0.15) + (0.4 - 0.15)) / 2)
+    assert r.paired.neg_inf == 1 and r.lo == -math.inf and r.verdict == "inconclusive"
     # a key no run logged (a grid older than the metric): said once, and no verdict can be reached
     gold = Claim("gold", (_test(baseline="teacher", treatment="b", metric="val/gold_nfe4",
                                 baseline_metric="teacher/gold"),))
@@ -129,11 +99,13 @@ def test_equal_runs_read_as_no_effect_not_as_a_tiny_interval():
     data = prepare(name="g", metrics=pd.concat([m, twin]),
                    statuses=pd.concat([st, st[st["arm"] == "a"].assign(arm="a2")]))
     r = evaluate_test(data, same, 0)
-    assert r.n == 3 and r.sd == 0 and r.verdict == "inconclusive"
-    assert r.effect_text() == "none: equal values on every seed"
-    assert r.mde_text() == "any (the paired differences do not vary)"
-    shifted = evaluate_test(_grid(), Claim("x", (_test(metric="val/gold_nfe2", baseline_metric="val/gold_nfe2"),)), 0)
-    assert shifted.sd > 0 and shifted.effect_text().startswith("+")  # varying differences keep the interval
+    # equal on every seed: inside any margin, so no meaningful effect (the finding, not "inconclusive")
+    assert r.n == 3 and r.paired.sd == 0 and r.verdict == "no meaningful effect"
+    assert effect_text(r, r.lo, r.hi) == "none: equal values on every seed"
+    assert mde_text(r) == "any (the paired differences do not vary)"
+    shifted = evaluate_test(_grid(), Claim("x", (_test(metric="val/gold_nfe2", baseline_metric="val/gold_nfe2",
+                                                       reduce="max"),)), 0)
+    assert shifted.paired.sd > 0 and effect_text(shifted, shifted.lo, shifted.hi).startswith("+")
 
 
 def test_fold_changes_beyond_ten_times():
@@ -157,7 +129,7 @@ def test_verdict_section_opens_both_reports(tmp_path):
                   _test(baseline="teacher", treatment="b", metric="val/gold_nfe2", baseline_metric="teacher/gold"),
                   _test(baseline="a", treatment="b", metric="val/fd_nfe2", baseline_metric="val/fd_nfe2",
                         direction="decrease", scale="log", tolerance=1.5)))]
-    write_report(data, out_dir=tmp_path, claims=claims, claims_source="the test", n_boot=200, progress=False)
+    write_report(data, out_dir=tmp_path, claims=claims, claims_source="the test", progress=False)
     md = (tmp_path / "report.md").read_text()
     html = (tmp_path / "report.html").read_text()
     assert md.index("## Verdicts") < md.index("## Summary")
@@ -166,8 +138,10 @@ def test_verdict_section_opens_both_reports(tmp_path):
     assert "- spikes: SUPPORTED." in md and "- lift without cost: CONTRADICTED." in md
     csv = pd.read_csv(tmp_path / "verdicts.csv")
     fd = csv[(csv["claim"] == "lift without cost") & (csv["part"] == 1)].iloc[0]
-    assert fd["effect"] == pytest.approx(2.0) and fd["verdict"] == "contradicted" and fd["n"] == 2
-    assert "| spikes | supported | b vs a | grad_norm/max (max over steps 4-end) | increase |" in md
+    # seed 2 of b diverged: the worst outcome, so the fold is unbounded and the claim's bound is passed for sure
+    assert fd["effect"] == math.inf and fd["verdict"] == "contradicted" and fd["n"] == 3
+    assert "| spikes | supported | b vs a: grad_norm/max (max over steps 4-end) |" in md
+    assert md.index("| spikes | supported |") < md.index("Claims from the test.")  # the table comes first
     figs = {f["slug"]: f for f in json.loads((tmp_path / "figures.json").read_text())}
     assert figs["verdicts"]["meta"]["tests"] == [["spikes", 0, "supported"], ["lift without cost", 0, "inconclusive"],
                                                  ["lift without cost", 1, "contradicted"]]
@@ -191,8 +165,7 @@ def test_claims_from_another_matrix_file_on_the_command_line(disk_grid, tmp_path
     err = capsys.readouterr().err
     assert f"{bad}: claims[0], key 'treatment': no arm named 'rl_hardd'" in err and not out.exists()
     out = tmp_path / "report"
-    assert main(["report", str(disk_grid), "--out", str(out), "--claims", str(good), "--no-progress", "--bootstrap",
-                 "200"]) == 0
+    assert main(["report", str(disk_grid), "--out", str(out), "--claims", str(good), "--no-progress", ]) == 0
     md = (out / "report.md").read_text()
     assert f"Claims from matrix file {good}." in md and "- RL spikes: " in md
     assert pd.read_csv(out / "verdicts.csv").loc[0, "n"] == 3  # the synthetic grid's 3 seeds, all with a max

@@ -77,11 +77,15 @@ def _save_payload(payload: Any, path: Path) -> None:
 
 def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     extra_modules: dict[str, nn.Module], state: dict[str, Any], step: int,
-                    keep_latest_k: int = 0) -> None:
+                    keep_latest_k: int | None = 0, extra_files: dict[str, Path] | None = None,
+                    meta: dict[str, Any] | None = None) -> None:
     """Save on all ranks (collective). ``state`` is small picklable trainer state.
 
     ``keep_latest_k`` > 0: the checkpoint this one replaces is kept as ``step-<k>`` beside it,
-    and only the newest ``keep_latest_k`` of those are kept.
+    and only the newest ``keep_latest_k`` of those are kept; None: outside that rotation (a
+    replaced checkpoint of the same name is deleted, ``step-<k>`` are left alone).
+    ``extra_files``: name in the checkpoint -> file copied in (rank 0), covered by meta.json's
+    checksums like the rest; ``meta``: extra keys of meta.json.
     """
     if fmt not in ("full", "dcp"):
         raise ValueError(f"unknown checkpoint.format {fmt!r}; valid: 'full', 'dcp'")
@@ -112,11 +116,18 @@ def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.
                 _save_payload({"state": state}, tmp / "state.pt")
         barrier()
         if _is_main():
-            rundir.write_checkpoint_meta(tmp, step=step, fmt=fmt)  # last: it is what makes the checkpoint complete
-            previous = rundir.checkpoint_step(path) if keep_latest_k > 0 else None
+            for name, src in (extra_files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / name)
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            # last: it is what makes the checkpoint complete
+            rundir.write_checkpoint_meta(tmp, step=step, fmt=fmt, extra=meta)
+            previous = rundir.checkpoint_step(path) if keep_latest_k else None
             keep_as = path.with_name(rundir.kept_name(previous)) if previous is not None else None
             _publish(tmp, path, keep_as=keep_as)
-            _prune_kept(path.parent, keep_latest_k)
+            if keep_latest_k is not None:
+                _prune_kept(path.parent, keep_latest_k)
     except BaseException as e:
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)  # give back the space; the previous checkpoint is untouched

@@ -49,13 +49,19 @@ pushes harder than ``tau`` times what rectification pushes on that row.
 Weight schedule ``w_rl(k)`` (``rl.schedule``; 0 whenever ``rl.enabled`` is false):
 hard ``w * [k >= warmup]``; linear ``w * clip((k - warmup) / ramp, 0, 1)``;
 sigmoid ``w * sigmoid((k - center) / width)``, whose width -> 0 limit is the hard
-switch at ``center`` (at ``k == center`` exactly it is ``w / 2``). ``k`` is the
-trainer's optimizer step number (the same one the renoise schedules get).
+switch at ``center`` (at ``k == center`` exactly it is ``w / 2``). ``rl.start``
+cuts any of them: the weight is exactly 0 for ``k < start`` (a sigmoid is never
+exactly 0 on its own, so its RL term would act, however faintly, from step 1).
+``k`` is the trainer's optimizer step number (the same one the renoise schedules get).
+
+While ``w_rl(k) == 0`` the trainer's step is the step of the same run without RL,
+bit for bit (``run/trainer.py``, ``train_step``): one backward of the TwinFlow loss,
+no per-term split and no RL clip; only the reward of the generator output is
+computed, without a gradient, for telemetry. ``run/fork.py`` relies on it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -64,6 +70,7 @@ import torch
 from ..config import ConfigError, RlConfig
 from ..models.base import Cond
 from .rewards import RewardModel
+from .schedule import rl_weight
 
 __all__ = ["Codec", "RlTerm", "RewardGuidance", "rl_weight", "exact_latent_grad", "reencode_latent_grad",
            "rms_normalize", "output_clip_scale", "surrogate_loss", "surrogate_output_grad"]
@@ -73,28 +80,6 @@ class Codec(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-def _sigmoid(u: float) -> float:
-    # split by sign so exp never overflows for steps far from the centre
-    if u >= 0:
-        return 1.0 / (1.0 + math.exp(-u))
-    e = math.exp(u)
-    return e / (1.0 + e)
-
-
-def rl_weight(step: int | float, cfg: RlConfig) -> float:
-    """``w_rl(step)`` of the configured schedule; 0 when ``cfg.enabled`` is false."""
-    if not cfg.enabled:
-        return 0.0
-    if cfg.schedule == "hard":
-        return cfg.weight if step >= cfg.warmup else 0.0
-    if cfg.schedule == "linear":
-        return cfg.weight * min(1.0, max(0.0, (step - cfg.warmup) / cfg.ramp))
-    return cfg.weight * _sigmoid((step - cfg.center) / cfg.width)
 
 
 # --------------------------------------------------------------------------- latent gradients

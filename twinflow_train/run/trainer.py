@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,12 @@ from ..models.registry import build_model, model_family, parallelize, place_froz
 from .grads import TermGradients, clip_grads_
 from .lr_policy import LrPolicy
 from .setup import build_setup
-from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, MetricsWriter,  # noqa: F401
-                     atomic_write_text, truncate_metrics, write_status)
+from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, FORK_FILE, META_FILE,  # noqa: F401
+                     MetricsWriter, atomic_path, atomic_write_json, atomic_write_text, best_weights, file_digest,
+                     fork_checkpoint, read_json, truncate_metrics, write_status)
 from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
+from .fork import FORK_BEST, ForkRequest, check_fork_at, check_fork_request, fork_problem
 
 class Diverged(Exception):
     """The run cannot go on: non-finite values under the configured policy.
@@ -290,8 +294,11 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
     count = accum * d.world
     run.model.train()
     terms = None
-    if run.guidance is not None:
-        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping
+    rl_on = run.guidance is not None
+    if rl_on and run.guidance.weight(step) != 0.0:
+        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping.
+        # At weight 0 the step is the no-RL step bit for bit (run/fork.py relies on it): one backward of
+        # the TwinFlow loss, no split (a split sums micro-batches and shards in another order), no clip.
         log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
         terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
         terms.start(split=log_step or run.guidance.param_clip_norm is not None)
@@ -302,8 +309,8 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
         gen = step_generator(cfg.run.seed, step, index, device=d.device)
         with forward_precision(cfg.parallel, device=d.device, fsdp=run.fsdp):
             out = run.method.loss(model=run.model, target=run.target, x=x, cond=cond, generator=gen, step=step)
-            rl = None if terms is None else run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen,
-                                                              rect_grad=out.rect_grad, step=step)
+            rl = None if not rl_on else run.guidance.term(x_gen=out.x_gen, cond=out.cond_gen,
+                                                          rect_grad=out.rect_grad, step=step)
         micro = {"loss/main": out.loss_main.detach(), "loss/rect": out.loss_rect.detach()}
         if hasattr(run.model, "set_requires_gradient_sync"):
             run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
@@ -314,6 +321,8 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
             micro["loss/total"] = out.loss.detach() + rl.weight * rl.loss.detach()
         else:
             (out.loss / accum).backward()
+            if rl is not None:  # weight 0: the reward's telemetry only
+                micro.update({k: v.detach() for k, v in rl.stats.items()})
             micro["loss/total"] = out.loss.detach()
         for k, v in micro.items():
             sums[k] = sums.get(k, 0.0) + v.float() / accum  # stays on the device: read on log steps only
@@ -445,14 +454,20 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 # --------------------------------------------------------------------------- fit
 
 
-def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False) -> int:
+def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False,
+        fork_at: Sequence[int] = (), fork: ForkRequest | None = None) -> int:
     """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
 
     ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
     (an event in metrics.jsonl) instead of failing.
+    ``fork_at``: also write the full state after each of these steps to ``checkpoints/fork-<k>/``.
+    ``fork``: with no checkpoint of its own, start from the parent's ``fork-<k>`` (``_start_from_fork``).
     """
     run_dir = Path(run_dir)
+    fork_at = check_fork_at(cfg, fork_at)
     tpath = preflight(cfg, run_dir)  # raises before anything is written
+    if fork is not None:
+        check_fork_request(cfg, run_dir, fork)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     d = init_distributed(cfg.run, cfg.parallel)
@@ -466,7 +481,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
-        run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt)
+        run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt, fork=fork)
         if d.is_main:
             mirror = None
             if cfg.telemetry.wandb != "off":
@@ -477,7 +492,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
                 print(f"twinflow-train: {event['event']} at step {event['step']}"
                       f"{' from ' + event['checkpoint'] if event['checkpoint'] else ''}: {event['reason']}", flush=True)
                 writer.write(event)
-        _loop(run, run_dir, writer, start=run.step, progress=progress)
+        _loop(run, run_dir, writer, start=run.step, progress=progress, fork_at=fork_at)
         if d.is_main:
             write_status(run_dir, "done", step=run.step, config_hash=chash)
         return EXIT_DONE
@@ -504,31 +519,85 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
         shutdown()
 
 
-def _resume(run: Run, run_dir: Path, *, restart_on_corrupt: bool) -> tuple[int, list[dict[str, Any]]]:
-    """Load the newest checkpoint that verifies; returns its step and the event records to log."""
+def _resume(run: Run, run_dir: Path, *, restart_on_corrupt: bool,
+            fork: ForkRequest | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest checkpoint that verifies, else start from ``fork`` or from step 0; returns the step
+    and the event records to log."""
     point, events = ckpt.choose_resume_point(run_dir, restart_on_corrupt=restart_on_corrupt)
     if point.path is None:
         if run.dist.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run with no checkpoint starts clean
+            (run_dir / FORK_FILE).unlink(missing_ok=True)  # a run from step 0 is no fork (until _start_from_fork)
+        if fork is not None:
+            return _start_from_fork(run, run_dir, fork, events)
         return 0, events
-    state = ckpt.load_checkpoint(point.path, model=run.model, optimizer=run.optimizer,
-                                 extra_modules=run.extra_modules())
-    run.counters = Counters(**state["counters"])
-    run.policy.load_state_dict(state["policy"])
-    if run.guidance is not None and "guidance" in state:
-        run.guidance.load_state_dict(state["guidance"])
-    step = int(state["step"])
+    step = _load_state(run, point.path)
     if run.dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", last_step=step)
     return step, events
 
 
-def _save(run: Run, run_dir: Path, step: int) -> None:
+def _load_state(run: Run, path: Path) -> int:
+    """Restore a checkpoint (``latest``-like or ``fork-<k>``) into ``run`` on every rank; returns its step."""
+    state = ckpt.load_checkpoint(path, model=run.model, optimizer=run.optimizer, extra_modules=run.extra_modules())
+    run.counters = Counters(**state["counters"])
+    run.policy.load_state_dict(state["policy"])
+    if run.guidance is not None and "guidance" in state:
+        run.guidance.load_state_dict(state["guidance"])
+    if "log_window" in state:  # the events and largest norm since the last log step (older checkpoints lack it)
+        run.log_window = LogWindow(**state["log_window"])
+    return int(state["step"])
+
+
+def _start_from_fork(run: Run, run_dir: Path, fork: ForkRequest,
+                     events: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """Start from ``PARENT/checkpoints/fork-<k>`` (verified on rank 0, every rank follows): its state, its best
+    weights, ``fork.json`` and a ``fork`` event; a missing or corrupt one trains from step 0 instead, with a
+    ``fork_fallback`` event and ``fork.json`` {"fallback": why}. Never fails for the parent's sake."""
+    d = run.dist
+    box: list[Any] = [fork_problem(run.cfg, run_dir, fork, world=d.world) if d.is_main else None]
+    if d.world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    problem: str | None = box[0]
+    rel = os.path.relpath(fork.parent, run_dir)
+    source = fork_checkpoint(fork.parent, fork.step)
+    if problem is not None:
+        if d.is_main:
+            atomic_write_json(run_dir / FORK_FILE, {"fallback": problem, "parent": rel, "step": fork.step})
+        events.append({"step": 0, "kind": "event", "event": "fork_fallback",
+                       "checkpoint": os.path.relpath(source, run_dir), "reason": f"trains from step 0: {problem}"})
+        return 0, events
+    step = _load_state(run, source)
+    if d.is_main:
+        best = best_weights(run_dir)
+        if (source / FORK_BEST).is_file():
+            with atomic_path(best) as tmp:
+                shutil.copyfile(source / FORK_BEST, tmp)
+        else:
+            best.unlink(missing_ok=True)
+        parent_meta = read_json(source / META_FILE) or {}
+        atomic_write_json(run_dir / FORK_FILE, {
+            "parent": rel, "step": step, "checkpoint_sha256": file_digest(source / META_FILE),
+            "parent_config_hash": parent_meta.get("config_hash")})
+    barrier()
+    events.append({"step": step, "kind": "event", "event": "fork", "checkpoint": os.path.relpath(source, run_dir),
+                   "reason": f"steps 1-{step} are the parent's ({rel}); training goes on at step {step + 1}"})
+    return step, events
+
+
+def _state(run: Run, step: int) -> dict[str, Any]:
     c = run.counters
     state = {"step": step, "counters": vars(c).copy(), "policy": run.policy.state_dict(),
-             "config_hash": config_hash(run.cfg)}
+             "config_hash": config_hash(run.cfg),
+             "log_window": {"max_norm": run.log_window.max_norm, "events": dict(run.log_window.events)}}
     if run.guidance is not None:
         state["guidance"] = run.guidance.state_dict()
+    return state
+
+
+def _save(run: Run, run_dir: Path, step: int) -> None:
+    c = run.counters
+    state = _state(run, step)
     latest = run_dir / "checkpoints" / "latest"
     ckpt.save_checkpoint(latest, fmt=run.cfg.checkpoint.format, model=run.model, optimizer=run.optimizer,
                          extra_modules=run.extra_modules(), state=state, step=step,
@@ -539,7 +608,19 @@ def _save(run: Run, run_dir: Path, step: int) -> None:
     barrier()
 
 
-def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, progress: bool) -> int:
+def _save_fork(run: Run, run_dir: Path, step: int) -> None:
+    """``checkpoints/fork-<step>/``: ``latest``'s content (checksummed the same way) plus the best weights as of
+    this step, outside the ``latest`` rotation; changes nothing of the run's own state (collective)."""
+    best = best_weights(run_dir)
+    ckpt.save_checkpoint(fork_checkpoint(run_dir, step), fmt=run.cfg.checkpoint.format, model=run.model,
+                         optimizer=run.optimizer, extra_modules=run.extra_modules(), state=_state(run, step),
+                         step=step, keep_latest_k=None,
+                         extra_files={FORK_BEST: best} if run.dist.is_main and best.is_file() else None,
+                         meta={"kind": "fork", "world": run.dist.world, "config_hash": config_hash(run.cfg)})
+
+
+def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, progress: bool,
+          fork_at: Sequence[int] = ()) -> int:
     cfg, d, c = run.cfg, run.dist, run.counters
     total = cfg.run.steps
     fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
@@ -551,7 +632,9 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             writer.write(rec)
     bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
     t_log, steps_since_log = time.perf_counter(), 0
-    run.log_window = LogWindow()
+    if start == 0:
+        run.log_window = LogWindow()  # else the resumed checkpoint's window (steps since its last log step)
+    forks = set(fork_at)
     step = start
     for step in range(start + 1, total + 1):
         run.step = step - 1
@@ -569,7 +652,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             is_log = step % cfg.run.log_every == 0 or last
             is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
             is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
-            if is_log or is_val or is_ckpt:
+            if is_log or is_val or is_ckpt or step in forks:
                 _settle(run)  # every gated step is accounted for before anything is logged or saved
         except Diverged as e:
             if writer:  # the step that ended the run is evidence: log it before stopping
@@ -613,6 +696,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             if writer:
                 writer.sync()
             _save(run, run_dir, step)
+        if step in forks:
+            _save_fork(run, run_dir, step)
         run.step = step
         if last:
             break
