@@ -27,9 +27,10 @@ from twinflow_train.run.fork import ForkRequest, prefix_reason, shared_prefix
 from twinflow_train.run.trainer import EXIT_DONE, fit
 
 REPO = Path(__file__).resolve().parents[3]
-K = 7
-"""The fork step of the trainer tests: RL acts from step 8; a validation at 6 (best weights) comes before it,
-and 7 is not a log step (log_every 3), so the log window crosses the fork."""
+K = 5
+"""The fork step of the trainer tests: RL acts from step 6; a validation at 4 (best weights) comes before it,
+a checkpoint falls on it, and the log window of the record at 6 crosses it (log_every 3: steps 4, 5 | 6),
+with its largest norm before the fork: a window not carried over would change that record."""
 RL = ["rl.enabled=true", "rl.reward=digits", "rl.weight=5.0"]
 ARMS = {
     "base": [],
@@ -44,7 +45,7 @@ unclipped sigmoid parent (a clip norm that binds once the RL term acts)."""
 
 
 def _over(tiny_overrides: list[str], arm: str) -> list[str]:
-    return tiny_overrides + ["run.steps=14", "run.log_every=3", "run.val_every=6", "run.ckpt_every=5",
+    return tiny_overrides + ["run.steps=14", "run.log_every=3", "run.val_every=4", "run.ckpt_every=5",
                              "eval.ema_decay=0.9", *ARMS[arm]]
 
 
@@ -226,11 +227,11 @@ def test_fork_checkpoint_is_complete_and_outside_the_rotation(runs):
     assert verify_checkpoint(cks / f"fork-{K}") is None
     meta = rundir.read_json(cks / f"fork-{K}" / "meta.json")
     assert meta["step"] == K and meta["kind"] == "fork" and meta["world"] == 1
-    assert set(meta["files"]) == {"state.pt", "best/weights.pt"}  # the validation at 6 made best weights
+    assert set(meta["files"]) == {"state.pt", "best/weights.pt"}  # the validation at 4 made best weights
     # keep_latest_k (1) kept step-10 beside latest (14); the fork checkpoint neither counts nor is pruned
     assert sorted(p.name for p in cks.iterdir()) == ["best", f"fork-{K}", "last_good", "latest", rundir.kept_name(10)]
     assert rundir.resume_step(runs["base"]) == 14
-    # the log window crosses the fork (log steps 6 and 9): step 7's events and norm travel with the state
+    # the log window crosses the fork (log steps 3 and 6): steps 4-5's events and norm travel with the state
     window = torch.load(cks / f"fork-{K}" / "state.pt", weights_only=False)["state"]["log_window"]
     assert window["max_norm"] > 0 and set(window["events"]) >= {"event/nonfinite", "event/skipped"}
     # a run that never forks has none
