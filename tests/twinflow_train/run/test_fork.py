@@ -349,8 +349,11 @@ def test_cli_flags(runs, tiny_overrides, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fork_under_torchrun_with_dcp_checkpoints(tiny_overrides, tmp_path):
-    over = _over(tiny_overrides, "base") + ["checkpoint.format=dcp", "eval.teacher=false", "run.steps=10"]
-    hard = RL + ["rl.schedule=hard", "rl.warmup=6"]
+    # FSDP2 over 2 gloo ranks with 2 accumulation micro-batches: a per-term split (rl.clip: param) reduces
+    # each micro-batch's gradient on its own, so it must not run while the RL weight is 0
+    over = _over(tiny_overrides, "base") + ["checkpoint.format=dcp", "eval.teacher=false", "run.steps=10",
+                                            "data.grad_accum=2"]
+    hard = RL + ["rl.schedule=hard", "rl.warmup=6", "rl.clip=param", "rl.clip_norm=0.01"]
 
     def torchrun(run_dir, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
