@@ -75,6 +75,8 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
                    "trainer's preflight) and print what would be launched; writes nothing, trains nothing")
     p.add_argument(RESTART_FLAG, action="store_true", help="a run whose checkpoints all fail to verify "
                    "starts again from step 0 (default: it fails, naming them)")
+    p.add_argument("--no-forks", action="store_true", help="train every run from step 0, even where its arm "
+                   "shares first steps with another arm (forks give bit-identical runs; this is for comparison)")
     p.add_argument("--supersede-changed", action="store_true", help="a run whose config or trainer code changed: "
                    "move its old directory to <grid>/.superseded/ and start it fresh (default: refuse)")
 
@@ -101,7 +103,7 @@ def grid_run(args: argparse.Namespace) -> int:
                                  slurm_parameters=params)
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error",
-                      restart_on_corrupt=args.restart_on_corrupt)
+                      restart_on_corrupt=args.restart_on_corrupt, forks=not args.no_forks)
     return result.exit_code
 
 
@@ -115,7 +117,25 @@ def _dry_run(grid: Any, *, retries: int) -> int:
         print(f"{c.key:<{width}}  {c.action:<9}  {'ok' if c.problem is None else 'PROBLEM: ' + c.problem}")
     bad = [c for c in checks if c.problem is not None]
     print(f"grid {grid.name}: {len(checks)} runs checked, {len(bad)} with problems (dry run: nothing written)")
+    for line in plan_lines(grid):
+        print(line)
     return 2 if bad else 0
+
+
+def plan_lines(grid: Any) -> list[str]:
+    """What the grid computes: runs and training steps at its first wave and at its maximum (a sequential plan),
+    and the GPU-hours of arms whose model family has an estimate (``harness.cost``)."""
+    from .cost import grid_cost
+    from .forks import describe, plan_forks
+
+    with_forks, without = grid_cost(grid)
+    out = [f"fork: {line}" for line in describe(plan_forks(grid))] + with_forks.lines()
+    if without is not None:
+        out += without.lines()
+        if with_forks.most.gpu_hours is not None:
+            out.append(f"  forks save ~{without.most.gpu_hours - with_forks.most.gpu_hours:,.0f} GPU-hours at the "
+                       f"maximum ({without.most.steps - with_forks.most.steps:,} steps)")
+    return out
 
 
 def grid_status_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +155,14 @@ def grid_status(args: argparse.Namespace) -> int:
     slots = args.workers or (int(info.get("slots", 1)) if info else 1)
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
     who = f"running (harness pid {info.get('pid')}, {info.get('launcher')})" if info else "no harness running"
-    print(render_table(monitor.rows(harness_live=live), slots=slots, title=f"grid {grid.name} ({who})"))
+    rows = monitor.rows(harness_live=live)
+    if grid.plan is not None:  # a sequential grid: the runs of its waves so far, then where its claims stand
+        from .sequential import status_lines
+
+        rows = [r for r in rows if r.state != "new"]
+    print(render_table(rows, slots=slots, title=f"grid {grid.name} ({who})"))
+    if grid.plan is not None:
+        print("\n".join(status_lines(grid.grid_dir, grid.claims, grid.plan)))
     return 0
 
 

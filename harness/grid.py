@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
+from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, with_sources
+from .forks import describe as describe_forks
+from .forks import ready as fork_ready
 from .launchers import Launcher
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
@@ -203,8 +206,11 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
              on_changed: Literal["error", "supersede"] = "error",
              run_env: RunEnv | None = None,
              stream: TextIO | None = None, tty: bool | None = None, poll_s: float = 0.1,
-             prepare_teacher: bool = True, restart_on_corrupt: bool = False) -> GridResult:
+             prepare_teacher: bool = True, restart_on_corrupt: bool = False, forks: bool = True) -> GridResult:
     """Launch every run of ``grid`` that is not done, watch them, record what happened.
+
+    ``forks``: arms that share a prefix with another arm start from its runs' state there
+    (``harness.forks``; bit-identical to training them from step 0, which ``forks=False`` does).
 
     ``run_env``: extra environment per arm name or per run key (``arm/seed-k``), e.g.
     ``{"crash": {"TWINFLOW_FAULT_AT_STEP": "5"}}`` (tests inject faults this way).
@@ -257,14 +263,21 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
             stream.flush()
             if todo and prepare_teacher:
                 result.teacher_s = prepare_shared_assets(todo[0].spec, launcher, grid_dir=grid.grid_dir, stream=stream)
+            fork_plan = plan_forks(grid) if forks else {}
+            for line in describe_forks(fork_plan):
+                stream.write(f"fork: {line}\n")
             if grid.plan is None:
                 for p in todo:
                     prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
                 _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                          poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
+                          poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=fork_plan)
             else:
                 _run_waves(grid, plans, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                           poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, stream=stream)
+                           poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, stream=stream,
+                           forks=fork_plan)
+            result.steps_computed = _steps_computed(grid)
+            stream.write(f"grid {grid.name}: {result.steps_computed:,} training steps computed by its runs "
+                         f"(every arm and seed from step 0 would be {_steps_scratch(grid):,})\n")
             monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
             stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
                                       title=f"grid {grid.name}: finished") + "\n")
@@ -276,7 +289,7 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
 
 def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retries: int, run_env: RunEnv,
                display: LiveDisplay, poll_s: float, result: GridResult, restart_on_corrupt: bool,
-               stream: TextIO) -> None:
+               stream: TextIO, forks: Mapping[str, Fork]) -> None:
     """A sequential grid (``harness.sequential``): run a wave, look at every open claim, give the next wave's
     seeds to the arms of the claims still open; resume from the recorded looks."""
     from .collect import collect_grid, run_statuses
@@ -297,7 +310,8 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
     looks = list(record["looks"]) if record and record.get("looks") else []
     judgement = wave.judgement
     while not wave.done:
-        wanted = {f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}
+        wanted = with_sources({f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
+                              {r.key: r for r in grid.runs})
         todo = [by_key[k] for k in sorted(wanted, key=lambda k: list(by_key).index(k))
                 if by_key[k].action in LAUNCH_ACTIONS]
         stream.write(f"wave {wave.number}: seeds per arm "
@@ -306,7 +320,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
         for p in todo:
             prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
         _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt)
+                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks)
         for p in todo:
             p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
         metrics, statuses = tables()
@@ -319,7 +333,6 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
                                                                   open_tests_text(judgement, grid.claims)))
         stream.flush()
         wave = resume_state(grid.grid_dir, grid.claims, arms, plan, metrics, statuses)
-    result.steps_computed = _steps_computed(grid)
 
 
 def _steps_computed(grid: Grid) -> int:
@@ -340,18 +353,44 @@ def _steps_computed(grid: Grid) -> int:
     return total
 
 
+def _steps_scratch(grid: Grid) -> int:
+    """What the runs that have a record would have computed each from step 0."""
+    from twinflow_train.rundir import tail_metrics
+
+    total = 0
+    for spec in grid.runs:
+        last = tail_metrics(spec.run_dir / "metrics.jsonl", kinds=("train",)).last.get("train")
+        total += int(last["step"]) if last is not None else 0
+    return total
+
+
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
               run_env: RunEnv, display: LiveDisplay, poll_s: float,
-              result: GridResult, restart_on_corrupt: bool = False) -> None:
-    queue = [p.spec for p in todo]
+              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None) -> None:
+    forks = forks or {}
+    runs = {r.key: r for r in grid.runs}
+    points = fork_points(forks)
+    # sources before the runs that fork from them; otherwise the plan's order
+    depth = {s.key: len(with_sources({s.key}, forks, runs)) for s in (p.spec for p in todo)}
+    queue = sorted((p.spec for p in todo), key=lambda s: depth[s.key])
+
+    def startable(spec: RunSpec, active: list[ActiveRun]) -> bool:
+        pending = {s.key for s in queue} | {a.spec.key for a in active}
+        src = source_run(spec, forks, runs)
+        return src is None or src.key not in pending or fork_ready(spec, forks, runs)
+
     active: list[ActiveRun] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
     first_start: float | None = None
     try:
         while queue or active:
             while queue and len(active) < launcher.slots:
-                spec = queue.pop(0)
-                a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt)
+                spec = next((s for s in queue if startable(s, active)), None)
+                if spec is None:
+                    break  # every queued run waits for its source's fork checkpoint
+                queue.remove(spec)
+                a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt,
+                              extra_argv=fork_argv(spec, forks, points, runs))
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)

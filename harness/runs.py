@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, TextIO
+from typing import Any, Iterator, Literal, Mapping, Sequence, TextIO
 
 from twinflow_train.config import to_dict, to_yaml
 from twinflow_train.rundir import EXIT_DONE, EXIT_STATES, RESTART_FLAG
@@ -237,7 +237,7 @@ def run_env_for(spec: RunSpec, run_env: RunEnv) -> dict[str, str]:
 
 
 def start_run(spec: RunSpec, launcher: Launcher, *, run_env: RunEnv | None = None,
-              restart_on_corrupt: bool = False) -> ActiveRun:
+              restart_on_corrupt: bool = False, extra_argv: Sequence[str] = ()) -> ActiveRun:
     """Record a new attempt in ``harness.json`` and launch the trainer on a prepared run directory."""
     d = spec.run_dir
     record = read_record(d)
@@ -251,7 +251,7 @@ def start_run(spec: RunSpec, launcher: Launcher, *, run_env: RunEnv | None = Non
     write_record(d, record)
     job = LaunchJob(name=spec.key, log_path=d / log_rel, env=run_env_for(spec, run_env or {}),
                     argv=["fit", "--config", str((d / LAUNCH_CONFIG).resolve()), "--run-dir", str(d.resolve()),
-                          "--no-progress", *([RESTART_FLAG] if restart_on_corrupt else [])])
+                          "--no-progress", *([RESTART_FLAG] if restart_on_corrupt else []), *extra_argv])
     return ActiveRun(spec=spec, handle=launcher.start(job), record=record, attempt=attempt)
 
 

@@ -165,3 +165,30 @@ def open_tests_text(judgement: Judgement | None, claims: Sequence[Claim]) -> lis
             why = "; ".join(sorted({r.stop_text for r in parts}))
             out.append(f"claim {ci + 1}: {verdicts[ci]} at n={n} ({why}) — {c.text}")
     return out
+
+
+def status_lines(grid_dir: Path, claims: Sequence[Claim], plan: SeedPlan) -> list[str]:
+    """``grid status`` of a sequential grid: the wave, and each claim open or decided (from the record)."""
+    try:
+        record = read_record(grid_dir)
+    except RunDirError as e:
+        return [f"sequential record: does not load ({e})"]
+    head = f"sequential: seeds {plan.first} to {plan.max}, {plan.step} more per wave for open claims"
+    if not record or not record.get("looks"):
+        return [head + "; wave 1 (no look yet)"]
+    last = record["looks"][-1]
+    lines = [head + f"; {len(record['looks'])} look(s), the last after wave {last['wave']}"]
+    by_claim: dict[int, list[dict[str, Any]]] = {}
+    for r in last["results"]:
+        by_claim.setdefault(int(r["claim"]), []).append(r)
+    from .inference import combine
+    for ci, c in enumerate(claims):
+        parts = by_claim.get(ci, [])
+        n = "/".join(str(r["n"]) for r in parts)
+        still = [r for r in parts if r["state"] == "open"] and not any(r["verdict"] == "contradicted" for r in parts)
+        if still:
+            lines.append(f"  claim {ci + 1}: open at n={n} — {c.text}")
+        else:
+            lines.append(f"  claim {ci + 1}: {combine([r['verdict'] for r in parts])} at n={n} "
+                         f"({', '.join(sorted({r['state'] for r in parts}))}) — {c.text}")
+    return lines

@@ -2,8 +2,8 @@
 
 Four networks besides the teacher: the latent codec (a tiny autoencoder), the
 differentiable reward classifier, an independent evaluation network, and the
-proxy reward network that predicts the fixed gold score (``gold_score``) from
-noisy labels. Each
+proxy reward network that predicts the fixed gold score (``GoldScore``, judged
+with the evaluation network) from noisy labels. Each
 lives in ``<cache root>/<kind>-<hash>/`` where the hash covers exactly the
 settings its weights depend on plus a per-kind format version, so a changed
 setting trains a new entry and an unchanged one is reused.
@@ -47,7 +47,7 @@ FORMAT_VERSIONS: dict[str, int] = {
     "reward": 1,
     "evalnet": 2,  # 2: shift-only augmentation (1 also added pixel noise, which blunted FD to noisy samples)
     "teacher": 2,  # 2: fused AdamW, warm-up + cosine to 1% (teacher.warmup_steps), EMA cap teacher.ema_decay
-    "proxy": 1,
+    "proxy": 1,  # the gold score it is fitted to is in its key (gold_key, GOLD_VERSION)
 }
 """Per-kind format version, part of every entry's hash. Bump a kind's number when
 its architecture, training recipe or file layout changes in code (anything its
@@ -467,12 +467,16 @@ class DigitsReward(nn.Module):
 # --------------------------------------------------------------------------- gold score and its learned proxy
 #
 # The digits stand-in for a human-preference reward. The *gold* score is a fixed,
-# hand-written function of the image (the "true preference", never trained on);
-# the *proxy* is a small network fitted to noisy gold labels on the training split
-# (the "learned preference model", like HPSv2 is to human raters). RL optimises
-# the proxy; evaluation reports both, and the gap between the proxy's gain and the
-# gold's gain is the over-optimisation (reward hacking) of a run.
+# hand-written function of the image and its prompt (the "true preference", never
+# trained on); the *proxy* is a small network fitted to noisy gold labels on the
+# training split (the "learned preference model", like HPSv2 is to human raters). RL
+# optimises the proxy; evaluation reports both, and the gap between the proxy's gain
+# and the gold's gain is the over-optimisation (reward hacking) of a run.
 
+GOLD_VERSION = 2
+"""Version of the gold score's definition, part of the proxy's cache key (its training targets). 2: gated by the
+legibility of the prompted class (judge probability x realism) and ink bounded to the real range; 1 was the plain
+mean of the stroke-weight and centring z-scores, which an all-ink image maximised."""
 GOLD_CENTRE = 3.5
 """Pixel coordinate of the 8x8 image centre."""
 PROXY_LABEL_NOISE = 0.5
@@ -508,22 +512,98 @@ def centring(images: torch.Tensor) -> torch.Tensor:
 
 GOLD_STROKE = (0.305, 0.034)
 """(mean, std) of ``stroke_weight`` over the default training split (1,618 digits), rounded: fixed constants."""
+GOLD_STROKE_CAP = 0.386
+"""99th percentile of ``stroke_weight`` over the default training split: more ink than this earns nothing."""
+GOLD_OVERINK_SLOPE = 2.0
+"""Beyond the cap, each stroke-weight standard deviation of extra ink costs this many (twice what it earned)."""
 GOLD_CENTRING = (-0.421, 0.258)
 """(mean, std) of ``centring`` over the default training split, rounded: fixed constants."""
+GOLD_REAL_DISTANCE = (1.67, 2.50)
+"""Realism ramp (ink L2 distance to the nearest training digit of the prompted class, 1-pixel shifts allowed):
+full realism up to the first value (the 99th percentile of that distance among training digits, each left out of
+its own reference; held-out digits: at most 1.77), none from the second (blank, all-ink and noise images lie at
+2.65 and beyond)."""
+GOLD_FLOOR = -4.0
+"""Gold of an image that is not a legible digit of the prompted class (legibility 0); below every real digit's
+attribute score (training split: lowest -2.5, median 0.02, std 0.77)."""
 
 
-def gold_score(images: torch.Tensor, prompts: Cond) -> torch.Tensor:
-    """The fixed gold preference score ``g(image, prompt)`` ``[B]``: a bold, centred digit scores high.
+def ink_z(images: torch.Tensor) -> torch.Tensor:
+    """The stroke-weight z-score bounded to the real range ``[B]``: linear up to ``GOLD_STROKE_CAP``, then falling
+    ``GOLD_OVERINK_SLOPE`` times as fast (an all-ink image: about -34)."""
+    z = (stroke_weight(images) - GOLD_STROKE[0]) / GOLD_STROKE[1]
+    cap = (GOLD_STROKE_CAP - GOLD_STROKE[0]) / GOLD_STROKE[1]
+    return torch.where(z <= cap, z, cap - GOLD_OVERINK_SLOPE * (z - cap))
 
-    ``g = (z_stroke + z_centring) / 2`` with ``z_a = (a(image) - mean_a) / std_a`` over fixed constants
-    (``GOLD_STROKE``, ``GOLD_CENTRING``). Pixels are clamped to [-1, 1] first (``_ink``), so ink pushed past
-    the valid range earns nothing. The prompt does not enter (the same preference for every class); it is
-    taken for the reward interface and checked. Never trained on; see docs/reward.md.
-    """
-    _checked_labels(images, prompts, "gold_score")
-    z_stroke = (stroke_weight(images) - GOLD_STROKE[0]) / GOLD_STROKE[1]
+
+def attribute_score(images: torch.Tensor) -> torch.Tensor:
+    """``(ink_z + z_centring) / 2`` ``[B]``: a bold (within the real range), centred image scores high; at most
+    about 2.0. The prompt does not enter; the gold score gates it by legibility."""
     z_centre = (centring(images) - GOLD_CENTRING[0]) / GOLD_CENTRING[1]
-    return 0.5 * (z_stroke + z_centre)
+    return 0.5 * (ink_z(images) + z_centre)
+
+
+def gold_key(cfg: Config) -> dict[str, Any]:
+    """What the gold score depends on besides code: its version, the judge's entry and the reference split."""
+    return {"version": GOLD_VERSION, "judge": eval_key(cfg), "judge_format": FORMAT_VERSIONS["evalnet"],
+            "reference": _split_key(cfg)}
+
+
+class GoldScore(nn.Module):
+    """The fixed gold preference score ``g(image, prompt)`` ``[B]``: a legible, bold, centred digit of the prompted
+    class scores high; anything else scores near ``GOLD_FLOOR``.
+
+    ``a = attribute_score(image)`` (bounded ink and centring, in real standard deviations), ``p`` the judge's
+    (evaluation network's) probability of the prompted class, ``r`` the realism ramp on the ink distance to the
+    nearest training digit of that class (``GOLD_REAL_DISTANCE``), legibility ``L = p * r`` and
+    ``g = GOLD_FLOOR + L * (max(a, GOLD_FLOOR) - GOLD_FLOOR)``. Pixels are clamped to [-1, 1] first
+    (``_ink``), so ink pushed past the valid range earns nothing. Never trained on; see docs/reward.md.
+    The judge is frozen and the reference digits fixed by the split: ``gold_key`` names both.
+    """
+
+    def __init__(self, judge: nn.Module, reference_images: torch.Tensor, reference_labels: torch.Tensor):
+        super().__init__()
+        self.judge = _frozen(judge)
+        ink = F.pad(_ink(reference_images), (1, 1, 1, 1), value=0.0)
+        shifted = torch.stack([ink[:, 1 + dy:9 + dy, 1 + dx:9 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)
+        self.register_buffer("ref_ink", shifted.flatten(2).reshape(-1, 64).contiguous(), persistent=False)
+        self.register_buffer("ref_labels", reference_labels.long().repeat_interleave(9), persistent=False)
+
+    def real_distance(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Ink L2 distance ``[B]`` to the nearest reference digit of each row's class (or a 1-pixel shift of one)."""
+        ink = _ink(images).flatten(1)
+        out = torch.full((ink.shape[0],), float("inf"), device=ink.device)
+        for c in labels.unique().tolist():
+            rows = labels == c
+            ref = self.ref_ink[self.ref_labels == c]
+            if ref.shape[0] == 0:
+                raise ValueError(f"gold score: the reference digits have no class {c}")
+            out[rows] = torch.cdist(ink[rows], ref).min(dim=1).values
+        return out
+
+    @torch.no_grad()
+    def parts(self, images: torch.Tensor, prompts: Cond) -> dict[str, torch.Tensor]:
+        """Every term of the score per row: attributes, judge probability, distance, realism, legibility, gold."""
+        labels = _checked_labels(images, prompts, "GoldScore")
+        a = attribute_score(images)
+        p = F.softmax(self.judge(images.float()).float(), dim=-1).gather(1, labels.long().view(-1, 1)).squeeze(1)
+        d = self.real_distance(images, labels)
+        lo, hi = GOLD_REAL_DISTANCE
+        r = ((hi - d) / (hi - lo)).clamp(0.0, 1.0)
+        legible = p * r
+        gold = GOLD_FLOOR + legible * (a.clamp_min(GOLD_FLOOR) - GOLD_FLOOR)
+        return {"attributes": a, "judge_prob": p, "real_distance": d, "realism": r, "legibility": legible,
+                "gold": gold}
+
+    def forward(self, images: torch.Tensor, prompts: Cond) -> torch.Tensor:
+        return self.parts(images, prompts)["gold"]
+
+
+def get_gold_score(cfg: Config, *, judge: nn.Module | None = None) -> GoldScore:
+    """The gold score of ``cfg``: the cached evaluation network as judge (``judge`` if given: the same network,
+    already loaded) and the training split as reference digits."""
+    split = _split(cfg)
+    return GoldScore(get_eval_net(cfg) if judge is None else judge, split.train_images, split.train_labels)
 
 
 class DigitsProxyNet(nn.Module):
@@ -541,18 +621,25 @@ class DigitsProxyNet(nn.Module):
 
 
 def proxy_key(cfg: Config) -> dict[str, Any]:
-    return {"steps": cfg.aux.proxy_steps, "seed": cfg.aux.proxy_seed, "data": _split_key(cfg)}
+    return {"steps": cfg.aux.proxy_steps, "seed": cfg.aux.proxy_seed, "data": _split_key(cfg), "gold": gold_key(cfg)}
 
 
-def fit_proxy(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int,
-              label_std: float, progress: bool | None = None) -> None:
+def other_class(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly drawn class different from each row's label ``[B]``."""
+    return (labels + torch.randint(1, NUM_CLASSES, labels.shape, generator=generator)) % NUM_CLASSES
+
+
+def fit_proxy(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor, *, gold: GoldScore, steps: int,
+              seed: int, label_std: float, progress: bool | None = None) -> None:
     """MSE regression on noisy gold labels: 1-pixel shifts and pixel noise (std up to PROXY_NOISE_MAX) on the
-    inputs, the gold score of the augmented image plus Gaussian label noise of std ``label_std`` as target."""
+    inputs, the gold score of the augmented image under its own class plus Gaussian label noise of std
+    ``label_std`` as target. Only true prompts: mixing in a quarter of rows prompted with another class taught it
+    the prompt but cut its held-out correlation on legible digits from 0.96 to 0.81 (docs/reward.md)."""
     def batch_loss(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = random_shift(x, gen)
         sigma = PROXY_NOISE_MAX * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
         x = x + sigma * torch.randn(x.shape, generator=gen)
-        target = gold_score(x, {"labels": y}) + label_std * torch.randn(x.shape[0], generator=gen)
+        target = gold(x, {"labels": y}) + label_std * torch.randn(x.shape[0], generator=gen)
         return F.mse_loss(model(x, y), target)
 
     _fit_minibatches(model, images, labels, steps=steps, seed=seed, lr=PROXY_LR, batch=PROXY_BATCH,
@@ -560,29 +647,44 @@ def fit_proxy(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def proxy_fit_report(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """How well the proxy tracks the gold score on clean images: correlation and RMSE."""
+def proxy_fit_report(model: DigitsProxyNet, images: torch.Tensor, labels: torch.Tensor, *,
+                     gold: GoldScore) -> dict[str, float]:
+    """How well the proxy tracks the gold score on clean images: correlation and RMSE under the true prompts (all
+    images, and the legible ones: legibility above 1/2), and the mean gold, mean proxy and RMSE under a prompt of
+    another class (a fixed draw)."""
     with single_thread():
         p = model(images, labels).double()
-    g = gold_score(images, {"labels": labels}).double()
+        parts = gold.parts(images, {"labels": labels})
+        g = parts["gold"].double()
+        wrong = other_class(labels, torch.Generator().manual_seed(0))
+        pw = model(images, wrong).double()
+        gw = gold(images, {"labels": wrong}).double()
     corr = float(torch.corrcoef(torch.stack([p, g]))[0, 1])
-    return {"corr": corr, "rmse": float((p - g).pow(2).mean().sqrt()), "gold_std": float(g.std())}
+    legible = parts["legibility"] > 0.5
+    corr_legible = float(torch.corrcoef(torch.stack([p[legible], g[legible]]))[0, 1])
+    return {"corr": corr, "rmse": float((p - g).pow(2).mean().sqrt()), "gold_std": float(g.std()),
+            "legible_share": float(legible.double().mean()), "corr_legible": corr_legible,
+            "wrong_prompt_gold_mean": float(gw.mean()), "wrong_prompt_proxy_mean": float(pw.mean()),
+            "wrong_prompt_rmse": float((pw - gw).pow(2).mean().sqrt())}
 
 
 def get_proxy_net(cfg: Config) -> DigitsProxyNet:
     """The proxy reward network (seed ``aux.proxy_seed``, ``aux.proxy_steps``), trained on the training split
-    only, cached like the other auxiliaries; frozen."""
+    only, cached like the other auxiliaries (its key names the gold score it was fitted to); frozen."""
     seed, steps = cfg.aux.proxy_seed, cfg.aux.proxy_steps
     split = _split(cfg)
 
     def train(model: nn.Module) -> dict[str, Any]:
         assert isinstance(model, DigitsProxyNet)
+        gold = get_gold_score(cfg)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        gold_std = float(gold_score(split.train_images, {"labels": split.train_labels}).std())
-        fit_proxy(model, split.train_images, split.train_labels, steps=steps, seed=seed,
+        with single_thread():
+            gold_std = float(gold(split.train_images, {"labels": split.train_labels}).std())
+        fit_proxy(model, split.train_images, split.train_labels, gold=gold, steps=steps, seed=seed,
                   label_std=PROXY_LABEL_NOISE * gold_std)
         info = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
-        return info | {f"val_{k}": v for k, v in proxy_fit_report(model, split.val_images, split.val_labels).items()}
+        fit = proxy_fit_report(model, split.val_images, split.val_labels, gold=gold)
+        return info | {f"val_{k}": v for k, v in fit.items()}
 
     key = proxy_key(cfg)
     path = cache_entry(cfg, kind="proxy", key=key) / WEIGHTS

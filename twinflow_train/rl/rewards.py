@@ -18,7 +18,7 @@ Rewards:
   ~-0.03): no headroom, kept for reproduction.
 - ``proxy`` (embedded, the ladder's and the search's reward):
   ``twinflow_train.assets.auxiliary.DigitsProxyReward``, a small network fitted to noisy
-  labels of the fixed gold score ``twinflow_train.assets.auxiliary.gold_score``; the
+  labels of the fixed gold score ``twinflow_train.assets.auxiliary.GoldScore``; the
   digits stand-in for a learned human-preference model. Evaluation reports the
   proxy and the gold score side by side.
 - ``hpsv2``: the HPS v2 / v2.1 human-preference scorer: an open_clip model

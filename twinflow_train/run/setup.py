@@ -27,17 +27,19 @@ def build_setup(cfg: Config, *, device: torch.device) -> Setup:
 
 
 def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
-    from ..assets.auxiliary import (DigitsProxyReward, DigitsReward, get_eval_net, get_proxy_net,
-                                    get_reward_classifier, gold_score)
+    from ..assets.auxiliary import (DigitsProxyReward, DigitsReward, get_eval_net, get_gold_score, get_proxy_net,
+                                    get_reward_classifier)
     from ..data.digits import NUM_CLASSES, eval_prompts
     from ..evaluation.metrics import SampleScorer
 
     split, codec, data = digits_latents(cfg, device=device)
     reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
     proxy = DigitsProxyReward(get_proxy_net(cfg)).to(device).eval()
-    scorer = SampleScorer(eval_net=get_eval_net(cfg).to(device).eval(), reward=reward,
+    eval_net = get_eval_net(cfg).to(device).eval()
+    gold = get_gold_score(cfg, judge=eval_net).to(device)
+    scorer = SampleScorer(eval_net=eval_net, reward=reward,
                           reference_images=split.val_images.to(device),
-                          extra={"gold": lambda x, y: gold_score(x, {"labels": y}),
+                          extra={"gold": lambda x, y: gold(x, {"labels": y}),
                                  "proxy": lambda x, y: proxy(x, {"labels": y})})
 
     def eval_cond(n: int) -> Cond:

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from twinflow_train.assets.auxiliary import (DigitsProxyReward, centring, entry_record, get_proxy_net, gold_score,
-                                      stroke_weight)
+from twinflow_train.assets.auxiliary import (GOLD_FLOOR, GOLD_STROKE_CAP, DigitsProxyReward, attribute_score,
+                                             centring, entry_record, get_gold_score, get_proxy_net, ink_z,
+                                             proxy_key, stroke_weight)
 from twinflow_train.config import ConfigError, load_config
+from twinflow_train.data.batches import step_generator
 from twinflow_train.data.digits import load_digits_split
 from twinflow_train.rundir import iter_metrics
 from twinflow_train.run.trainer import EXIT_DONE, fit
@@ -33,16 +35,85 @@ def test_attributes_on_hand_made_images():
     assert abs(float(centring(dot)) + (2.5 ** 2 + 2.5 ** 2) ** 0.5) < 1e-5  # (6 - 3.5, 1 - 3.5) from the centre
     assert abs(float(centring(full))) < 1e-5
     # out-of-range pixels count as the valid image a viewer sees (clamped): pushing past 1 earns nothing
-    assert torch.equal(gold_score(full * 3.0, {"labels": torch.tensor([1])}),
-                       gold_score(full, {"labels": torch.tensor([1])}))
+    assert torch.equal(attribute_score(full * 3.0), attribute_score(full))
+    # ink is rewarded up to the real 99th percentile and penalised beyond it, twice as fast
+    cap = (GOLD_STROKE_CAP - 0.305) / 0.034
+    assert float(ink_z(full)) < -30 and float(ink_z(full)) == pytest.approx(cap - 2.0 * (1.0 / 0.034 - 0.305 / 0.034 - cap),
+                                                                            abs=1e-4)
 
 
-def test_gold_score_has_a_wide_spread_on_real_digits():
+@pytest.fixture(scope="module")
+def gold_and_teacher(tiny_overrides):
+    """The gold score over the tiny cached judge, the real digits' gold, and 300 tiny-teacher samples' gold."""
+    from twinflow_train.evaluation.evaluate import Evaluator
+    from twinflow_train.run.inference import COUNT_NOISE, count_prompts
+    from twinflow_train.run.setup import build_setup
+    from twinflow_train.run.trainer import build_base, preflight_teacher
+
+    cfg = load_config(None, tiny_overrides)
+    gold = get_gold_score(cfg)
     s = _split()
-    g = gold_score(s.train_images, {"labels": s.train_labels})
-    assert g.shape == (s.train_images.shape[0],) and torch.isfinite(g).all()
-    p10, p90 = np.percentile(g.numpy(), [10, 90])
-    assert p90 - p10 > 2.0 * float(g.std()) * 0.9  # not concentrated: the top decile is far from the bottom
+    real = gold(s.train_images, {"labels": s.train_labels})
+    setup = build_setup(cfg, device=torch.device("cpu"))
+    teacher = build_base(cfg, setup, preflight_teacher(cfg)).eval()
+    n = 300
+    labels = count_prompts(n, 10)
+    z = torch.randn((n, *setup.data.latent_shape), generator=step_generator(cfg.eval.seed, COUNT_NOISE))
+    ev = Evaluator(cfg, setup, device=torch.device("cpu"))
+    latents = ev.teacher_latents(teacher, steps=cfg.teacher.sample_steps, cfg_scale=cfg.teacher_cfg_scale, z=z,
+                                 cond={"labels": labels})
+    fake = gold(ev.decode(latents.float()), {"labels": labels})
+    return gold, real, fake
+
+
+MARGIN_SD = 3.0
+"""What "far below" means: at least three real standard deviations under the real digits' median gold."""
+
+
+def test_collapsed_and_off_prompt_images_score_far_below_real_digits(gold_and_teacher):
+    gold, real, _ = gold_and_teacher
+    bar = float(real.median()) - MARGIN_SD * float(real.std())
+    gen = torch.Generator().manual_seed(0)
+    k = 100
+    y = torch.arange(k) % 10  # every prompted class: a judge reads noise confidently as *some* digit
+    degenerate = {
+        "all ink": torch.ones(k, 1, 8, 8),
+        "all ink beyond the range": 3.0 * torch.ones(k, 1, 8, 8),
+        "blank": -torch.ones(k, 1, 8, 8),
+        "uniform noise": torch.rand(k, 1, 8, 8, generator=gen) * 2 - 1,
+        "Gaussian noise": torch.randn(k, 1, 8, 8, generator=gen),
+        "30% random ink": torch.where(torch.rand(k, 1, 8, 8, generator=gen) < 0.3, 1.0, -1.0),
+    }
+    for name, x in degenerate.items():
+        g = gold(x, {"labels": y})
+        assert float(g.max()) < bar, (name, float(g.max()), bar)
+    # legible digits of another class: held-out digits the judge reads as their own class, under all nine others
+    s = _split()
+    parts = gold.parts(s.val_images, {"labels": s.val_labels})
+    legible = parts["judge_prob"] > 0.9
+    assert float(legible.float().mean()) > 0.5  # a judge of 300 steps (the tiny cache) is less sure than the default
+    x, own = s.val_images[legible], s.val_labels[legible]
+    for shift in range(1, 10):
+        g = gold(x, {"labels": (own + shift) % 10})
+        assert float(g.max()) < bar, (shift, float(g.max()), bar)
+    # the same digits under their own prompt are no outliers: most of them clear the bar by far
+    assert float((parts["gold"][legible] > bar + 1.0).float().mean()) > 0.95
+
+
+def test_real_digits_and_teacher_keep_headroom(gold_and_teacher):
+    _, real, fake = gold_and_teacher
+    r = real.numpy()
+    assert np.isfinite(r).all() and np.isfinite(fake.numpy()).all()
+    p10, p60, p90 = np.percentile(r, [10, 60, 90])
+    assert p90 - p10 > 2.0 * float(r.std()) * 0.9  # a wide spread: the top decile is far from the bottom
+    # the two headroom criteria of BENCHMARKS.md: teacher mean under the real 60th percentile, and the real top
+    # decile at least one real standard deviation above it
+    t = float(fake.mean())
+    assert t < p60, (t, p60)
+    assert (p90 - t) / float(r.std()) >= 1.0, (p90, t, float(r.std()))
+    # the teacher's samples are legible digits: few sit at the floor (tiny teacher and judge here: 7%; the
+    # default teacher's mean judge probability is 0.993, BENCHMARKS.md)
+    assert float((fake <= GOLD_FLOOR + 0.5).float().mean()) < 0.15
 
 
 # --------------------------------------------------------------------------- the proxy
@@ -56,9 +127,15 @@ def test_proxy_tracks_the_gold_score_on_held_out_digits_and_is_cached(tmp_path):
     reward = DigitsProxyReward(net)
     with torch.no_grad():
         p = reward(s.val_images, {"labels": s.val_labels})
-    g = gold_score(s.val_images, {"labels": s.val_labels})
+    gold = get_gold_score(cfg)
+    parts = gold.parts(s.val_images, {"labels": s.val_labels})
+    g = parts["gold"]
     corr = float(torch.corrcoef(torch.stack([p.double(), g.double()]))[0, 1])
-    assert corr > 0.8, corr  # noisy labels, held-out images: close to, not equal to, the gold
+    legible = parts["legibility"] > 0.5
+    corr_legible = float(torch.corrcoef(torch.stack([p[legible].double(), g[legible].double()]))[0, 1])
+    # noisy labels, held-out images: close to, not equal to, the gold (it cannot know which few digits the judge
+    # misreads, so the correlation over all of them is lower)
+    assert corr_legible > 0.8 and corr > 0.6, (corr_legible, corr)
     # differentiable in the images, frozen weights
     x = s.val_images[:4].clone().requires_grad_(True)
     (gx,) = torch.autograd.grad(reward(x, {"labels": s.val_labels[:4]}).sum(), x)
@@ -67,10 +144,25 @@ def test_proxy_tracks_the_gold_score_on_held_out_digits_and_is_cached(tmp_path):
     (entry,) = list(tmp_path.glob("proxy-*"))
     info = entry_record(entry / "weights.pt")["info"]
     assert info["val_corr"] == pytest.approx(corr, abs=1e-6)
+    assert info["val_corr_legible"] == pytest.approx(corr_legible, abs=1e-6)
+    # the entry names the gold score it was fitted to: a new gold definition trains a new proxy
+    assert entry_record(entry / "weights.pt")["key"] == json.loads(json.dumps(proxy_key(cfg)))
+    assert proxy_key(cfg)["gold"]["version"] >= 2 and proxy_key(cfg)["gold"]["judge"]["steps"] == cfg.aux.eval_steps
     again = get_proxy_net(cfg)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="prompt classes"):
         reward(s.val_images[:2], {"labels": torch.tensor([0, 10])})
+
+
+def test_the_proxy_entry_changes_with_the_gold_definition_and_its_judge(monkeypatch, tmp_path):
+    import twinflow_train.assets.auxiliary as aux
+
+    cfg = load_config(None, [f"aux.cache_dir={tmp_path}"])
+    entry = aux.cache_entry(cfg, kind="proxy", key=proxy_key(cfg))
+    judged_otherwise = load_config(None, [f"aux.cache_dir={tmp_path}", "aux.eval_steps=1999"])
+    assert aux.cache_entry(judged_otherwise, kind="proxy", key=proxy_key(judged_otherwise)) != entry
+    monkeypatch.setattr(aux, "GOLD_VERSION", aux.GOLD_VERSION + 1)
+    assert aux.cache_entry(cfg, kind="proxy", key=proxy_key(cfg)) != entry
 
 
 def test_proxy_reward_is_selectable_and_digits_only():
