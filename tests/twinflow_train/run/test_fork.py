@@ -32,16 +32,21 @@ K = 5
 a checkpoint falls on it, and the log window of the record at 6 crosses it (log_every 3: steps 4, 5 | 6),
 with its largest norm before the fork: a window not carried over would change that record."""
 RL = ["rl.enabled=true", "rl.reward=digits", "rl.weight=5.0"]
+SPIKE = ["schedule.spike.enabled=true", "schedule.spike.window=5", "schedule.spike.k=0.5", "schedule.spike.cooldown=1"]
+"""A spike rule touchy enough to fire in a few steps."""
 ARMS = {
     "base": [],
     "hard": RL + ["rl.schedule=hard", f"rl.warmup={K + 1}"],
     "sigmoid": RL + ["rl.schedule=sigmoid", "rl.center=10", "rl.width=2", f"rl.start={K + 1}"],
     "clip": RL + ["rl.schedule=sigmoid", "rl.center=10", "rl.width=2", f"rl.start={K + 1}", "rl.clip=param",
                   "rl.clip_norm=0.01"],
+    "spike": SPIKE,
+    "spike_hard": SPIKE + RL + ["rl.schedule=hard", f"rl.warmup={K + 1}"],
 }
-FORKS = [("base", "hard"), ("base", "sigmoid"), ("sigmoid", "clip")]
+FORKS = [("base", "hard"), ("base", "sigmoid"), ("sigmoid", "clip"), ("spike", "spike_hard")]
 """(parent, child): the hard switch and the cut sigmoid from their no-RL ancestor; param clipping from its
-unclipped sigmoid parent (a clip norm that binds once the RL term acts)."""
+unclipped sigmoid parent (a clip norm that binds once the RL term acts); a hard switch under decay-on-spike
+(a host read per step, no gating; the spike window and the decayed scale travel in the policy state)."""
 
 
 def _over(tiny_overrides: list[str], arm: str) -> list[str]:
@@ -246,6 +251,10 @@ def test_forked_child_equals_child_from_scratch(runs, tiny_overrides, tmp_path, 
     forked = tmp_path / child
     assert fit(cfg, forked, progress=False, fork=ForkRequest(parent=runs[parent], step=K)) == EXIT_DONE
     assert_same_run(runs[child], forked, step=K)
+    if parent == "spike":  # the parent's window of norms, full at the fork, decides the child's spikes after it
+        at_fork = torch.load(fork_checkpoint(runs[parent], K) / "state.pt", weights_only=False)["state"]
+        assert len(at_fork["policy"]["window"]) == 5
+        assert _state(forked)["state"]["counters"]["spikes"] > 0 and _state(forked)["state"]["policy"]["scale"] < 1
     origin = fork_origin(forked)
     assert origin["step"] == K and origin["parent_dir"] == Path(os.path.normpath(runs[parent]))
     assert origin["parent"] == os.path.relpath(runs[parent], forked)
