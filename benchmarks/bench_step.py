@@ -17,6 +17,11 @@ processes on the machine, unlike wall time, also given) and the ratio base / new
 agreement: the ``loss/total`` of every timed step of the first repetition, compared
 step by step (max absolute and relative difference).
 
+The machine is described in the summary (CPU model, whether it has AMX and AVX-512 bf16,
+which decide what bf16 products cost) and the load is recorded around every repetition
+(``os.getloadavg``: on a shared machine the CPU-second ratio is the figure, and the load
+says how much to trust it).
+
 The floor (first repetition of each version): every matrix product one step issues
 (``aten.addmm``/``mm``/``bmm``, recorded with their shapes and layouts by a dispatch mode
 over one more step), replayed back to back on random data of the same shapes and timed
@@ -26,6 +31,7 @@ removal of overhead could reach without less arithmetic.
 
     python benchmarks/bench_step.py [--base 26d7949] [--steps 200] [--reps 3] [--threads 1] [--no-floor]
         [--new-override parallel.fsdp=never --new-override parallel.mixed_precision=bf16]
+        [--override parallel.fsdp=never --override parallel.mixed_precision=bf16]   # both versions in bf16
 
 The teacher must be cached for the config (``twinflow-train teacher --config ...``);
 both versions are pointed at that one weights file (``teacher.checkpoint``), so a changed
@@ -174,6 +180,18 @@ def teacher_weights(config: Path, overrides: list[str]) -> Path:
     return path
 
 
+def machine() -> dict:
+    """The CPU model, its bf16-relevant flags and the core count (Linux ``/proc/cpuinfo``)."""
+    info = {"cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return info | {"cpu": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def run_worker(tree: Path, args: argparse.Namespace, overrides: list[str], *, floor: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", str(args.config),
@@ -215,11 +233,14 @@ def main() -> None:
             order = ["base", "new"] if rep % 2 == 0 else ["new", "base"]
             for name in order:
                 over = overrides + (args.new_override if name == "new" else [])
+                load0 = os.getloadavg()[0]
                 results[name].append(run_worker(trees[name], args, over, floor=args.floor and rep == 0))
                 r = results[name][-1]
+                r["load"] = [load0, os.getloadavg()[0]]
                 floor = f", matrix products alone {1e3 * r['floor_s_per_step']:.1f} ms" if "floor_s_per_step" in r else ""
                 print(f"rep {rep + 1} {name:4s}: {1e3 * r['cpu_s_per_step']:.1f} ms CPU/step "
-                      f"({1e3 * r['wall_s_per_step']:.1f} ms wall{floor})", flush=True)
+                      f"({1e3 * r['wall_s_per_step']:.1f} ms wall{floor}; load average {load0:.1f} -> "
+                      f"{r['load'][1]:.1f})", flush=True)
     cpu = {k: statistics.median(r["cpu_s_per_step"] for r in v) for k, v in results.items()}
     wall = {k: statistics.median(r["wall_s_per_step"] for r in v) for k, v in results.items()}
     a, b = results["base"][0]["losses"], results["new"][0]["losses"]
@@ -227,7 +248,10 @@ def main() -> None:
     rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b)]
     first_steps = min(20, len(diffs))
     summary = {
-        "base": args.base, "config": str(args.config), "new_overrides": args.new_override, "steps": args.steps,
+        "base": args.base, "config": str(args.config), "overrides": args.override,
+        "new_overrides": args.new_override, "steps": args.steps, "machine": machine(),
+        "load_average": {k: [round(x, 2) for r in v for x in r["load"]] for k, v in results.items()},
+        "cpu_ms_per_rep": {k: [round(1e3 * r["cpu_s_per_step"], 2) for r in v] for k, v in results.items()},
         "warmup": args.warmup, "reps": args.reps,
         "threads": args.threads, "cpu_ms_per_step": {k: 1e3 * v for k, v in cpu.items()},
         "wall_ms_per_step": {k: 1e3 * v for k, v in wall.items()},

@@ -234,9 +234,13 @@ def grid_plan(args: argparse.Namespace) -> int:
         for arm, p in plans.items():
             print(f"== {grid.name} / {arm}\n{p.table()}\n")
         width = max(len(a) for a in plans)
-        print(f"{'arm':<{width}}  {'GiB/rank':>9}  {'budget':>7}  fits")
+        print(f"{'arm':<{width}}  {'GiB/rank':>9}  {'budget':>7}  {'binding phase':<14}  fits")
         for arm, p in plans.items():
-            print(f"{arm:<{width}}  {p.total / 2**30:>9.1f}  {p.budget / 2**30:>7.1f}  {'yes' if p.fits else 'NO'}")
+            print(f"{arm:<{width}}  {p.total / 2**30:>9.1f}  {p.budget / 2**30:>7.1f}  "
+                  f"{p.binding.replace(' ', '-'):<14}  {'yes' if p.fits else 'NO'}")
+        print()
+        for line in plan_lines(grid):  # what the grid computes, and what its forks save
+            print(line)
     return 0 if all(p.fits for p in plans.values()) else 3
 
 

@@ -8,6 +8,8 @@ Four functions with stable signatures (the reports package imports them):
     (int), ``run_dir`` (str), ``kind`` (``train`` | ``val`` | ``teacher``), ``step``
     (int), then every metric key of the records (float; NaN where a record lacks
     the key, and where the trainer logged a non-finite value it stays non-finite).
+    A forked run's first steps are its parent's records (``rundir.read_run_metrics``),
+    flagged 1.0 in the column ``fork/shared``.
     Sorted by arm, seed, step, kind. Cached in ``<grid>/.harness/metrics.parquet``; the
     cache holds the size and mtime of every metrics.jsonl it was built from and is
     rebuilt when any of them changes (or a run appears or disappears).
@@ -23,7 +25,8 @@ Four functions with stable signatures (the reports package imports them):
     ``interrupted``; ``step`` and ``wall_s`` (the last ``time/wall_s``, summed over resumes)
     come from the end of metrics.jsonl, read from the end of the file. ``problem`` names a
     file of the run that could not be read (status.json, harness.json, a bad metrics line
-    in the part read); such a run is still listed.
+    in the part read); such a run is still listed. ``fork``: for a forked run, whose first steps
+    it shares ("renoise/seed-0 after step 599"), else None.
 
 ``grid_manifest(grid_dir) -> dict | None``
     What the harness wrote about the grid as a whole (``<grid>/.harness/grid.json``): ``kind``
@@ -48,19 +51,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from twinflow_train.rundir import atomic_path, read_metrics, record_kind, tail_metrics
+from twinflow_train.rundir import (FORK_FROM, RunDirError, atomic_path, fork_origin, read_run_metrics, record_kind,
+                                   tail_metrics)
 
-from .store import (HARNESS_FILE, METRICS_FILE, RunDirError, iter_run_dirs, read_grid_manifest, read_json,
-                    read_status)
+from .store import HARNESS_FILE, METRICS_FILE, iter_run_dirs, read_grid_manifest, read_json, read_status
 
 ID_COLUMNS = ["grid", "arm", "seed", "run_dir", "kind", "step"]
 STATUS_COLUMNS = ["arm", "seed", "state", "reason", "step", "wall_s", "run_dir", "attempts", "identity", "created",
-                  "problem"]
+                  "problem", "fork"]
+SHARED_COLUMN = "fork/shared"
+"""1.0 on the records a forked run shares with its parent (read from the parent's own file), NaN on its own."""
 SUMMARY_COLUMNS = ["grid", "arm", "seed", "run_dir", "first_nonfinite_step", "n_spikes", "max_grad_norm",
                    "val_rise_step", "val_rise_k"]
 CACHE_NAME = "metrics.parquet"
 _MANIFEST_KEY = b"twinflow_lab.manifest"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: forked runs read their parents' records
 
 
 def _grid_name(grid_dir: Path) -> str:
@@ -82,7 +87,8 @@ def _build(grid_dir: Path, *, strict: bool) -> tuple[pd.DataFrame, dict[str, str
     rows: list[dict[str, Any]] = []
     problems: dict[str, str] = {}
     for arm, seed, run_dir in iter_run_dirs(grid_dir):
-        read = read_metrics(run_dir / METRICS_FILE, strict=strict)
+        # a forked run's first steps are its parent's own records (rundir.read_run_metrics), never copies
+        read = read_run_metrics(run_dir, strict=strict)
         if read.problem:
             problems[str(run_dir)] = read.problem
         for rec in read.records:
@@ -93,6 +99,9 @@ def _build(grid_dir: Path, *, strict: bool) -> tuple[pd.DataFrame, dict[str, str
                    "step": int(rec["step"])}
             for k, v in rec.items():
                 if k in ("kind", "step"):
+                    continue
+                if k == FORK_FROM:  # the path of the run whose file holds it: a flag in the table
+                    row[SHARED_COLUMN] = 1.0
                     continue
                 row[k] = v
             rows.append(row)
@@ -188,7 +197,15 @@ def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
         # the newest record carries the latest wall clock (a val record follows the train record of its step)
         newest = max((r for r in (train, val) if r), key=lambda r: (int(r["step"]), r is val), default={})
         wall = newest.get("time/wall_s")
+        try:
+            origin = fork_origin(run_dir)
+        except RunDirError as e:
+            origin = None
+            problems.append(str(e))
+        fork = None if origin is None else (f"{Path(origin['parent_dir']).parent.name}/"
+                                            f"{Path(origin['parent_dir']).name} after step {origin['step']}")
         rows.append({"arm": arm, "seed": seed, "state": state, "reason": status.get("reason"), "step": step,
+                     "fork": fork,
                      "wall_s": float(wall) if isinstance(wall, (int, float)) else float("nan"),
                      "run_dir": str(run_dir), "attempts": len(record.get("attempts", [])),
                      "identity": record.get("identity"), "created": float(record.get("created") or "nan"),

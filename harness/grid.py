@@ -293,6 +293,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
     """A sequential grid (``harness.sequential``): run a wave, look at every open claim, give the next wave's
     seeds to the arms of the claims still open; resume from the recorded looks."""
     from .collect import collect_grid, run_statuses
+    from .inference import ALPHA
     from .sequential import look_json, open_tests_text, read_record, resume_state, write_record
     from .verdicts import sequential_look
 
@@ -325,7 +326,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
             p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
         metrics, statuses = tables()
         judgement = sequential_look(grid.claims, metrics, statuses, targets=wave.targets, seeds=plan.seeds,
-                                    previous=judgement, alpha=judgement.alpha if judgement else 0.05,
+                                    previous=judgement, alpha=ALPHA,
                                     spending=plan.spending, n_max=plan.max)
         looks.append(look_json(wave.number, wave.targets, judgement))
         write_record(grid.grid_dir, plan=plan, claims=grid.claims, looks=looks)
@@ -409,6 +410,9 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                 if outcome == "failed" and a.record.failures <= retries:
                     queue.append(a.spec)
                     display.event(f"{a.spec.key} will be retried ({a.record.failures}/{retries})")
+                elif outcome == "preempted":  # stopped on a signal at a checkpoint: no failed attempt
+                    queue.append(a.spec)
+                    display.event(f"{a.spec.key} resumes from its checkpoint")
                 else:
                     result.outcomes[a.spec.key] = outcome
             active = still

@@ -223,21 +223,57 @@ class TorchrunLauncher(LocalLauncher):
                 f"{self.threads} thread(s) per process")
 
 
-def run_command(command: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
-    """Body of a submitit job: run the trainer, its output appended to ``log_path``; returns the exit code."""
-    with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env))
+SLURM_SIGNAL_DELAY_S = 180
+"""``--signal=USR2@<s>``: Slurm signals a job this long before its time limit, so the trainer stops at a checkpoint
+(``run.preempt_grace_s``, 120 s by default, must fit in it) and submitit requeues the job."""
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
-        def forward(signum: int, _frame: Any) -> None:
-            # Slurm (and the local executor's cancel) signal this wrapper; the trainer must hear it too
-            proc.send_signal(signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            signal.signal(sig, forward)
-        return proc.wait()
+class TrainerJob:
+    """Body of a submitit job: run the trainer, its output appended to ``log_path``; returns the exit code.
+
+    A signal to the job (Slurm's preemption SIGTERM, the ``--signal`` USR2 before the time limit, the local
+    executor's cancel) is passed on to the trainer's process group as SIGTERM (SIGINT stays SIGINT), which
+    stops at a checkpoint (``twinflow_train.run.preempt``); a torchrun agent passes it to its workers. When
+    the trainer has stopped, the handler submitit had for that signal runs: for USR2 it calls ``checkpoint``
+    and requeues the job (submitit's checkpointing), and the requeued job resumes the run from its checkpoint.
+    """
+
+    def __call__(self, command: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(command)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(env), start_new_session=True)
+            received: list[int] = []
+
+            def forward(signum: int, _frame: Any) -> None:
+                received.append(signum)
+                try:
+                    os.killpg(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+            previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+            try:
+                rc = proc.wait()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if received and rc != 0:
+                handler = previous.get(received[0])
+                if callable(handler):  # submitit's own: on its preemption signal, checkpoint() and requeue
+                    handler(received[0], None)
+            return rc
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's checkpointing: the requeued job is the same call (the trainer resumes by itself)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+run_command = TrainerJob()
 
 
 class SubmititHandle(Handle):
@@ -299,6 +335,8 @@ class SlurmLauncher(Launcher):
         params: dict[str, Any] = {"timeout_min": 24 * 60, "nodes": 1, "tasks_per_node": 1,
                                   "name": "twinflow-lab"}
         params[f"{cluster}_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        if cluster == "slurm":
+            params["slurm_signal_delay_s"] = SLURM_SIGNAL_DELAY_S
         params.update(parameters or {})
         self.executor.update_parameters(**params)
 

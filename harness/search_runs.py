@@ -10,8 +10,9 @@ reports read a study directory like any grid.
 
 While the runs are alive their ``metrics.jsonl`` is read incrementally: validation
 records feed the pruner (the mean over seeds at each evaluation step), training
-records are checked for divergence (non-finite values, grad-norm or spike
-thresholds). A trial stopped early has its runs' process groups terminated (the local
+records are checked for divergence (non-finite values, the spike threshold); a
+pre-clip grad norm that stays above its bound is the trainer's own divergence rule
+(``twinflow_train/run/divergence.py``), which ends the run as ``diverged``. A trial stopped early has its runs' process groups terminated (the local
 launchers start every run as the leader of its own session).
 """
 
@@ -215,6 +216,10 @@ class TrialExecutor:
             r.outcome = finish_run(r.active, rc)
             r.reason = r.active.attempt.reason
             r.active = None
+            if r.outcome == "preempted" and not self.stop.is_set():
+                # stopped on a signal at a checkpoint: not a failure; it resumes from there at once
+                r.outcome, r.active = None, start_run(r.spec, self.launcher, run_env=self.run_env)
+                self.emit(f"{r.spec.key} preempted; resumes from step {r.active.attempt.start_step}")
 
     def _train_divergence(self, rec: Mapping[str, Any]) -> str | None:
         div, step = self.spec.divergence, rec.get("step")
@@ -225,10 +230,8 @@ class TrialExecutor:
             if bad or (_finite(count) and count > 0) or (_finite(event) and event > 0):
                 what = ", ".join(f"{k} = {rec[k]}" for k in bad) or f"count/nonfinite = {count}"
                 return f"non-finite training values at step {step} ({what})"
-        if div.max_grad_norm is not None:
-            norms = [float(rec[k]) for k in ("grad_norm/max", "grad_norm/total") if _finite(rec.get(k))]
-            if norms and max(norms) > div.max_grad_norm:
-                return f"pre-clip grad norm {max(norms):.4g} > {div.max_grad_norm:g} at step {step}"
+        # grad-norm divergence is the trainer's own rule (run.diverge_grad_norm / run.diverge_steps, which the
+        # spec's divergence.max_grad_norm / grad_norm_steps set): the run ends as diverged and _diverging sees it
         if div.max_spikes is not None and _finite(rec.get("count/spikes")) and rec["count/spikes"] > div.max_spikes:
             return f"{int(rec['count/spikes'])} grad-norm spikes > {div.max_spikes} by step {step}"
         return None

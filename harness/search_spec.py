@@ -160,15 +160,27 @@ class PrunerSpec:
         return optuna.pruners.NopPruner()
 
 
+DIVERGENCE_KEYS = {"max_grad_norm": "run.diverge_grad_norm", "grad_norm_steps": "run.diverge_steps"}
+"""The trainer keys the grad-norm part of ``divergence`` sets in every trial's config."""
+
+
 @dataclass(frozen=True)
 class DivergenceSpec:
     nonfinite: bool = True
     """A non-finite loss, grad norm or objective value (or any skipped non-finite step) marks the trial diverging."""
     max_grad_norm: float | None = checked(None, check=lambda v: None if v > 0 else
                                           f"expected a number > 0 or null, got {v!r}")
-    """Pre-clip global grad norm above this marks the trial diverging (None: off)."""
+    """The trainer's divergence rule, one for the search and every run: sets ``run.diverge_grad_norm`` in each
+    trial's config (a pre-clip global grad norm above it for ``grad_norm_steps`` consecutive steps ends the run as
+    diverged and prunes the trial). None: the base config's own ``run.diverge_grad_norm`` (1000 by default)."""
+    grad_norm_steps: int | None = checked(None, check=at_least(1))
+    """Sets ``run.diverge_steps`` in each trial's config (None: the base config's own, 10 by default)."""
     max_spikes: int | None = checked(None, check=at_least(0))
     """More grad-norm spikes than this (the trainer's ``count/spikes``) marks the trial diverging (None: off)."""
+
+    def trainer_overrides(self) -> dict[str, Any]:
+        """The trainer config keys of the grad-norm rule that this spec sets (dotted keys)."""
+        return {key: getattr(self, name) for name, key in DIVERGENCE_KEYS.items() if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -564,7 +576,12 @@ def load_search_spec(path: str | Path) -> SearchSpec:
         raise SearchSpecError(problems or [f"{file}: the base config cannot be resolved"])
 
     # everything below resolves trainer configs: the trainer's own validation names the key
-    overrides = {**arm_over, **spec_over}
+    rule = f.divergence.trainer_overrides()
+    for name, key in DIVERGENCE_KEYS.items():
+        if key in rule and (key in spec_over or key in by_name):
+            problems.append(f"{file}: divergence.{name} sets the trainer's {key}, which "
+                            f"{'overrides' if key in spec_over else 'parameters'} also set; give it in one place")
+    overrides = {**arm_over, **spec_over, **rule}
     try:
         base_cfg = load_config(base_path, nested(overrides))
     except ConfigError as e:

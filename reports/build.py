@@ -159,6 +159,8 @@ def runs_display(runs: pd.DataFrame, primary_nfe: int | None, divergence: pd.Dat
         "reason": runs["reason"].fillna("").astype(str).to_numpy(),
         "last step": [fmt_int(v) for v in runs["last_step"]],
     })
+    if "fork" in runs.columns and runs["fork"].notna().any():
+        out["first steps shared with"] = runs["fork"].fillna("—").astype(str).to_numpy()
     for key, label, f in (("best_val_loss", "best val loss", fmt_num), ("best_val_step", "step of best", fmt_int),
                           ("final_val_loss", "final val loss", fmt_num),
                           (f"fd_nfe{primary_nfe}", f"FD@{primary_nfe}", fmt_num),

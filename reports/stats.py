@@ -65,6 +65,8 @@ def run_table(data: GridData) -> pd.DataFrame:
     out = pd.DataFrame(index=runs).sort_index()
     out["state"] = st["state"].reindex(out.index).fillna("unknown")
     out["reason"] = st["reason"].reindex(out.index)
+    if "fork" in st.columns:  # a forked run: whose records its first steps are (harness.collect.run_statuses)
+        out["fork"] = st["fork"].reindex(out.index)
 
     train = m[m["kind"] == "train"]
     out["last_step"] = _by_run(train)["step"].max().reindex(out.index)

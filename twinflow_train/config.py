@@ -96,12 +96,22 @@ class RunConfig:
     """On a non-finite loss agreed across ranks: skip the update and count it, or stop the run as diverged."""
     max_nonfinite: int = 20
     """Under ``skip``: this many non-finite steps in a row mark the run diverged."""
+    diverge_grad_norm: float | None = 1000.0
+    """Divergence rule (``run/divergence.py``): a pre-clip global grad norm above this for ``diverge_steps``
+    consecutive steps ends the run as diverged, finite values or not (healthy digits runs peak near 2; None: off)."""
+    diverge_steps: int = 10
+    """Consecutive steps above ``diverge_grad_norm`` that end the run."""
     max_train_s: float = 0.0
     """Stop after this many seconds of training steps (validation excluded) as if ``steps`` were reached; 0: off."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; ``auto`` takes CUDA when present."""
+    preempt_grace_s: float = 120.0
+    """On SIGTERM, SIGUSR1 or SIGUSR2: seconds to finish the step in flight and write its checkpoint before
+    exiting at once anyway (``run.preempt``); keep it below the time a scheduler waits before SIGKILL."""
+    preempt_check_every: int = 1
+    """With several ranks, agree on a stop (one all-reduce of a flag) every this many steps."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
@@ -109,9 +119,14 @@ class RunConfig:
         _require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
         _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
         _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
+        _require(self.diverge_grad_norm is None or self.diverge_grad_norm > 0,
+                 f"diverge_grad_norm must be > 0 or null (got {self.diverge_grad_norm})")
+        _require(self.diverge_steps >= 1, f"diverge_steps must be >= 1 (got {self.diverge_steps})")
         # more threads than any node has cores is a typo that torch would try to honour
         _require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
         _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
+        _require(self.preempt_grace_s > 0, f"preempt_grace_s must be > 0 (got {self.preempt_grace_s})")
+        _require(self.preempt_check_every >= 1, f"preempt_check_every must be >= 1 (got {self.preempt_check_every})")
 
 
 @section
@@ -387,6 +402,10 @@ class RlConfig:
     """Latent gradient: autograd through the decoder, or the report's re-encode projection."""
     reencode_step: float = 1.0
     """Pixel step of the re-encode estimator (separate from the loss weight)."""
+    decoder_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Decoder precision of the exact estimator's backward (Qwen-Image codec): ``fp32`` is the exact
+    gradient (a checkpointed, cache-free decode, bitwise the plain decode's); ``bf16`` decodes with a bf16
+    copy of the decoder, an approximation that halves most of its activation memory."""
     normalize: Literal["none", "rms"] = "none"
     """Per-sample normalisation of the latent reward gradient: ``none`` (fades as the reward saturates) or
     ``rms`` (unit RMS per row: full push at any saturation, never fades; the training report's setting)."""
@@ -412,6 +431,10 @@ class RlConfig:
     """RL-term clipping: none, parameter space (own max norm), or output space (relative to the rectify signal)."""
     clip_norm: float = 1.0
     """Parameter-space max norm of the RL gradient."""
+    grad_stash: Literal["device", "host"] = "device"
+    """Where a split step (log steps; ``clip: param`` with ``data.grad_accum`` > 1) keeps the RL term's
+    gradient during the TwinFlow backward: a second sharded fp32 gradient set on the ``device``, or in
+    ``host`` memory (same values; one device-host round trip of a gradient set per split step)."""
     clip_tau: float = 1.0
     """Output-space bound per row: RMS of the RL term's gradient on the generator output <= tau * RMS of the
     rectification term's gradient on it."""
@@ -422,6 +445,8 @@ class RlConfig:
                  "hpsv2_checkpoint must be set to the local HPS v2/v2.1 checkpoint file when reward is 'hpsv2'")
         _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
         _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
+        _require(self.decoder_dtype == "fp32" or self.estimator == "exact",
+                 f"decoder_dtype {self.decoder_dtype!r} applies to estimator 'exact' only (got {self.estimator!r})")
         _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
         _require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
         _require(self.width > 0, f"width must be > 0 (got {self.width})")

@@ -81,6 +81,10 @@ OBJ = "objective: {metric: val/fd_nfe1, direction: minimize}\n"
      "objective, key 'record': expected a list of metrics.jsonl keys"),
     (RL + "objective: {metric: val/fd_nfe1, direction: minimize, record: [val/fd_nfe1]}",
      "objective, key 'record': ['val/fd_nfe1'] is already an objective"),
+    ("overrides: {rl.enabled: true, rl.reward: digits, run.diverge_steps: 3}\n" + OBJ +
+     "divergence: {grad_norm_steps: 5}",
+     "divergence.grad_norm_steps sets the trainer's run.diverge_steps, which overrides also set"),
+    (RL + OBJ + "divergence: {grad_norm_steps: 0}", "grad_norm_steps"),
 ])
 def test_bad_spec_fails_before_anything_is_written(tmp_path, capsys, body, expected):
     path = _spec(tmp_path, body)
@@ -111,6 +115,16 @@ def test_every_problem_is_reported_at_once_and_the_module_runs_as_a_command(tmp_
                   "key 'reduce': unknown value 'median'", "key 'trials': expected an integer >= 1"):
         assert piece in proc.stderr, (piece, proc.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_search_prunes_on_the_trainers_divergence_rule(tmp_path):
+    """divergence.max_grad_norm / grad_norm_steps are the trainer's run.diverge_grad_norm / diverge_steps in every
+    trial's config (one rule, applied by the trainer); left out, the base config's own rule (on by default) holds."""
+    path = _spec(tmp_path, RL + OBJ + "divergence: {max_grad_norm: 50.0, grad_norm_steps: 4}\n")
+    cfg = load_search_spec(path).config({"rl.weight": 0.1})
+    assert (cfg.run.diverge_grad_norm, cfg.run.diverge_steps) == (50.0, 4)
+    default = load_search_spec(_spec(tmp_path, RL + OBJ, name="d")).config({"rl.weight": 0.1})
+    assert (default.run.diverge_grad_norm, default.run.diverge_steps) == (1000.0, 10)
 
 
 def test_example_spec_and_matrix_arm_base_load():
@@ -177,8 +191,9 @@ def test_stale_rules(tmp_path):
 # Reads the launch config like the trainer and writes the run-directory contract:
 # FD = |log10 w| + 1 + 0.1*seed + 1/step (so lower w-distance to 1 is better, seeds differ),
 # reward = proxy = log10 w, gold = r - r^2 (+ 0.01*seed: over-optimised beyond w = 10^0.5),
-# pre-clip grad norm = w; w >= 1e3 crashes at step 3. It also starts a grandchild that only a
-# process-group stop ends.
+# pre-clip grad norm = w, fed to the trainer's own divergence rule (run.diverge_grad_norm / diverge_steps:
+# the run ends as diverged, exit 3, like the trainer); w >= 1e3 crashes at step 3. It also starts a grandchild
+# that only a process-group stop ends.
 STANDIN = """\
 import json, math, os, subprocess, sys, time
 from pathlib import Path
@@ -187,9 +202,11 @@ args = sys.argv[1:]
 cfg = yaml.safe_load(open(args[args.index("--config") + 1]))
 d = Path(args[args.index("--run-dir") + 1])
 from twinflow_train.rundir import write_status
+from twinflow_train.run.divergence import GradNormRule
 def status(state, reason=None, step=0):
     write_status(d, state, step=step, reason=reason)
 w, n, every, seed = cfg["rl"]["weight"], cfg["run"]["steps"], cfg["run"]["val_every"], cfg["run"]["seed"]
+rule = GradNormRule(bound=cfg["run"]["diverge_grad_norm"], steps=cfg["run"]["diverge_steps"])
 status("running")
 (d / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in ("STANDIN_MARK", "WANDB_RUN_ID")}))
 child = subprocess.Popen(["sleep", "120"])
@@ -203,6 +220,12 @@ with open(d / "metrics.jsonl", "a") as f:
             sys.exit(1)
         f.write(json.dumps({"step": step, "kind": "train", "loss/total": 1.0, "grad_norm/total": w,
                             "count/nonfinite": 0, "count/spikes": 0}) + "\\n")
+        why = rule.observe(step, w)
+        if why is not None:
+            f.flush()
+            status("diverged", why, step)
+            child.kill()
+            sys.exit(3)
         if step % every == 0 or step == n:
             fd = abs(math.log10(w)) + 1 + 0.1 * seed + 1.0 / step
             r = math.log10(w)
@@ -435,14 +458,15 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
         trials: 4
         workers: 2
         pruner: {{kind: median, n_startup_trials: 2}}
-        divergence: {{max_grad_norm: 1.0e4}}
+        divergence: {{max_grad_norm: 1.0e3, grad_norm_steps: 5}}
         """))
     root = tmp_path / "runs"
     study_dir = root / "rlw"
     spec = load_search_spec(path)
     # absurd weights, outside the searched range on purpose: a spec's enqueue refuses them, the Optuna API does not
     study = open_study(spec, storage_for(spec, root=root)[0])
-    study.enqueue_trial({"rl.weight": 1.0e6})   # clipped updates stay finite, the pre-clip grad norm explodes
+    # clipped updates stay finite, the pre-clip grad norm explodes (7e3-2e4 from step 1): the trainer's rule ends it
+    study.enqueue_trial({"rl.weight": 1.0e6})
     study.enqueue_trial({"rl.weight": 1.0e30})  # the loss overflows: the trainer stops the run as diverged
 
     def search(**kw):
@@ -456,8 +480,8 @@ def test_search_on_digits_parallel_resume_kill_and_best_config(tmp_path):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert sorted(n for n, _ in r1.told) == [0, 1, 2, 3]  # each told exactly once
     absurd = {t.params["rl.weight"]: t for t in trials if t.params["rl.weight"] >= 1e6}
-    # 1e6: the search's spike threshold fires; 1e30: the step is non-finite, which the search sees either in
-    # the logged record of that step or from the trainer's exit as diverged, whichever it reads first
+    # 1e6: the trainer's grad-norm rule fires (5 steps above 1000); 1e30: the step is non-finite, which the search
+    # sees either in the logged record of that step or from the trainer's exit as diverged, whichever it reads first
     for w, whys in ((1e6, ("pre-clip grad norm",)), (1e30, ("stopped the run as diverged", "non-finite training values"))):
         t = absurd[w]
         assert t.state == TrialState.PRUNED and t.user_attrs["diverged"]
@@ -552,7 +576,9 @@ def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tm
     trials = {t.params["rl.weight"]: t for t in search.study.get_trials(deepcopy=False)}
     div = trials[200.0]
     assert div.state == TrialState.PRUNED and div.values is None and div.user_attrs["diverged"]
-    assert "pre-clip grad norm 200 > 50" in div.user_attrs["prune_reason"]
+    # the trainer's rule (divergence.max_grad_norm sets run.diverge_grad_norm; 10 steps by default) ended the runs
+    assert "stopped the run as diverged (pre-clip grad norm above 50 for 10 consecutive steps (steps 1-10; last 200))" \
+        in div.user_attrs["prune_reason"], div.user_attrs["prune_reason"]
     for w in (1.0, 10.0, 0.01):  # gold: mean over seeds of each run's final value, read back from the files
         t = trials[w]
         finals = [[r for r in read_metrics(root / "mo" / t.user_attrs["run_group"] / f"seed-{k}" / "metrics.jsonl")

@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from twinflow_train.rundir import read_run_metrics
+
 from .test_qwen_fixtures import write_images, write_tiny_pipeline
 
 MATRIX = Path(__file__).resolve().parents[2] / "ablations" / "blog-qwen.yaml"
-STEPS = 3
+STEPS = 4
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 RL_ARMS = ("rl_hard", "rl_sigmoid", "rl_clip", "spike_decay")
 
@@ -57,7 +59,10 @@ def derived_matrix(root: Path, *, arms: tuple[str, ...] | None = None, rl_scorer
     """blog-qwen.yaml with only the tiny-run overrides added (and optionally fewer arms); written under root."""
     data = yaml.safe_load(MATRIX.read_text())
     data["base"] = str((MATRIX.parent / data["base"]).resolve())
-    data["vars"].update({"steps": STEPS, "rl_warmup": 1, "ramp_width": 1})
+    # the RL term switches on at step 3 (hard) and the cut sigmoid at step 2, inside the run: rl_hard forks from
+    # renoise after step 2, the sigmoid arms after step 1 (harness/forks.py)
+    data["vars"].update({"steps": STEPS, "rl_warmup": 3, "ramp_width": 0.25})
+    data["seeds"] = [0]  # one seed per arm: the ladder's runs, not its sequential plan (harness/sequential.py)
     data["overrides"].update(_tiny_overrides(root))
     if rl_scorer:
         for arm in RL_ARMS:
@@ -147,7 +152,8 @@ def test_the_ladder_runs_end_to_end_on_two_processes(ladder_root, tmp_path):
         run = grid_dir / arm / "seed-0"
         assert json.loads((run / "status.json").read_text())["state"] == "done"
         assert "--nproc_per_node=2" in (run / "logs" / "attempt-1.log").read_text().splitlines()[0]
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        # a forked run's first steps are its source's records (rundir.read_run_metrics reads both files)
+        records = read_run_metrics(run).records
         train = [r for r in records if r["kind"] == "train"]
         assert [r["step"] for r in train] == list(range(1, STEPS + 1))
         assert all(r["lr"] == 1e-4 for r in train)  # the ladder's constant LR
@@ -158,6 +164,9 @@ def test_the_ladder_runs_end_to_end_on_two_processes(ladder_root, tmp_path):
             assert "renoise/bias" in train[0]
         if arm in RL_ARMS:  # the reward term switched on within the steps
             assert any(r.get("rl/weight", 0) > 0 for r in train)
+        if arm in ("rl_hard", "rl_sigmoid", "rl_clip"):  # forked from renoise's DCP checkpoint under torchrun
+            fork = json.loads((run / "fork.json").read_text())
+            assert "fallback" not in fork and fork["step"] == (2 if arm == "rl_hard" else 1), fork
 
 
 def _qwen_cfg(model_dir: Path, teacher: str):

@@ -40,7 +40,7 @@ from ..models.codecs import (Codec, DigitsAutoencoder, IdentityCodec, fit_autoen
                              single_thread)
 from ..rundir import atomic_path, file_digest
 
-CacheKind = Literal["codec", "reward", "evalnet", "teacher", "proxy"]
+CacheKind = Literal["codec", "reward", "evalnet", "teacher", "proxy", "teachermetrics"]
 
 FORMAT_VERSIONS: dict[str, int] = {
     "codec": 1,
@@ -48,6 +48,7 @@ FORMAT_VERSIONS: dict[str, int] = {
     "evalnet": 2,  # 2: shift-only augmentation (1 also added pixel noise, which blunted FD to noisy samples)
     "teacher": 2,  # 2: fused AdamW, warm-up + cosine to 1% (teacher.warmup_steps), EMA cap teacher.ema_decay
     "proxy": 1,  # the gold score it is fitted to is in its key (gold_key, GOLD_VERSION)
+    "teachermetrics": 1,  # the teacher's step-0 metrics (evaluation/teacher_cache.py); its key holds the code's hash
 }
 """Per-kind format version, part of every entry's hash. Bump a kind's number when
 its architecture, training recipe or file layout changes in code (anything its
@@ -209,7 +210,8 @@ def train_or_load(path: str | Path, *, build: Callable[[], nn.Module],
 
     path = train_or_load_file(path, make, key=key)
     module = build()
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from ..distributed.safeload import load_data
+    module.load_state_dict(load_data(path))  # data only: a cache entry that would run code is refused
     return module
 
 

@@ -500,25 +500,35 @@ class ShardedCopies:
 
 
 def build_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device | str,
-                         latent_shape: tuple[int, int, int], with_ema: bool) -> ShardedCopies:
+                         latent_shape: tuple[int, int, int], with_ema: bool,
+                         base_in_compute_dtype: bool = True) -> ShardedCopies:
     """Student, frozen base and EMA target, each built on the meta device, sharded, then materialised from
     ``model.qwen.pretrained``: every rank reads only its slices of each tensor from the memory-mapped
     safetensors, so host memory per rank is O(params / world) per copy and no full copy of the base model
-    ever exists on a host (a 20B model is 80 GB in fp32; three host copies per rank would not fit)."""
+    ever exists on a host (a 20B model is 80 GB in fp32; three host copies per rank would not fit).
+
+    Under ``parallel.mixed_precision: bf16`` the frozen base stores its shards in bf16
+    (``base_in_compute_dtype``, default): FSDP2 would round its fp32 shards to bf16 before every all-gather
+    anyway, and the weights are loaded (rounded) once instead, so its outputs are bit-identical at half the
+    memory. The EMA target stays fp32 (the EMA update accumulates into it), as does the student."""
     pretrained = cfg.model.qwen.pretrained
     if pretrained is None:
         raise ValueError("build_sharded_copies needs model.qwen.pretrained (the weights to materialise from)")
 
-    def one(*, frozen: bool) -> QwenImageFlowModel:
+    def one(*, frozen: bool, dtype: torch.dtype | None = None) -> QwenImageFlowModel:
         model = build_qwen_image(cfg, latent_shape=latent_shape, device="meta")
         if frozen:
             model.requires_grad_(False)
+        if dtype is not None:
+            for p in model.parameters():  # parameters only: the adapter's data (null prompt, RoPE) stays as built
+                p.data = p.data.to(dtype)
         model = parallelize_qwen_image(model, mesh, cfg.parallel, frozen=frozen)
         model = materialize_qwen_image(model, device=device, pretrained=pretrained, tt_init=cfg.model.tt_init,
                                        seed=cfg.run.seed)
         return model.eval() if frozen else model
 
-    teacher = one(frozen=True)
+    bf16_base = base_in_compute_dtype and cfg.parallel.mixed_precision == "bf16"
+    teacher = one(frozen=True, dtype=torch.bfloat16 if bf16_base else None)
     student = one(frozen=False)
     return ShardedCopies(student=student, teacher=teacher, ema=one(frozen=True) if with_ema else None)
 

@@ -7,7 +7,10 @@ VAE: images travel as one-frame clips ``[B, C, 1, H, W]`` inside this class only
 
 Both directions are differentiable (no ``no_grad`` inside): the exact RL gradient
 flows from a reward on pixels back through ``decode``. diffusers clamps decoded pixels
-to [-1, 1], so saturated pixels pass no gradient.
+to [-1, 1], so saturated pixels pass no gradient. ``grad_decode`` is the same function for the exact
+reward gradient, run without the causal cache and with every decoder block checkpointed
+(``models/qwen_decode.py``: bitwise the same gradient, a fraction of the memory), optionally with a
+bf16 copy of the decoder (an approximation, ``rl.decoder_dtype``).
 """
 
 from __future__ import annotations
@@ -96,6 +99,35 @@ class QwenVAECodec(nn.Module):
         dtype = next(self.vae.parameters()).dtype
         z = latents.float() * self.latents_std + self.latents_mean
         return self.vae.decode(z.to(dtype).unsqueeze(2)).sample[:, :, 0].float()
+
+    def grad_decode(self, latents: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``decode`` for a backward to the latents: single frame, no ``feat_cache``, each decoder block under
+        ``torch.utils.checkpoint``. ``dtype`` float32 is exactly ``decode``'s function and gradient for an fp32
+        VAE; bfloat16 runs a bf16 copy of ``post_quant_conv`` and the decoder (made once per device; an
+        approximation of the fp32 gradient). fp32 pixels out."""
+        from .qwen_decode import decode_single_frame
+
+        if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be [B, {self.latent_channels}, h, w] (got {tuple(latents.shape)})")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"grad_decode dtype must be torch.float32 or torch.bfloat16 (got {dtype})")
+        z = latents.float() * self.latents_std + self.latents_mean
+        vae = self.vae
+        if dtype != next(vae.decoder.parameters()).dtype:
+            vae = self._decoder_copy(dtype, z.device)
+        return decode_single_frame(vae, z.to(dtype).unsqueeze(2))[:, :, 0].float()
+
+    def _decoder_copy(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        import copy
+
+        key = (dtype, device)
+        cache = self.__dict__.setdefault("_decoder_copies", {})  # not a submodule: no state_dict entries
+        if key not in cache:
+            holder = nn.Module()
+            holder.post_quant_conv = copy.deepcopy(self.vae.post_quant_conv)
+            holder.decoder = copy.deepcopy(self.vae.decoder)
+            cache[key] = holder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cache[key]
 
     def config_fingerprint(self) -> dict:
         """What must agree between the VAE that encoded shards and the one decoding them."""

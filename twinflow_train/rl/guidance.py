@@ -20,7 +20,10 @@ the trainer multiplies by ``w_rl(k)``.
 
 Latent gradient estimators (``rl.estimator``):
 
-- ``exact``: ``g = dR(D(x))/dx`` by autograd through the codec's decoder and the reward.
+- ``exact``: ``g = dR(D(x))/dx`` by autograd through the codec's decoder and the reward. A codec
+  with a ``grad_decode`` (the Qwen-Image VAE) decodes through it: the same function and gradient,
+  checkpointed per decoder block (``models/qwen_decode.py``); ``rl.decoder_dtype: bf16`` runs that
+  decode with a bf16 decoder, an approximation. The small codecs decode with ``decode`` and accept fp32 only.
 - ``reencode``: the training report's projection, done right: in fp32,
   ``g = (E(D(x) + s * g_pix) - E(D(x))) / s`` with ``g_pix = dR/dpixels`` at
   ``D(x)`` and ``s = rl.reencode_step``. Subtracting ``E(D(x))`` (not ``x``)
@@ -63,6 +66,7 @@ computed, without a gradient, for telemetry. ``run/fork.py`` relies on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -72,7 +76,7 @@ from ..models.base import Cond
 from .rewards import RewardModel
 from .schedule import rl_weight
 
-__all__ = ["Codec", "RlTerm", "RewardGuidance", "rl_weight", "exact_latent_grad", "reencode_latent_grad",
+__all__ = ["Codec", "RlTerm", "RewardGuidance", "rl_weight", "exact_latent_grad", "grad_decoder", "reencode_latent_grad",
            "rms_normalize", "output_clip_scale", "surrogate_loss", "surrogate_output_grad"]
 
 
@@ -90,19 +94,36 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def exact_latent_grad(*, x: torch.Tensor, cond: Cond, codec: Codec,
-                      reward: RewardModel) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_latent_grad(*, x: torch.Tensor, cond: Cond, codec: Codec, reward: RewardModel,
+                      decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, R)``: ``g_i = dR_i/dx_i`` through decoder and reward on a detached copy of ``x``, and ``R [B]``.
 
     Only ``x`` is differentiated (``autograd.grad`` with ``inputs=x``), so no
     ``.grad`` of the codec, the reward model or the generator is touched.
+    ``decode`` replaces ``codec.decode`` (the checkpointed decode, :func:`grad_decoder`).
     """
     xd = x.detach().to(_work_dtype(x)).requires_grad_(True)
     with torch.enable_grad():
-        r = reward(codec.decode(xd), cond)
+        r = reward((decode or codec.decode)(xd), cond)
         _check_reward(r, x.shape[0])
         (g,) = torch.autograd.grad(r.sum(), xd)
     return g, r.detach()
+
+
+def grad_decoder(codec: Codec, decoder_dtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decode the exact estimator differentiates: the codec's ``grad_decode`` where it has one (in
+    ``decoder_dtype``), else ``decode`` (fp32 only: the small codecs have no other precision)."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if decoder_dtype not in dtypes:
+        raise ConfigError(f"rl.decoder_dtype: unknown value {decoder_dtype!r}; valid: {sorted(dtypes)}")
+    grad_decode = getattr(codec, "grad_decode", None)
+    if grad_decode is None:
+        if decoder_dtype != "fp32":
+            raise ConfigError(f"rl.decoder_dtype {decoder_dtype!r} needs a codec with a reduced-precision decoder "
+                              f"(the Qwen-Image VAE); {type(codec).__name__} decodes in fp32 only")
+        return codec.decode
+    dtype = dtypes[decoder_dtype]
+    return lambda latents: grad_decode(latents, dtype=dtype)
 
 
 def reencode_latent_grad(*, x: torch.Tensor, cond: Cond, codec: Codec, reward: RewardModel,
@@ -212,6 +233,7 @@ class RewardGuidance:
         self.estimator = cfg.estimator
         self.normalize = cfg.normalize
         self.clip = cfg.clip
+        self._grad_decode = grad_decoder(codec, cfg.decoder_dtype) if cfg.estimator == "exact" else None
 
     @property
     def param_clip_norm(self) -> float | None:
@@ -224,7 +246,7 @@ class RewardGuidance:
     def latent_grad(self, *, x: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g, R)`` from the configured estimator, before normalisation."""
         if self.estimator == "exact":
-            return exact_latent_grad(x=x, cond=cond, codec=self.codec, reward=self.reward)
+            return exact_latent_grad(x=x, cond=cond, codec=self.codec, reward=self.reward, decode=self._grad_decode)
         return reencode_latent_grad(x=x, cond=cond, codec=self.codec, reward=self.reward,
                                     step=self.cfg.reencode_step)
 

@@ -28,10 +28,11 @@ FORK_BEST = "best/weights.pt"
 
 _IGNORED_SECTIONS = ("telemetry", "checkpoint")
 """Sections that never change a step's numbers: W&B mirroring; checkpoint format, last_good and rotation."""
-_RUN_MUST_MATCH = ("log_every", "nonfinite", "max_nonfinite", "max_train_s", "threads", "device")
+_RUN_MUST_MATCH = ("log_every", "nonfinite", "max_nonfinite", "diverge_grad_norm", "diverge_steps", "max_train_s",
+                   "threads", "device")
 """``run`` fields that must be equal: a log step splits an active RL step's backward (other rounding) and
 closes the window ``grad_norm/max`` and the event counts summarise (the first record after a fork); the
-non-finite rules decide whether a bad step stops the run; thread count and device decide kernels' rounding.
+non-finite rules and the grad-norm divergence rule decide whether a step stops the run; thread count and device decide kernels' rounding.
 ``run.ckpt_every`` is ignored: a checkpoint changes no number (it settles the gated steps' bookkeeping early
 and resets ``nonfinite_since_ckpt``, which only decides ``last_good`` copies)."""
 
@@ -165,6 +166,9 @@ def fork_problem(cfg: Config, run_dir: Path, fork: ForkRequest, *, world: int) -
     source = rundir.fork_checkpoint(parent, fork.step)
     where = f"{parent.name}/{rundir.CHECKPOINTS_DIR}/{source.name}"
     why = rundir.verify_checkpoint(source)
+    if why is None:
+        from ..distributed.safeload import data_problem  # torch: only where a fork is really read
+        why = data_problem(source)  # a parent's checkpoint that is not plain data is never loaded
     if why is not None:
         return f"{where}: {why}"
     meta = rundir.read_json(source / rundir.META_FILE) or {}

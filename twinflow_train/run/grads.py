@@ -30,6 +30,16 @@ unsharded gradient internally and ``.grad`` would not show the term), so in
 split mode ``TermGradients`` turns gradient sync on for each backward; with
 gradient accumulation this costs one reduce-scatter per micro-batch and term.
 
+Memory. A split step holds two sharded fp32 gradient sets during the TwinFlow backward (the RL term's,
+stashed, and the fresh ``.grad``). ``stash="host"`` keeps the RL term's local shards in host memory
+instead (copied out after its backward, brought back one tensor at a time in ``finish``): the same
+values, one gradient set on the device, a device-host round trip of one set per split step. And a step
+that only needs the RL clip (``rl.clip: param``, one micro-batch, no telemetry) clips in place
+(``start(split=False, clip_in_place=True)``): RL backward, ``c = min(1, clip_norm / |g_rl|)``, ``.grad *=
+c``, then the TwinFlow backward accumulates onto it: ``g_tw + c * g_rl`` (the same sum ``finish``
+writes in split mode) without a second set; its stats are ``grad_norm/rl``, ``grad_norm/rl_clipped``
+and ``rl/clip_coef`` only.
+
 Telemetry (split mode), all 0-dim tensors, no host sync:
 
 - ``grad_norm/twinflow``: |g_tw|
@@ -127,7 +137,7 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).square()
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -178,14 +188,20 @@ class TermGradients:
 
     model: nn.Module
     rl_clip_norm: float | None = None
+    stash: str = "device"
+    """Where a split step keeps the RL term's gradient during the TwinFlow backward: ``device`` or ``host``."""
     _params: list[nn.Parameter] = field(init=False, repr=False)
     _split: bool | None = field(default=None, init=False)
+    _in_place: bool = field(default=False, init=False)
+    _in_place_stats: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
     _tw: list[torch.Tensor | None] = field(default_factory=list, init=False, repr=False)
     _rl: list[torch.Tensor | None] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.rl_clip_norm is not None and not self.rl_clip_norm > 0:
             raise ValueError(f"rl_clip_norm must be > 0 (got {self.rl_clip_norm})")
+        if self.stash not in ("device", "host"):
+            raise ValueError(f"stash must be 'device' or 'host' (got {self.stash!r})")
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -194,26 +210,45 @@ class TermGradients:
             raise RuntimeError("TermGradients.start() was not called for this step")
         return self._split
 
-    def start(self, *, split: bool) -> None:
-        if self.rl_clip_norm is not None and not split:
-            raise ValueError("parameter-space RL clipping (rl.clip 'param') needs the per-term split on every step")
+    def start(self, *, split: bool, clip_in_place: bool = False) -> None:
+        if clip_in_place and (split or self.rl_clip_norm is None):
+            raise ValueError("clip_in_place is the RL clip of a step without the split (and needs rl_clip_norm)")
+        if self.rl_clip_norm is not None and not (split or clip_in_place):
+            raise ValueError("parameter-space RL clipping (rl.clip 'param') needs the per-term split or the "
+                             "in-place clip on every step")
         if any(p.grad is not None for p in self._params):
             raise RuntimeError("gradients are not empty at the start of a step (zero_grad(set_to_none=True) first)")
         self._split = split
+        self._in_place = clip_in_place
+        self._in_place_stats = None
         self._tw = [None] * len(self._params)
         self._rl = [None] * len(self._params)
 
-    def _take_grads(self, into: list[torch.Tensor | None]) -> None:
-        """Move ``.grad`` into a buffer (by reference: no copy on the first micro-batch)."""
+    def _take_grads(self, into: list[torch.Tensor | None], *, host: bool = False) -> None:
+        """Move ``.grad`` into a buffer (by reference: no copy on the first micro-batch); with ``host`` the
+        local shard is copied to host memory and the device gradient freed."""
         for i, p in enumerate(self._params):
             g = p.grad
             if g is None:
                 continue
-            if into[i] is None:
+            if host:
+                loc = _local(g).detach().to("cpu")
+                if into[i] is None:
+                    into[i] = loc
+                else:
+                    into[i].add_(loc)
+            elif into[i] is None:
                 into[i] = g
             else:
                 _local(into[i]).add_(_local(g))
             p.grad = None
+
+    def _device_rl(self, i: int, p: nn.Parameter) -> torch.Tensor | None:
+        """The RL term's local gradient of parameter i on the parameter's device."""
+        b = self._rl[i]
+        if b is None:
+            return None
+        return b.to(_local(p).device) if self.stash == "host" else _local(b)
 
     def backward(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, rl_weight: float,
                  scale: float = 1.0) -> None:
@@ -223,6 +258,10 @@ class TermGradients:
         ``rl_weight`` is 0 or it carries no graph (the RL gradient is zero then).
         """
         rl_active = rl is not None and rl_weight != 0.0 and rl.requires_grad
+        if self._in_place:
+            self._backward_clip_in_place(twinflow=twinflow, rl=rl if rl_active else None, rl_weight=rl_weight,
+                                         scale=scale)
+            return
         if not self.split:
             loss = twinflow + rl_weight * rl if rl_active else twinflow
             (loss * scale).backward()
@@ -232,24 +271,55 @@ class TermGradients:
             sync(True)  # each term's gradient must land, reduced, in .grad
         if rl_active:
             (rl * (rl_weight * scale)).backward(retain_graph=True)
-            self._take_grads(self._rl)
+            self._take_grads(self._rl, host=self.stash == "host")
         (twinflow * scale).backward()
         self._take_grads(self._tw)
+
+    def _backward_clip_in_place(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, rl_weight: float,
+                                scale: float) -> None:
+        if self._in_place_stats is not None:
+            raise RuntimeError("the in-place RL clip takes one micro-batch per step (data.grad_accum 1)")
+        sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if sync is not None:
+            sync(True)  # the RL gradient must land, reduced, in .grad before it is scaled
+        if rl is not None:
+            (rl * (rl_weight * scale)).backward(retain_graph=True)
+            grads = _grads(self._params)
+            rl_sq = global_sums((g, [_sq(_local(g))]) for g in grads)[0] if grads else None
+        else:
+            grads, rl_sq = [], None
+        if rl_sq is None:
+            rl_norm = torch.zeros(())
+            coef = torch.ones(())
+        else:
+            rl_norm = rl_sq.sqrt()
+            # 1e-6 only keeps the ratio finite for a zero RL gradient (coef clamps to 1 then), as in finish
+            coef = torch.clamp(self.rl_clip_norm / (rl_norm + 1e-6), max=1.0)
+            for g in grads:
+                loc = _local(g)
+                loc.mul_(coef.to(loc.device, loc.dtype))
+        (twinflow * scale).backward()  # accumulates onto c * g_rl
+        self._in_place_stats = {"grad_norm/rl": rl_norm, "grad_norm/rl_clipped": coef * rl_norm,
+                                "rl/clip_coef": coef}
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Write the combined gradient into ``.grad``; per-term stats in split mode, else ``{}``."""
         split, self._split = self.split, None
+        if self._in_place:
+            stats, self._in_place_stats, self._in_place = self._in_place_stats, None, False
+            if stats is None:
+                raise RuntimeError("finish() before backward() in a step with the in-place RL clip")
+            return stats
         if not split:
             return {}
-        tw, rl = self._tw, self._rl
-        self._tw, self._rl = [], []
+        tw = self._tw
         pairs = []
-        for p, a, b in zip(self._params, tw, rl):
-            ref = a if a is not None else b
-            if ref is None:
+        for i, (p, a) in enumerate(zip(self._params, tw)):
+            lb = self._device_rl(i, p)
+            if a is None and lb is None:
                 continue
+            ref = a if a is not None else p  # a parameter is laid out like its gradient
             la = _local(a) if a is not None else None
-            lb = _local(b) if b is not None else None
             zero = torch.zeros((), device=_local(ref).device)
             pairs.append((ref, [_sq(la) if la is not None else zero,
                                 _sq(lb) if lb is not None else zero,
@@ -263,15 +333,20 @@ class TermGradients:
             coef = torch.clamp(self.rl_clip_norm / (rl_norm + 1e-6), max=1.0)
         else:
             coef = torch.ones_like(rl_norm)
-        for p, a, b in zip(self._params, tw, rl):
-            if b is not None:
-                lb = _local(b)
+        for i, (p, a) in enumerate(zip(self._params, tw)):
+            lb = self._device_rl(i, p)
+            if lb is not None:
                 lb.mul_(coef.to(lb.device, lb.dtype))
                 if a is not None:
                     _local(a).add_(lb)
+                elif self.stash == "host" and _is_dtensor(p):
+                    a = DTensor.from_local(lb, p.device_mesh, p.placements, run_check=False)
+                elif self.stash == "host":
+                    a = lb
                 else:
-                    a = b
+                    a = self._rl[i]
             p.grad = a
+        self._tw, self._rl = [], []
         total_sq = tw_sq + 2 * coef * cross + coef.square() * rl_sq
         rl_proj = coef * cross + coef.square() * rl_sq
         denom = tw_norm * rl_norm

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
 from ..data.batches import Setup, step_generator
 from ..distributed import checkpoint as ckpt
+from ..distributed.safeload import load_data
 from ..distributed.parallel import (Dist, agree_bad_flag, barrier, forward_precision, init_distributed, mean_over_ranks,
                                     reshard_all, shutdown)
 from ..evaluation.evaluate import Evaluator
@@ -34,24 +35,29 @@ from ..method.twinflow import TwinFlow
 from ..models.base import FlowModel
 from ..models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
 from .grads import TermGradients, clip_grads_
+from .divergence import GradNormRule
 from .lr_policy import LrPolicy
 from .setup import build_setup
-from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, FORK_FILE, META_FILE,  # noqa: F401
-                     MetricsWriter, atomic_path, atomic_write_json, atomic_write_text, best_weights, file_digest,
-                     fork_checkpoint, read_json, truncate_metrics, write_status)
+from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED,  # noqa: F401
+                     EXIT_PREEMPTED_NOW, FORK_FILE, META_FILE, MetricsWriter, atomic_path, atomic_write_json,
+                     atomic_write_text, best_weights, file_digest, fork_checkpoint, read_json, resume_step,
+                     truncate_metrics, write_status)
+from .preempt import Preempted, PreemptWatch, signals_at_steps
 from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
 from .fork import FORK_BEST, ForkRequest, check_fork_at, check_fork_request, fork_problem
 
 class Diverged(Exception):
-    """The run cannot go on: non-finite values under the configured policy.
+    """The run cannot go on: non-finite values under the configured policy, or the grad-norm divergence rule.
 
-    ``step`` and ``stats`` are the step that ended the run and its statistics (logged as evidence)."""
+    ``step`` and ``stats`` are the step that ended the run and its statistics; ``record`` holds the further
+    fields of its metrics record (events, counts): the record is logged as evidence before the run stops."""
 
-    def __init__(self, message: str, *, step: int, stats: dict[str, Any]):
+    def __init__(self, message: str, *, step: int, stats: dict[str, Any], record: dict[str, Any]):
         super().__init__(message)
         self.step = step
         self.stats = stats
+        self.record = record
 
 
 # --------------------------------------------------------------------------- preflight
@@ -128,6 +134,11 @@ class Counters:
     train_s: float = 0.0
     """Seconds spent in training steps only (no validation, sampling or checkpoints)."""
     nonfinite_since_ckpt: int = 0
+    above_bound_in_a_row: int = 0
+    """The divergence rule's count (``GradNormRule``): consecutive finite steps, up to the last one accounted for,
+    whose pre-clip norm was above ``run.diverge_grad_norm``."""
+    above_bound_since: int = 0
+    """The first step of that count."""
 
 
 @dataclass
@@ -179,7 +190,17 @@ class Run:
     """Updates are decided on the device (``_gated_update``): no host read on steps that do not log."""
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
+    preempt: PreemptWatch | None = None
+    """Signal handling of this fit (``run.preempt``); None: signals keep their default action."""
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
+    precast: list[Any] = field(default_factory=list)
+    """``Bf16Linears`` of the no-grad networks the step calls under a bf16 autocast (plain modules,
+    ``mixed_precision: bf16``): refreshed before each step's forwards."""
+    teacher_weights: Path | None = None
+    """The teacher's weights file (``preflight_teacher``): keys the cached teacher metrics."""
+    fault_grad_scale: tuple[int, float] | None = None
+    """Tests only (``TWINFLOW_FAULT_GRAD_SCALE=STEP:SCALE``): gradients are multiplied by SCALE before the
+    clip from step STEP on, so the pre-clip norm explodes while the clipped updates stay finite."""
 
     def extra_modules(self) -> dict[str, nn.Module]:
         extra = {"target": self.target} if self.target is not self.model and self.cfg.method.target == "ema" else {}
@@ -210,7 +231,7 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
     """The base model the student starts from (and the teacher it is compared with)."""
     base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
     if teacher_weights is not None:
-        base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+        base.load_state_dict(load_data(teacher_weights))
     return base
 
 
@@ -275,12 +296,18 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
         from ..rl.rewards import build_reward
         guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
     samplers = build_time_samplers(cfg.renoise)
+    fsdp = uses_fsdp(cfg, world=d.world)
+    precast = []
+    if not fsdp and cfg.parallel.mixed_precision == "bf16" and cfg.method.target in ("ema", "frozen"):
+        from ..distributed.precast import Bf16Linears, fp32_linears
+        if fp32_linears(target):  # a base model already held in bf16 has nothing to cast
+            precast.append(Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
                method=TwinFlow(cfg.method, time_samplers=samplers,
                                with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
                policy=LrPolicy(cfg.schedule, base_lr=o.lr, total_steps=cfg.run.steps),
                evaluator=Evaluator(cfg, setup, device=d.device), guidance=guidance, eval_ema=eval_ema,
-               fsdp=uses_fsdp(cfg, world=d.world),
+               fsdp=fsdp, precast=precast,
                gated=optimizer.defaults.get("fused") is True and not cfg.schedule.spike.enabled)
 
 
@@ -296,12 +323,17 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
     terms = None
     rl_on = run.guidance is not None
     if rl_on and run.guidance.weight(step) != 0.0:
-        # per-term gradients on every logged step (telemetry) and on every step under param-space clipping.
+        # per-term gradients on every logged step (telemetry); param-space clipping splits the terms when
+        # micro-batches accumulate and otherwise clips the RL gradient in place (no second gradient set).
         # At weight 0 the step is the no-RL step bit for bit (run/fork.py relies on it): one backward of
         # the TwinFlow loss, no split (a split sums micro-batches and shards in another order), no clip.
         log_step = step % cfg.run.log_every == 0 or step == cfg.run.steps
-        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm)
-        terms.start(split=log_step or run.guidance.param_clip_norm is not None)
+        clip = run.guidance.param_clip_norm is not None
+        terms = TermGradients(run.model, rl_clip_norm=run.guidance.param_clip_norm, stash=cfg.rl.grad_stash)
+        split = log_step or (clip and accum > 1)
+        terms.start(split=split, clip_in_place=clip and not split)
+    for copies in run.precast:
+        copies.refresh()  # after the last update (and any resume): this step's bf16 weights of the no-grad networks
     sums: dict[str, torch.Tensor] = {}
     for a in range(accum):
         index = a * d.world + d.rank
@@ -328,6 +360,8 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
             sums[k] = sums.get(k, 0.0) + v.float() / accum  # stays on the device: read on log steps only
     if terms is not None:
         sums.update({k: v.float() for k, v in terms.finish().items()})  # already global over ranks
+    if run.fault_grad_scale is not None and step >= run.fault_grad_scale[0]:
+        torch._foreach_mul_([p.grad for p in run.model.parameters() if p.grad is not None], run.fault_grad_scale[1])
     norm = clip_grads_(run.model.parameters(), max_norm=cfg.optim.max_grad_norm)  # pre-clip global norm
     sums["grad_norm/total"] = norm.detach().float()
     return sums
@@ -395,6 +429,7 @@ def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: flo
     """Host bookkeeping of one step's update decision: counters, ``Diverged``, spike policy; the events."""
     cfg, c = run.cfg, run.counters
     events = {"event/nonfinite": 0, "event/spike": 0, "event/decay": 0, "event/skipped": 0}
+    diverged = None
     if bad:
         c.nonfinite += 1
         c.nonfinite_in_a_row += 1
@@ -408,14 +443,25 @@ def _account(run: Run, step: int, stats: dict[str, Any], *, bad: bool, norm: flo
             reason = f"{c.nonfinite_in_a_row} non-finite steps in a row (last at step {step})"
         if reason is not None:
             run.step = step - 1  # the last completed step, as if the run had stopped right there
-            raise Diverged(reason, step=step, stats=stats)
+            raise Diverged(reason, step=step, stats=stats, record={**events, "count/nonfinite": c.nonfinite})
     else:
         c.nonfinite_in_a_row = 0
+        # the divergence rule sees every finite step's norm in order (the gated path replays them here too)
+        rule = GradNormRule(bound=cfg.run.diverge_grad_norm, steps=cfg.run.diverge_steps,
+                            in_a_row=c.above_bound_in_a_row, since=c.above_bound_since)
+        diverged = rule.observe(step, norm)
+        c.above_bound_in_a_row, c.above_bound_since = rule.in_a_row, rule.since
         events.update(run.policy.observe_grad_norm(step, norm))
         c.spikes += events["event/spike"]
         if events["event/skipped"]:
             c.skipped += 1
     run.log_window.add(events, norm)
+    if diverged is not None:
+        run.step = step  # the step the rule fired at (finite): status.json names it
+        window = run.log_window
+        raise Diverged(diverged, step=step, stats=stats,
+                       record={"grad_norm/max": window.max_norm, **window.events, "event/diverged": 1,
+                               "count/nonfinite": c.nonfinite, "count/spikes": c.spikes, "lr": run.policy.lr(step)})
     return events
 
 
@@ -456,7 +502,8 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 
 def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False,
         fork_at: Sequence[int] = (), fork: ForkRequest | None = None) -> int:
-    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged, 4/5 preempted:
+    stopped on a signal, ``run.preempt``).
 
     ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
     (an event in metrics.jsonl) instead of failing.
@@ -474,6 +521,15 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
     chash = config_hash(cfg)
     run: Run | None = None
     writer: MetricsWriter | None = None
+
+    def record_exit_now(reason: str) -> None:  # a second signal or the grace ran out: the last checkpoint stands
+        if d.is_main and run_dir.is_dir():
+            step = resume_step(run_dir)
+            write_status(run_dir, "preempted", step=step, config_hash=chash,
+                         reason=f"{reason}; exited at once, resumes from the checkpoint of step {step}")
+
+    watch = PreemptWatch(grace_s=cfg.run.preempt_grace_s, check_every=cfg.run.preempt_check_every,
+                         on_exit_now=record_exit_now).install()
     try:
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -481,6 +537,8 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
+        run.preempt = watch
+        run.teacher_weights = tpath
         run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt, fork=fork)
         if d.is_main:
             mirror = None
@@ -496,6 +554,11 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
         if d.is_main:
             write_status(run_dir, "done", step=run.step, config_hash=chash)
         return EXIT_DONE
+    except Preempted as e:
+        if d.is_main:
+            write_status(run_dir, "preempted", step=e.step, reason=str(e), config_hash=chash)
+        print(f"twinflow-train: {e}", flush=True)
+        return EXIT_PREEMPTED
     except Diverged as e:
         if d.is_main:
             write_status(run_dir, "diverged", step=run.step if run else 0, reason=str(e), config_hash=chash)
@@ -514,6 +577,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             traceback.print_exc()
         return EXIT_FAILED
     finally:
+        watch.uninstall()
         if writer is not None:
             writer.close()
         shutdown()
@@ -624,10 +688,12 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     cfg, d, c = run.cfg, run.dist, run.counters
     total = cfg.run.steps
     fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    signals = signals_at_steps(os.environ.get("TWINFLOW_SIGNAL_AT_STEP", ""), rank=d.rank)
+    run.fault_grad_scale = _fault_grad_scale(os.environ.get("TWINFLOW_FAULT_GRAD_SCALE", ""))
     t_start = time.perf_counter()
     wall0 = c.wall_s
     if start == 0 and cfg.eval.teacher:
-        rec = {"step": 0, "kind": "teacher", **run.evaluator.teacher_metrics(run.teacher)}
+        rec = {"step": 0, "kind": "teacher", **_teacher_metrics(run)}
         if writer:
             writer.write(rec)
     bar = tqdm(total=total, initial=start, desc="fit", disable=not (progress and d.is_main), mininterval=1.0)
@@ -640,6 +706,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         run.step = step - 1
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        for sig in signals.get(step, ()):
+            os.kill(os.getpid(), sig)  # as a scheduler would, while the step runs
         t_step = time.perf_counter()
         lr = run.policy.lr(step)
         for g in run.optimizer.param_groups:
@@ -649,16 +717,18 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             _apply_update(run, step, stats)
             c.train_s += time.perf_counter() - t_step
             last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
+            # a signal: this step's checkpoint, then stop (no extra log or validation, so the resumed run
+            # follows an uninterrupted one exactly)
+            stop = not last and run.preempt is not None and run.preempt.agreed(step, world=d.world, device=d.device)
             is_log = step % cfg.run.log_every == 0 or last
             is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
-            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
+            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last or stop
             if is_log or is_val or is_ckpt or step in forks:
                 _settle(run)  # every gated step is accounted for before anything is logged or saved
         except Diverged as e:
             if writer:  # the step that ended the run is evidence: log it before stopping
                 writer.write({"step": e.step, "kind": "train", **{k: float(v) for k, v in e.stats.items()},
-                              "event/nonfinite": 1, "event/skipped": 1, "count/nonfinite": c.nonfinite,
-                              "time/wall_s": c.wall_s, "time/train_s": c.train_s})
+                              **e.record, "time/wall_s": c.wall_s, "time/train_s": c.train_s})
             raise
         steps_since_log += 1
         c.wall_s = wall0 + (time.perf_counter() - t_start)
@@ -699,11 +769,40 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         if step in forks:
             _save_fork(run, run_dir, step)
         run.step = step
+        if stop:
+            bar.close()
+            raise Preempted(f"stopped on {run.preempt.signal_name or 'a signal on another rank'} at the checkpoint "
+                            f"of step {step}; resumes from there", step=step)
         if last:
             break
     bar.close()
     _finish(run, run_dir)
     return step
+
+
+def _teacher_metrics(run: Run) -> dict[str, float]:
+    """The teacher's step-0 metrics, from the asset cache where an earlier run with the same key computed them."""
+    from ..evaluation.teacher_cache import cached_teacher_metrics
+
+    def compute() -> dict[str, float]:
+        return run.evaluator.teacher_metrics(run.teacher)
+
+    if run.setup.scorer is None:
+        return compute()  # no sample metrics for this data (nothing to compute or cache)
+    d = run.dist
+    return cached_teacher_metrics(run.cfg, compute, teacher_weights=run.teacher_weights, world=d.world, rank=d.rank,
+                                  fsdp=run.fsdp, device=d.device)
+
+
+def _fault_grad_scale(text: str) -> tuple[int, float] | None:
+    """``TWINFLOW_FAULT_GRAD_SCALE``'s ``STEP:SCALE`` (tests of the divergence rule); empty: off."""
+    if not text:
+        return None
+    try:
+        step, scale = text.split(":")
+        return int(step), float(scale)
+    except ValueError:
+        raise ValueError(f"TWINFLOW_FAULT_GRAD_SCALE must be STEP:SCALE, e.g. 5:1e6 (got {text!r})") from None
 
 
 def _agree_budget_spent(run: Run) -> bool:

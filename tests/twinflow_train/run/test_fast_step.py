@@ -144,7 +144,7 @@ def _train(run_dir):
 
 
 def _state(run_dir):
-    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)
 
 
 def _poison(monkeypatch, steps: set[int], gated: list[bool]) -> None:
@@ -347,3 +347,60 @@ def test_prepare_builds_every_network_in_two_processes(tmp_path):
     assert entry_record(teacher)["info"]["train_cpu_seconds"] > 0
     assert prepare(cfg, progress=False, workers=2) == teacher  # cached: nothing rebuilt
     assert {k: entry_record(p)["pid"] for k, p in entries.items()} == pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["ema", "frozen"])
+def test_bf16_copies_of_the_no_grad_networks_change_no_number(tiny_overrides, tmp_path, monkeypatch, target):
+    """The EMA target's (or frozen base model's) Linear weights cast to bf16 once per step give the losses, norms
+    and final weights of the autocast casting them on every call, bit for bit; outside the autocast the copies
+    are not used and not saved."""
+    from twinflow_train.distributed import precast
+
+    over = tiny_overrides + ["run.val_every=0", "run.ckpt_every=0", "eval.teacher=false", "parallel.fsdp=never",
+                             "parallel.mixed_precision=bf16", f"method.target={target}"]
+    made = []
+    real = precast.Bf16Linears
+
+    def counted(module):
+        made.append(module)
+        return real(module)
+
+    class NoCopies:  # today's path: the Linears untouched, the autocast casts on every call
+        def __init__(self, module):
+            pass
+
+        def refresh(self):
+            pass
+
+    runs = {}
+    for name in ("copies", "every_call"):
+        monkeypatch.setattr(precast, "Bf16Linears", counted if name == "copies" else NoCopies)
+        runs[name] = tmp_path / name
+        assert fit(load_config(None, over), runs[name], progress=False) == EXIT_DONE
+    monkeypatch.setattr(precast, "Bf16Linears", real)
+    assert len(made) == 1
+    a, b = _train(runs["copies"]), _train(runs["every_call"])
+    assert len(a) == 12
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in _TIMES} == {k: v for k, v in rb.items() if k not in _TIMES}
+    sa, sb = _state(runs["copies"]), _state(runs["every_call"])
+    assert sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    fa, fb = torch.utils._pytree.tree_leaves(sa["extra"]), torch.utils._pytree.tree_leaves(sb["extra"])
+    assert len(fa) == len(fb) and all(torch.equal(x, y) for x, y in zip(fa, fb))
+    # off the autocast the fp32 weights are used; under it the copies, current after refresh(); never saved
+    F = torch.nn.functional
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).requires_grad_(False)
+    copies = real(net)
+    x = torch.randn(2, 4)
+    assert torch.equal(net(x), F.linear(x, net[0].weight, net[0].bias))
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, net[0].weight, net[0].bias)  # the autocast casting the fp32 weights itself
+        assert not torch.equal(net(x), expected)  # stale until refreshed
+        copies.refresh()
+        assert torch.equal(net(x), expected)
+    assert set(net.state_dict()) == {"0.weight", "0.bias"}
+    with pytest.raises(ValueError, match="train"):
+        real(torch.nn.Linear(2, 2))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from twinflow_train.config import ConfigError, load_config
-from twinflow_train.run.plan import (GIB, VIT_H_14, meta_transformer, plan_memory, saved_activation_bytes,
-                                 sharded_bytes, vit_params)
+from twinflow_train.run.plan import (BACKWARD, GIB, VIT_H_14, meta_transformer, plan_memory,
+                                     saved_activation_bytes, sharded_bytes, vit_params)
 
 ROOT = Path(__file__).resolve().parents[3]
 QWEN = ["model.family=qwen_image", "codec.kind=qwen_vae", "parallel.mixed_precision=bf16", "data.batch_size=16",
@@ -105,13 +105,36 @@ def test_fits_follows_the_budget_and_rl_arms_hold_reward_and_vae():
     extra = {i.name: i.bytes for i in rl.items if i.name not in names}
     assert extra["reward model (HPSv2 ViT-H-14, fp32)"] == 4 * vit_params(**VIT_H_14)
     assert 0.9e9 < vit_params(**VIT_H_14) < 1.05e9  # open_clip's ViT-H-14: ~986 M
-    assert extra["RL: decoder activations (exact grad)"] > GIB  # full-resolution decoder backward
-    assert rl.total == plan.total + sum(extra.values())
+    decode = extra["RL: decode + backward (checkpointed, fp32)"]
+    assert 8 * GIB < decode < 12 * GIB  # the checkpointed full-resolution decoder backward, fp32
+    assert rl.sum_all == plan.sum_all + sum(extra.values())
+    # phases: the decode lives in the forward only, the stash on split steps only (grad_accum 1)
+    stash = extra["RL gradient stash (fp32, sharded)"]
+    grads = next(i.bytes for i in plan.items if i.name.startswith("gradients"))
+    ph, base = rl.phases, plan.phases
+    assert stash == grads and ph["split backward"] - ph["backward"] == stash
+    assert ph["split forward"] == ph["forward"]
+    assert ph["forward"] - base["forward"] == sum(v for k, v in extra.items() if "stash" not in k)
+    assert rl.total == max(ph.values()) and rl.binding == "split backward" and plan.binding == "backward"
+    assert base["backward"] - base["forward"] == sum(i.bytes for i in plan.items if i.phases == BACKWARD)
+    plain = plan_memory(rl_cfg := _cfg("rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt"),
+                        world=4, gpu_mem_gib=131.3, image=(1328, 1328), arch="qwen-image", decoder="plain")
+    plain_decode = next(i.bytes for i in plain.items if i.name.startswith("RL: decode"))
+    assert 47 * GIB < plain_decode < 49 * GIB  # 40.5 frozen saves + 7.6 feat_cache clones
+    bf16 = plan_memory(_cfg("rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt",
+                            "rl.decoder_dtype=bf16"), world=4, gpu_mem_gib=131.3, image=(1328, 1328),
+                       arch="qwen-image")
+    assert next(i.bytes for i in bf16.items if i.name.startswith("RL: decode")) < 0.7 * decode  # fp32 norms
+    assert rl_cfg.rl.decoder_dtype == "fp32"
     reencode = _plan("rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt",
                      "rl.estimator=reencode")
-    assert all("decoder activations" not in i.name for i in reencode.items)  # no backward through the decoder
+    assert all("RL: decode" not in i.name for i in reencode.items)  # no backward through the decoder
     ema = _plan("method.target=ema")
     assert ema.total - plan.total == next(i.bytes for i in plan.items if i.name.startswith("parameters"))
+    accum = _plan("data.grad_accum=2", "rl.enabled=true", "rl.reward=hpsv2", "rl.hpsv2_checkpoint=/nowhere.pt")
+    # with grad_accum > 1 the earlier micro-batches' gradients (and on split steps the stash) live in forwards
+    assert accum.phases["split forward"] - accum.phases["forward"] == stash
+    assert "forward" in next(i for i in accum.items if i.name.startswith("gradients")).phases
 
 
 @pytest.mark.slow
