@@ -139,7 +139,9 @@ def test_shared_prefix_is_zero_for_what_acts_from_step_one():
         (["run.log_every=5"], 0), (["data.batch_size=64"], 0), (["eval.ema_decay=0.99"], 0), (["eval.nfe=[2]"], 0),
         (["parallel.mixed_precision=bf16"], 0), (["run.threads=2"], 0), (["method.enhanced_ratio=0.6"], 0),
         # ignored: checkpoint cadence and format, telemetry
-        (["run.ckpt_every=50", "checkpoint.format=dcp", "checkpoint.keep_latest_k=3", "telemetry.name=x"], 300),
+        (["run.ckpt_every=50", "checkpoint.format=dcp", "checkpoint.keep_latest_k=3", "telemetry.name=x",
+          "run.preempt_grace_s=5", "run.preempt_check_every=3"], 300),
+        (["run.diverge_grad_norm=50"], 0), (["run.nonfinite=stop"], 0),
         # RL: the earlier onset of the two
         (["rl.warmup=40"], 39), (["rl.weight=1.0"], 99), (["rl.clip=param"], 99), (["rl.enabled=false"], 99),
         (["rl.schedule=linear"], 99),  # the parent's switch at 100 comes first
