@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, TextIO
 
-from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, with_sources
+from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, sources_worth_running, with_sources
 from .forks import describe as describe_forks
 from .forks import ready as fork_ready
 from .launchers import Launcher
@@ -250,8 +250,10 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
     looks = list(record["looks"]) if record and record.get("looks") else []
     judgement = wave.judgement
     while not wave.done:
-        wanted = with_sources({f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
-                              {r.key: r for r in grid.runs})
+        ended = {k for k, p in by_key.items() if p.action not in LAUNCH_ACTIONS}
+        wanted, no_fork = sources_worth_running(
+            {f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
+            {r.key: r for r in grid.runs}, ended=ended)
         todo = [by_key[k] for k in sorted(wanted, key=lambda k: list(by_key).index(k))
                 if by_key[k].action in LAUNCH_ACTIONS]
         stream.write(f"wave {wave.number}: seeds per arm "
@@ -260,7 +262,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
         for p in todo:
             prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
         _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks)
+                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks, no_fork=no_fork)
         for p in todo:
             p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
         metrics, statuses = tables()
@@ -306,7 +308,8 @@ def _steps_scratch(grid: Grid) -> int:
 
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
               run_env: RunEnv, display: LiveDisplay, poll_s: float,
-              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None) -> None:
+              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None,
+              no_fork: set[str] = frozenset()) -> None:
     forks = forks or {}
     runs = {r.key: r for r in grid.runs}
     points = fork_points(forks)
@@ -316,8 +319,8 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
 
     def startable(spec: RunSpec, active: list[ActiveRun]) -> bool:
         pending = {s.key for s in queue} | {a.spec.key for a in active}
-        src = source_run(spec, forks, runs)
-        return src is None or src.key not in pending or fork_ready(spec, forks, runs)
+        src = source_run(spec, forks, runs, no_fork)
+        return src is None or src.key not in pending or fork_ready(spec, forks, runs, no_fork)
 
     active: list[ActiveRun] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
@@ -330,7 +333,7 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                     break  # every queued run waits for its source's fork checkpoint
                 queue.remove(spec)
                 a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt,
-                              extra_argv=fork_argv(spec, forks, points, runs))
+                              extra_argv=fork_argv(spec, forks, points, runs, no_fork))
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)
