@@ -218,8 +218,10 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
             stream.write(f"grid {grid.name}: {result.steps_computed:,} training steps computed by its runs "
                          f"(every arm and seed from step 0 would be {_steps_scratch(grid):,})\n")
             monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
-            stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
-                                      title=f"grid {grid.name}: finished") + "\n")
+            rows = monitor.rows(harness_live=True)
+            if grid.plan is not None:  # the seeds a sequential design never needed are not pending work
+                rows = [r for r in rows if r.state != "new"]
+            stream.write(render_table(rows, slots=launcher.slots, title=f"grid {grid.name}: finished") + "\n")
             stream.flush()
             return result
     finally:
