@@ -54,7 +54,7 @@ DEFAULT_MARGINS: tuple[tuple[str, str, float], ...] = (
     ("grad_norm/", "log", 1.1),        # a 10% change of a peak grad norm is noise beside a spike (x1e3 and more)
     ("val/fd_", "log", 1.05),          # FD changes by ~2% between validations of a converged student
     ("teacher/fd", "log", 1.05),
-    ("val/kid_", "diff", 0.002),       # KID can be <= 0 (unbiased), so differences, not folds; docs/reward.md
+    ("val/kid_", "diff", 0.002),       # KID can be <= 0 (unbiased): differences, not folds; docs/method.md 7.1
     ("teacher/kid", "diff", 0.002),
     ("val/gold_", "diff", 0.05),       # gold and proxy scores: z-score units of the real digits (SD ~0.8)
     ("val/proxy_", "diff", 0.05),
@@ -236,9 +236,9 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
                                                                    for j in range(len(parsed.tests))]
             else:
                 text = entry.pop("claim", None)
-                if not isinstance(text, str) or not text.strip():
+                if not isinstance(text, str) or not text.strip():  # reported with the test's own problems, at once
                     problems.append(f"{where.key('claim').field()}: the claim's sentence is missing (got {text!r})")
-                    continue
+                    text = None
                 tests, places = [from_dict(ClaimTest, entry, where)], [where]
         except ConfigError as e:
             problems.extend(e.problems)
@@ -246,7 +246,7 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
         found = [f"{w.key(k).field()}: {t}" if k else w.own(t) for t, w in zip(tests, places)
                  for k, t in t.arm_problems(arms)]
         problems.extend(found)
-        if not found:
+        if not found and text is not None:
             claims.append(Claim(text=text.strip(), tests=tuple(tests)))
     return tuple(claims)
 

@@ -93,29 +93,32 @@ def fork_points(forks: Mapping[str, Fork]) -> dict[str, list[int]]:
     return {a: sorted(s) for a, s in out.items()}
 
 
-def source_run(spec: RunSpec, forks: Mapping[str, Fork], runs: Mapping[str, RunSpec]) -> RunSpec | None:
+def source_run(spec: RunSpec, forks: Mapping[str, Fork], runs: Mapping[str, RunSpec],
+               no_fork: set[str] = frozenset()) -> RunSpec | None:
+    """The run ``spec`` forks from (None: it trains from step 0; ``no_fork`` lists runs told to)."""
     f = forks.get(spec.arm)
-    return None if f is None else runs.get(f"{f.source}/seed-{spec.seed}")
+    return None if f is None or spec.key in no_fork else runs.get(f"{f.source}/seed-{spec.seed}")
 
 
 def fork_argv(spec: RunSpec, forks: Mapping[str, Fork], points: Mapping[str, list[int]],
-              runs: Mapping[str, RunSpec]) -> list[str]:
+              runs: Mapping[str, RunSpec], no_fork: set[str] = frozenset()) -> list[str]:
     """The trainer flags of ``spec``'s run: the fork checkpoints it writes for its children, and where it forks
     from."""
     argv: list[str] = []
     for k in points.get(spec.arm, []):
         argv += ["--fork-at", str(k)]
-    src = source_run(spec, forks, runs)
+    src = source_run(spec, forks, runs, no_fork)
     if src is not None:
         argv += ["--fork-from", str(src.run_dir.resolve()), "--fork-step", str(forks[spec.arm].step)]
     return argv
 
 
-def ready(spec: RunSpec, forks: Mapping[str, Fork], runs: Mapping[str, RunSpec]) -> bool:
+def ready(spec: RunSpec, forks: Mapping[str, Fork], runs: Mapping[str, RunSpec],
+          no_fork: set[str] = frozenset()) -> bool:
     """Has ``spec``'s source written the fork checkpoint (its ``meta.json``, written last)? The trainer verifies
     it before loading it; the scheduler also starts a child whose source run ended without one (the child then
     trains from step 0 and says why)."""
-    src = source_run(spec, forks, runs)
+    src = source_run(spec, forks, runs, no_fork)
     if src is None:
         return True
     return (fork_checkpoint(src.run_dir, forks[spec.arm].step) / "meta.json").is_file()
@@ -131,6 +134,32 @@ def with_sources(keys: set[str], forks: Mapping[str, Fork], runs: Mapping[str, R
             out.add(src.key)
             todo.append(src.key)
     return out
+
+
+def sources_worth_running(keys: set[str], forks: Mapping[str, Fork], runs: Mapping[str, RunSpec], *,
+                          ended: set[str]) -> tuple[set[str], set[str]]:
+    """What a wave runs when it needs the runs ``keys``: ``keys`` plus the source runs worth running for their
+    forks, and the runs that train from step 0 instead. A source run that the wave does not need and that has
+    not run is worth running when its children's shared steps exceed its own length (a sequential wave that
+    adds a seed to a child arm alone would otherwise train the whole source run to save part of it)."""
+    wanted, no_fork = set(keys), set()
+    changed = True
+    while changed:
+        changed = False
+        children: dict[str, list[RunSpec]] = {}
+        for key in sorted(wanted):
+            spec = runs.get(key)
+            src = None if spec is None or key in no_fork else source_run(spec, forks, runs)
+            if src is not None and src.key not in wanted and src.key not in ended:
+                children.setdefault(src.key, []).append(spec)
+        for src_key, kids in children.items():
+            shared = sum(forks[k.arm].step for k in kids)
+            if shared > runs[src_key].config.run.steps:
+                wanted.add(src_key)
+            else:
+                no_fork.update(k.key for k in kids)
+            changed = True
+    return wanted, no_fork
 
 
 def shared_steps(forks: Mapping[str, Fork], arm: str) -> int:

@@ -26,22 +26,21 @@ killed harness releases by dying).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, TextIO
+from typing import Literal, Mapping, TextIO
 
-from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, with_sources
+from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, sources_worth_running, with_sources
 from .forks import describe as describe_forks
 from .forks import ready as fork_ready
 from .launchers import Launcher
+from .lock import GridLock, grid_is_live, lock_info
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
-from .runs import (HARNESS_DIR, ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
+from .runs import (ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
                    prepare_shared_assets, sigterm_raises, start_run, status_or_none, stop_runs, supersede)
 from .store import write_grid_manifest
 
@@ -53,66 +52,6 @@ __all__ = ["GridError", "GridInterrupted", "GridLock", "GridResult", "PlannedRun
 
 class GridInterrupted(Exception):
     """The harness was asked to stop (SIGTERM); the runs in flight were stopped and can be resumed."""
-
-
-# --------------------------------------------------------------------------- lock
-
-
-def _lock_path(grid_dir: Path) -> Path:
-    return Path(grid_dir) / HARNESS_DIR / "lock"
-
-
-class GridLock:
-    """Exclusive OS lock on a grid; its file holds who runs the grid (pid, launcher, slots)."""
-
-    def __init__(self, grid_dir: Path):
-        self.path = _lock_path(grid_dir)
-        self._fd: int | None = None
-
-    def acquire(self, info: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = lock_info(self.path.parent.parent) or {}
-            raise GridError([f"grid {self.path.parent.parent} is being run by another harness "
-                             f"(pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')})"]) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(dict(info)) + "\n").encode())
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def grid_is_live(grid_dir: Path) -> bool:
-    """Is a harness running this grid right now?"""
-    path = _lock_path(grid_dir)
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
-
-
-def lock_info(grid_dir: Path) -> dict[str, Any] | None:
-    path = _lock_path(grid_dir)
-    try:
-        text = path.read_text().strip()
-        return json.loads(text) if text else None
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # --------------------------------------------------------------------------- plan
@@ -279,8 +218,10 @@ def run_grid(grid: Grid, *, launcher: Launcher, retries: int = 0,
             stream.write(f"grid {grid.name}: {result.steps_computed:,} training steps computed by its runs "
                          f"(every arm and seed from step 0 would be {_steps_scratch(grid):,})\n")
             monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
-            stream.write(render_table(monitor.rows(harness_live=True), slots=launcher.slots,
-                                      title=f"grid {grid.name}: finished") + "\n")
+            rows = monitor.rows(harness_live=True)
+            if grid.plan is not None:  # the seeds a sequential design never needed are not pending work
+                rows = [r for r in rows if r.state != "new"]
+            stream.write(render_table(rows, slots=launcher.slots, title=f"grid {grid.name}: finished") + "\n")
             stream.flush()
             return result
     finally:
@@ -311,8 +252,10 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
     looks = list(record["looks"]) if record and record.get("looks") else []
     judgement = wave.judgement
     while not wave.done:
-        wanted = with_sources({f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
-                              {r.key: r for r in grid.runs})
+        ended = {k for k, p in by_key.items() if p.action not in LAUNCH_ACTIONS}
+        wanted, no_fork = sources_worth_running(
+            {f"{a}/seed-{s}" for a, n in wave.targets.items() for s in plan.seeds[:n]}, forks,
+            {r.key: r for r in grid.runs}, ended=ended)
         todo = [by_key[k] for k in sorted(wanted, key=lambda k: list(by_key).index(k))
                 if by_key[k].action in LAUNCH_ACTIONS]
         stream.write(f"wave {wave.number}: seeds per arm "
@@ -321,7 +264,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
         for p in todo:
             prepare_run_dir(p.spec, code_version=grid.code_version, matrix=grid.matrix_path)
         _schedule(grid, todo, launcher=launcher, retries=retries, run_env=run_env, display=display,
-                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks)
+                  poll_s=poll_s, result=result, restart_on_corrupt=restart_on_corrupt, forks=forks, no_fork=no_fork)
         for p in todo:
             p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
         metrics, statuses = tables()
@@ -367,7 +310,8 @@ def _steps_scratch(grid: Grid) -> int:
 
 def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries: int,
               run_env: RunEnv, display: LiveDisplay, poll_s: float,
-              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None) -> None:
+              result: GridResult, restart_on_corrupt: bool = False, forks: Mapping[str, Fork] | None = None,
+              no_fork: set[str] = frozenset()) -> None:
     forks = forks or {}
     runs = {r.key: r for r in grid.runs}
     points = fork_points(forks)
@@ -377,8 +321,8 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
 
     def startable(spec: RunSpec, active: list[ActiveRun]) -> bool:
         pending = {s.key for s in queue} | {a.spec.key for a in active}
-        src = source_run(spec, forks, runs)
-        return src is None or src.key not in pending or fork_ready(spec, forks, runs)
+        src = source_run(spec, forks, runs, no_fork)
+        return src is None or src.key not in pending or fork_ready(spec, forks, runs, no_fork)
 
     active: list[ActiveRun] = []
     monitor = GridMonitor([(s.arm, s.seed, s.run_dir, s.config.run.steps) for s in grid.runs])
@@ -391,7 +335,7 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                     break  # every queued run waits for its source's fork checkpoint
                 queue.remove(spec)
                 a = start_run(spec, launcher, run_env=run_env, restart_on_corrupt=restart_on_corrupt,
-                              extra_argv=fork_argv(spec, forks, points, runs))
+                              extra_argv=fork_argv(spec, forks, points, runs, no_fork))
                 first_start = first_start if first_start is not None else time.perf_counter()
                 active.append(a)
                 result.launched.append(spec.key)

@@ -218,7 +218,7 @@ def prepare_shared_assets(spec: RunSpec, launcher: Launcher, *, grid_dir: Path, 
     stream.flush()
     t0 = time.perf_counter()
     rc = runner.run_blocking(LaunchJob(name="teacher", argv=["teacher", "--config", str(cfg_path.resolve()),
-                                                             "--no-progress"], log_path=log))
+                                                             "--no-progress"], log_path=log), echo=stream)
     if rc != 0:
         raise GridError([f"teacher preparation failed ({exit_text(rc)}): {tail_reason(log)} (log: {log})"])
     return time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
-from harness.claims import TEACHER, Claim, ClaimTest
+from harness.claims import Claim, ClaimTest
 from harness.inference import ALPHA, POWER, Verdict
 from harness.verdicts import Judgement, TestResult, judge_fixed
 

@@ -136,3 +136,17 @@ def test_kid_has_a_default_margin_on_the_difference_scale_only():
     log = ClaimTest(baseline="a", treatment="b", metric="val/kid_nfe2", direction="increase", scale="log")
     assert log.margin is None
     assert ClaimTest(baseline="a", treatment="b", metric="teacher/kid_euler2", direction="increase").margin == 0.002
+
+
+def test_every_problem_of_a_claim_is_reported_at_once(tiny_base, write, tmp_path, capsys):
+    # the missing sentence used to hide the test's own problems until it was fixed and the matrix run again
+    m = write("all_at_once.yaml", ARMS + "claims:\n"
+              "  - {baseline: vanilla, metric: val/fd_nfe1, direction: decrease, scal: log}\n"
+              "  - {claim: ok, baseline: vanilla, treatment: rl_hardd, metric: val/fd_nfe1, direction: decrease}\n")
+    rc = main(["grid", "run", str(m), "--root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for needle in ("claims[0], key 'claim': the claim's sentence is missing", "claims[0]: unknown key 'scal'",
+                   "claims[0]: 'treatment' is missing", "claims[1], key 'treatment': no arm named 'rl_hardd'"):
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert not (tmp_path / "runs").exists()
