@@ -164,10 +164,15 @@ def test_plan_commands(tmp_path):
     assert bad.returncode == 2 and "data.batch_size" in bad.stderr
     grid = _cli("harness.cli", "grid", "plan", "ablations/blog-qwen.yaml", "--root", str(tmp_path), "--world", "4",
                 "--gpu-mem-gib", "131.3", "--arch", "qwen-image", "--image", "1328x1328")
-    rows = {ln.split()[0]: ln.split()[-1] for ln in grid.stdout.splitlines()[-6:]}
+    lines = grid.stdout.splitlines()
+    head = max(i for i, ln in enumerate(lines) if ln.startswith("arm "))  # the summary table, then the cost lines
+    table = lines[head + 1:head + 7]
+    rows = {ln.split()[0]: ln.split()[-1] for ln in table}
     assert sorted(rows) == sorted(["vanilla", "renoise", "rl_hard", "rl_sigmoid", "rl_clip", "spike_decay"])
     assert grid.returncode == (0 if all(v == "yes" for v in rows.values()) else 3), grid.stdout[-2000:]
-    assert not math.isnan(float(grid.stdout.splitlines()[-1].split()[1]))
+    assert not math.isnan(float(table[-1].split()[1]))
+    # what the grid computes, and what its forks save (harness/cost.py)
+    assert any(ln.startswith("  forks save ~") and "GPU-hours" in ln for ln in lines[head + 7:]), grid.stdout[-2000:]
 
 
 @pytest.mark.slow
