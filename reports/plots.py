@@ -31,9 +31,12 @@ class FigureOut:
     """File stem of the PNG."""
     title: str
     caption: str
-    png: bytes
+    figure: Figure
+    """The drawn figure; the publish stage renders it (``render``) into the PNG files and the HTML."""
     meta: dict = field(default_factory=dict)
     """Facts about what was drawn (tests and the report text use them)."""
+    dpi: int = 100
+    """Resolution of the rendered PNG."""
 
 
 def new_figure(*, width: float, height: float) -> Figure:
@@ -205,7 +208,7 @@ def grad_norm_figure(data: GridData, *, band: Band, max_points: int,
                f"then averaged over seeds; {BAND_LABEL[band]}. Triangles: logged spike events ({n_spikes} in all); "
                f"crosses at the top: the step a run was stopped as diverged "
                f"({len(dv)} run{'' if len(dv) == 1 else 's'}).")
-    return FigureOut("grad_norm", "Pre-clip gradient norm", caption, render(fig),
+    return FigureOut("grad_norm", "Pre-clip gradient norm", caption, fig,
                      {"key": gcol, "spikes": n_spikes, "diverged": len(dv)})
 
 
@@ -238,7 +241,7 @@ def panels_figure(data: GridData, *, slug: str, title: str, keys: Sequence[str],
     # only the arms that logged these keys (per-term gradients exist in RL arms only)
     _legend(fig, [a for a in arms if a in drawn], colors, top=0.6)
     caption = f"{', '.join(keys)}; line: mean over seeds; {BAND_LABEL[band]}.{(' ' + note) if note else ''}"
-    return FigureOut(slug, title, caption, render(fig), {"keys": keys})
+    return FigureOut(slug, title, caption, fig, {"keys": keys})
 
 
 def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
@@ -285,7 +288,7 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
                + ("; dotted line (FD): the teacher sampled with Euler in as many steps as the student's NFE"
                   if euler_refs else "")
                + ". FD (log axis) is lower-better; reward, accuracy, gold and proxy higher-better.")
-    return FigureOut("sample_metrics", "Validation sample metrics", caption, render(fig),
+    return FigureOut("sample_metrics", "Validation sample metrics", caption, fig,
                      {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs,
                       "log_rows": [w for i, w in enumerate(rows) if axes[i, 0].get_yscale() == "log"]})
 

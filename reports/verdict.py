@@ -24,7 +24,7 @@ from harness.claims import TEACHER, Claim, ClaimTest
 from harness.inference import ALPHA, POWER, Verdict
 from harness.verdicts import Judgement, TestResult, judge_fixed
 
-from .data import GridData
+from .data import GridData, shown_path
 from .stats import fmt_fold, fmt_num
 
 if TYPE_CHECKING:
@@ -224,11 +224,12 @@ def grid_claims(grid_dir: Path | None) -> tuple[tuple[Claim, ...], str]:
         return (), ("no grid manifest (the grid was run before the harness wrote one; "
                     "'twinflow-lab report --claims MATRIX' judges a matrix file's claims)")
     if manifest.get("kind") == "search":
-        return (), f"the runs were made by search spec {manifest.get('source')}, which has no claims"
+        spec = shown_path(manifest.get("source"), grid_dir)
+        return (), f"the runs were made by search spec {spec}, which has no claims"
     claims = tuple(Claim.from_json(c) for c in manifest.get("claims") or [])
     if not claims:
-        return (), f"matrix file {manifest.get('source')} declares no claims"
-    return claims, f"matrix file {manifest.get('source')} (grid manifest)"
+        return (), f"matrix file {shown_path(manifest.get('source'), grid_dir)} declares no claims"
+    return claims, f"matrix file {shown_path(manifest.get('source'), grid_dir)} (grid manifest)"
 
 
 # --------------------------------------------------------------------------- figure
@@ -242,7 +243,7 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
     interval (thin), the margins drawn; one shared axis per scale (folds on a log axis, differences linear)."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    from .plots import FigureOut, fixed_margins, new_figure, render
+    from .plots import FigureOut, fixed_margins, new_figure
 
     rows = [row for row in verdict_rows(judgement) if not math.isnan(row.result.paired.estimate)]
     if not rows:
@@ -290,5 +291,5 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
                "(both ways) or the non-inferiority bound; colour: the test's verdict (green supported, red "
                "contradicted, blue no meaningful effect, grey inconclusive). Fold changes share one log axis, "
                "differences one linear axis.")
-    return FigureOut("verdicts", "Claims: paired effects", caption, render(fig),
+    return FigureOut("verdicts", "Claims: paired effects", caption, fig,
                      {"tests": [[r.result.text, r.result.part, r.result.verdict] for r in rows]})
