@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -51,6 +52,21 @@ def fixed_margins(fig: Figure, *, left: float = 0.75, right: float = 0.25, top: 
     w, h = fig.get_size_inches()
     fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h, wspace=wspace,
                         hspace=hspace)
+
+
+def title_above(fig: Figure, text: str, *, fontsize: float = 10, pad: float = 0.08) -> float:
+    """The figure's title in its top margin, ``pad`` inches below the top edge, wrapped to the figure's width;
+    returns the inches it takes (pad included), so that the caller sets a top margin that keeps the axes'
+    titles clear of it (a title placed as a fraction of the height drops onto them in a tall figure)."""
+    w, h = fig.get_size_inches()
+    per_line = max(int(w * 72 / (0.56 * fontsize)), 20)  # characters of a line at this size (a generous average)
+    lines = textwrap.wrap(text, per_line) or [""]
+    fig.suptitle("\n".join(lines), fontsize=fontsize, y=1 - pad / h, va="top")
+    return pad + len(lines) * 1.3 * fontsize / 72
+
+
+AXES_TITLE = 0.3
+"""Inches above an axes that its one-line title (9 pt, with its pad) takes."""
 
 
 def render(fig: Figure, *, dpi: int = 100) -> bytes:
@@ -137,7 +153,9 @@ def _legend(fig: Figure, arms: Sequence[str], colors: dict, extra: Sequence[Line
     if not handles:
         fixed_margins(fig, bottom=0.5, **margins)
         return
-    ncols = min(len(handles), 6)
+    # as many columns as fit the figure's width: an entry is its handle (~0.45 in) and its label (8 pt text)
+    entry = max(0.45 + len(h.get_label()) * 8 * 0.6 / 72 for h in handles)
+    ncols = max(1, min(len(handles), 6, int(fig.get_size_inches()[0] / entry)))
     rows = math.ceil(len(handles) / ncols)
     fig.legend(handles=handles, loc="lower center", ncols=ncols, fontsize=8, frameon=False)
     fixed_margins(fig, bottom=0.5 + 0.2 * rows, **margins)
@@ -203,7 +221,7 @@ def grad_norm_figure(data: GridData, *, band: Band, max_points: int,
            else "pre-clip norm at logged steps")
     ax.set_title(f"Pre-clip gradient norm: {how}; line: mean over seeds of the per-bin max; {BAND_LABEL[band]}",
                  fontsize=9)
-    _legend(fig, arms, colors, extra)
+    _legend(fig, arms, colors, extra, left=0.95)  # room for the log axis's labels beside its name
     caption = (f"{gcol}, log axis. Each run is reduced to its maximum within a step bin (at most {max_points} bins), "
                f"then averaged over seeds; {BAND_LABEL[band]}. Triangles: logged spike events ({n_spikes} in all); "
                f"crosses at the top: the step a run was stopped as diverged "
@@ -237,9 +255,9 @@ def panels_figure(data: GridData, *, slug: str, title: str, keys: Sequence[str],
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    fig.suptitle(f"{title}: line = mean over seeds, {BAND_LABEL[band]}", fontsize=10)
+    top = title_above(fig, f"{title}: line = mean over seeds, {BAND_LABEL[band]}") + AXES_TITLE
     # only the arms that logged these keys (per-term gradients exist in RL arms only)
-    _legend(fig, [a for a in arms if a in drawn], colors, top=0.6)
+    _legend(fig, [a for a in arms if a in drawn], colors, top=top)
     caption = f"{', '.join(keys)}; line: mean over seeds; {BAND_LABEL[band]}.{(' ' + note) if note else ''}"
     return FigureOut(slug, title, caption, fig, {"keys": keys})
 
@@ -277,12 +295,12 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
             ax.tick_params(labelsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(f"Validation sample metrics: line = mean over seeds, {BAND_LABEL[band]}; dashed = {t_label}",
-                 fontsize=10)
+    top = title_above(fig, f"Validation sample metrics: line = mean over seeds, {BAND_LABEL[band]}; "
+                           f"dashed = {t_label}") + AXES_TITLE
     extra = [Line2D([], [], color="black", linestyle="--", label=t_label)]
     if euler_refs:
         extra.append(Line2D([], [], color="dimgray", linestyle=":", label="teacher, Euler with n steps"))
-    _legend(fig, arms, colors, extra, wspace=0.08, hspace=0.45, top=0.55)
+    _legend(fig, arms, colors, extra, wspace=0.08, hspace=0.45, top=top)
     caption = (f"Student sample metrics on the fixed validation noise and prompts, per NFE; dashed line: the "
                f"{t_label} on the same prompts"
                + ("; dotted line (FD): the teacher sampled with Euler in as many steps as the student's NFE"

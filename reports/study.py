@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from harness.search import ATTR_DIVERGED, ATTR_PRUNE, ATTR_RECORDED
 
@@ -127,6 +128,8 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
                     ax.scatter(x, c[name], s=18, c=c["trial"], cmap="viridis")
                     if _is_log(study, p.removeprefix("param:")):
                         ax.set_xscale("log")
+                        # within a decade the minor ticks get labels too, written over each other
+                        ax.xaxis.set_minor_formatter(NullFormatter())
                 else:  # categorical parameter
                     cats = sorted(c[p].astype(str).unique())
                     ax.scatter([cats.index(v) for v in c[p].astype(str)], c[name], s=18, c=c["trial"], cmap="viridis")

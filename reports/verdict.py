@@ -238,6 +238,11 @@ VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "no meani
                   "inconclusive": "tab:gray"}
 
 
+def _short(text: str, width: int = 44) -> str:
+    """A claim's text cut to ``width`` characters (an ellipsis where cut), for the forest plot's row labels."""
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
 def verdict_figure(judgement: Judgement) -> "FigureOut | None":
     """A forest plot: one row per test, its effect with the decision interval (thick) and the unadjusted 95%
     interval (thin), the margins drawn; one shared axis per scale (folds on a log axis, differences linear)."""
@@ -249,7 +254,7 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
     if not rows:
         return None
     groups = [g for g in ([r for r in rows if r.result.fold], [r for r in rows if not r.result.fold]) if g]
-    fig = new_figure(width=8.0, height=0.9 + 0.32 * len(rows) + 0.5 * len(groups))
+    fig = new_figure(width=8.0, height=0.9 + 0.4 * len(rows) + 0.5 * len(groups))
     fixed_margins(fig, left=3.2, right=0.3, top=0.35, bottom=0.5, hspace=0.9)
     axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": [len(g) for g in groups]})[:, 0]
     for ax, group in zip(axes, groups):
@@ -273,7 +278,8 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
                 marks = [-sign * b] if t.tolerance is not None else [-b, b]
                 for m in marks:
                     ax.plot([r.back(m)] * 2, [y - 0.35, y + 0.35], color="tab:red", linestyle="--", linewidth=0.9)
-            labels.append(f"{row.label[:48]}: {t.treatment} vs {t.baseline}")
+            labels.append(f"{_short(r.text)}{f' (part {r.part + 1}/{row.parts})' if row.parts > 1 else ''}\n"
+                          f"{t.treatment} vs {t.baseline}")
         ax.set_yticks(range(len(group)))
         ax.set_yticklabels(labels, fontsize=6.5)
         ax.set_ylim(-0.6, len(group) - 0.4)
