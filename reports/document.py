@@ -106,6 +106,35 @@ def stability_display(summary: pd.DataFrame, *, baseline: str | None) -> pd.Data
     return pd.DataFrame(rows)
 
 
+PAGE_PX = 1300
+"""Width a table may take on the page (the report's 1,400-px column less its padding)."""
+
+
+def _column_px(df: pd.DataFrame, col) -> float:
+    """Estimated width of a column at the tables' 13-px font: its longest cell, or its header's longest word
+    (headers wrap), plus the cell's padding."""
+    cells = df[col].astype(str).str.len().max() if len(df) else 0
+    head = max((len(w) for w in str(col).split()), default=0)
+    return 7.5 * max(cells, head) + 16
+
+
+def split_columns(df: pd.DataFrame, *, keep: int = 1, width: float = PAGE_PX) -> list[pd.DataFrame]:
+    """``df`` as tables that each fit ``width`` pixels: its first ``keep`` columns in every one, the others
+    packed in order (a ladder's differences have a column per arm)."""
+    head = list(df.columns[:keep])
+    used = sum(_column_px(df, c) for c in head)
+    parts: list[list] = [[]]
+    room = width - used
+    for c in df.columns[keep:]:
+        w = _column_px(df, c)
+        if parts[-1] and w > room:
+            parts.append([])
+            room = width - used
+        parts[-1].append(c)
+        room -= w
+    return [df[head + cols] for cols in parts if cols]
+
+
 def diff_display(diffs: pd.DataFrame, arms: Sequence[str]) -> pd.DataFrame:
     if diffs.empty:
         return pd.DataFrame()
@@ -307,9 +336,13 @@ def summary_section(numbers: ReportNumbers, notes: list[str]) -> Section:
                           ("How the runs went.", stability_display(numbers.summary, baseline=baseline))])
     dd = diff_display(numbers.diffs, numbers.arms)
     if not dd.empty:
-        sec.tables.append((f"Differences against the baseline '{baseline}' (arm - baseline; "
-                           "[unadjusted 95% paired t-interval]; * interval excludes 0; "
-                           "(n=k) fewer pairs than the column's; exploratory, not verdicts).", dd))
+        parts = split_columns(dd)
+        for i, part in enumerate(parts):
+            caption = (f"Differences against the baseline '{baseline}' (arm - baseline; "
+                       "[unadjusted 95% paired t-interval]; * interval excludes 0; "
+                       "(n=k) fewer pairs than the column's; exploratory, not verdicts)."
+                       if i == 0 else f"Differences against the baseline '{baseline}', continued.")
+            sec.tables.append((caption, part))
     return sec
 
 

@@ -36,12 +36,13 @@ class Document:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;color:#222;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:12px auto;max-width:1400px;color:#222;
 line-height:1.4;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+h1{font-size:1.5em;margin:.3em 0 .2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.2em}
 table{border-collapse:collapse;font-size:13px;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right;white-space:nowrap}th{background:#f0f0f0;white-space:normal;vertical-align:bottom}
-td:first-child,th:first-child{text-align:left}td.text{white-space:normal;text-align:left;min-width:12em}
+td:first-child,th:first-child{text-align:left}td.text{white-space:normal;text-align:left;min-width:14em}
+td,th{line-height:1.25}
 .caption{font-size:13px;color:#555;margin:.2em 0 .4em}figure{margin:0 0 1.6em}figure img{max-width:100%;
 border:1px solid #eee}figcaption{font-size:13px;color:#555}.scroll{overflow-x:auto}nav a{margin-right:1em}
 li{margin:.25em 0}.intro{color:#444}

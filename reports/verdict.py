@@ -71,6 +71,16 @@ def margin_text(t: ClaimTest) -> str:
     return f"within {fmt_fold(t.margin)} either way" if t.scale == "log" else f"within ±{fmt_num(t.margin)}"
 
 
+def margin_short(t: ClaimTest) -> str:
+    """The margin in the verdict table's few words: 'x1.1 either way', '±0.05 either way', 'x1.5 worse at most'."""
+    if t.tolerance is not None:
+        m = fmt_fold(t.tolerance) if t.scale == "log" else fmt_num(t.tolerance)
+        return f"{m} worse at most"
+    if t.margin is None:
+        return "none"
+    return f"{fmt_fold(t.margin) if t.scale == 'log' else '±' + fmt_num(t.margin)} either way"
+
+
 def predicted(test: ClaimTest) -> str:
     """What the test expects, in words: 'decrease' or 'not higher by more than x1.5'."""
     if test.tolerance is None:
@@ -80,9 +90,15 @@ def predicted(test: ClaimTest) -> str:
     return f"not {worse} by more than {margin}"
 
 
+STOP_SHORT = {"decided": "decided", "open": "open", "futile": "futile", "max": "max reached",
+              "claim decided": "claim decided"}
+"""A test's state in a word or two, for the verdict table (the detail table says it in full)."""
+
+
 def seeds_text(r: TestResult) -> str:
+    """'3 (max reached)', '4 (decided, looks at n=3/4)': the seeds a test used and how it ended."""
     looks = f", looks at n={'/'.join(map(str, r.looks))}" if len(r.looks) > 1 else ""
-    return f"{r.n} ({r.stop_text}{looks})"
+    return f"{r.n} ({STOP_SHORT.get(r.state, r.stop_text)}{looks})"
 
 
 def mde_text(r: TestResult) -> str:
@@ -152,7 +168,7 @@ def verdict_table(judgement: Judgement) -> pd.DataFrame:
             "test": f"{t.treatment} vs {t.baseline}: {t.describe()}",
             "effect [decision interval]": effect_text(r, r.lo, r.hi),
             "unadjusted 95%": effect_text(r, r.raw_lo, r.raw_hi).split(" ", 1)[-1] if r.n >= 2 else "n/a",
-            "margin": margin_text(t),
+            "margin": margin_short(t),
             "seeds": seeds_text(r),
             "part verdict": r.verdict,
         })
@@ -162,9 +178,10 @@ def verdict_table(judgement: Judgement) -> pd.DataFrame:
 def detail_table(judgement: Judgement) -> pd.DataFrame:
     """What stands behind each row: the prediction, the level, the detectable effect, the seeds left out."""
     return pd.DataFrame([{
-        "claim": row.label, "predicted": predicted(row.result.test),
+        "claim": row.label, "predicted": predicted(row.result.test), "margin": margin_text(row.result.test),
         "decision level (two-sided)": f"{row.result.level_alpha:.2g}",
         f"smallest detectable ({POWER:.0%} power)": mde_text(row.result),
+        "seeds: why it stopped": row.result.stop_text,
         "left out": "; ".join(row.result.excluded) or "—",
     } for row in verdict_rows(judgement)])
 
