@@ -186,3 +186,22 @@ def test_the_csv_comparison_finds_a_changed_number(tmp_path):
     mod.write_all(tmp_path / "now", [])
     problems = mod.compare(tmp_path / "kept", tmp_path / "now")
     assert len(problems) == 1 and problems[0].startswith("synthetic/summary.csv differs")
+
+
+def test_a_search_grid_on_disk_reads_as_a_study(tmp_path):
+    """The grid manifest's kind 'search' reaches the report: no baseline, no ladder findings, the spec named
+    relative to the grid directory."""
+    from harness.store import write_grid_manifest
+    from reports.build import build_report
+    from reports.data import load_grid
+    from reports.synthetic import write_synthetic_grid
+
+    grid = write_synthetic_grid(tmp_path / "runs" / "s", arms=["trial-0000", "trial-0001"], seeds=[0, 1], steps=20,
+                                log_every=5, val_every=10, per_class=1)
+    write_grid_manifest(grid, kind="search", source=tmp_path / "spec.yaml", arms=None, claims=[])
+    assert load_grid(grid_dir=grid).kind == "search"
+    build_report(grid_dir=grid, out_dir=tmp_path / "report", studies=[], progress=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Baseline arm" not in md and "trial-0001 vs trial-0000" not in md and "## Findings" not in md
+    assert "search spec ../../spec.yaml" in md and str(tmp_path) not in md
+    assert pd.read_csv(tmp_path / "report" / "summary.csv")["arm"].tolist() == ["trial-0000", "trial-0001"]
