@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from twinflow_train.rundir import NONFINITE_TEXT
+from harness import collect
+from twinflow_train.rundir import NONFINITE_TEXT, RunDirError
 from twinflow_train.yamlio import InputError
 
 METRIC_ID_COLUMNS = ("grid", "arm", "seed", "run_dir", "kind", "step")
@@ -162,8 +163,6 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
     grid_dir = Path(grid_dir)
     if not grid_dir.is_dir():
         raise FileNotFoundError(f"grid directory {grid_dir} does not exist")
-    from harness import collect
-
     statuses = collect.run_statuses(grid_dir)
     if statuses.empty:  # checked first: collecting writes the grid's metrics cache
         raise GridDataError(f"{grid_dir}: no run directories (<arm>/seed-<k>/) in this grid directory")
@@ -194,9 +193,6 @@ def shown_path(path: str | Path | None, grid_dir: Path | None) -> str:
 
 def _manifest_kind(grid_dir: Path) -> str | None:
     """``kind`` of the grid manifest ('grid' or 'search'); None where there is none or it does not load."""
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     try:
         manifest = collect.grid_manifest(grid_dir)
     except RunDirError:
@@ -207,9 +203,6 @@ def _manifest_kind(grid_dir: Path) -> str | None:
 
 def _manifest_parents(grid_dir: Path) -> dict[str, str | None] | None:
     """``parents`` of the grid manifest; None where there is no manifest, it does not load, or it has none."""
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     try:
         manifest = collect.grid_manifest(grid_dir)
     except RunDirError:
@@ -226,9 +219,6 @@ def grid_arm_order(grid_dir: Path, statuses: pd.DataFrame) -> tuple[list[str] | 
     groups, and a grid run before the manifest existed, are ordered by when each arm's
     first run was created (``run_statuses``' ``created``); the returned source says which.
     """
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     created = _creation_order(statuses)
     try:
         manifest = collect.grid_manifest(grid_dir)

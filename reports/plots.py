@@ -14,9 +14,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy.stats import t as t_dist
 
 from .data import GridData
 from .stats import SAMPLE_METRICS, max_grad_column, teacher_values
@@ -76,8 +78,6 @@ def render(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def arm_colors(arms: Sequence[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"] if len(arms) <= 10 else colormaps["tab20"] if len(arms) <= 20 else colormaps["turbo"]
     n = max(len(arms), 1)
     return {a: cmap(i if len(arms) <= 20 else i / n) for i, a in enumerate(arms)}
@@ -117,10 +117,8 @@ def curve_stats(metrics: pd.DataFrame, key: str, *, kind: str | None, max_points
     per_arm = per_run.groupby(["arm", "_bin"], observed=True).agg(
         x=("x", "mean"), mean=("v", "mean"), lo=("v", "min"), hi=("v", "max"), sd=("v", "std"), n=("v", "count"))
     if band == "ci95":
-        from scipy.stats import t
-
         n = per_arm["n"].to_numpy()
-        half = np.where(n > 1, t.ppf(0.975, np.maximum(n - 1, 1)) * per_arm["sd"].to_numpy() / np.sqrt(n), 0.0)
+        half = np.where(n > 1, t_dist.ppf(0.975, np.maximum(n - 1, 1)) * per_arm["sd"].to_numpy() / np.sqrt(n), 0.0)
         per_arm["lo"] = per_arm["mean"] - half
         per_arm["hi"] = per_arm["mean"] + half
     return per_arm.drop(columns="sd").reset_index().drop(columns="_bin")

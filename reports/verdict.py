@@ -16,19 +16,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator
 
+from harness import collect
 from harness.claims import TEACHER, Claim, ClaimTest
 from harness.inference import ALPHA, POWER, Verdict
+from harness.sequential import SeedPlan, read_record, replay
 from harness.verdicts import Judgement, TestResult, judge_fixed
+from twinflow_train.rundir import RunDirError
 
 from .data import GridData, shown_path
+from .plots import FigureOut, fixed_margins, new_figure
 from .stats import fmt_fold, fmt_num
-
-if TYPE_CHECKING:
-    from .plots import FigureOut
 
 LEVEL = 1 - ALPHA
 RULE = ("Verdicts: no meaningful effect when the whole decision interval lies inside the margin both ways (an "
@@ -112,9 +114,6 @@ def mde_text(r: TestResult) -> str:
 def judge(data: GridData, claims: Sequence[Claim]) -> tuple[Judgement, str]:
     """The judgement of ``claims`` on ``data`` and a sentence on how: the grid's recorded looks when it ran a
     sequential plan with these claims, else one look with every seed."""
-    from harness.sequential import SeedPlan, read_record, replay
-    from twinflow_train.rundir import RunDirError
-
     record = None
     if data.grid_dir is not None:
         try:
@@ -228,9 +227,6 @@ def verdict_csv(judgement: Judgement) -> pd.DataFrame:
 def grid_claims(grid_dir: Path | None) -> tuple[tuple[Claim, ...], str]:
     """The claims of the matrix the grid was run from (the harness keeps them in the grid manifest), and a
     sentence saying where they came from, or why there are none."""
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     if grid_dir is None:
         return (), "the data were not read from a grid directory"
     try:
@@ -260,13 +256,9 @@ def _short(text: str, width: int = 44) -> str:
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
 
 
-def verdict_figure(judgement: Judgement) -> "FigureOut | None":
+def verdict_figure(judgement: Judgement) -> FigureOut | None:
     """A forest plot: one row per test, its effect with the decision interval (thick) and the unadjusted 95%
     interval (thin), the margins drawn; one shared axis per scale (folds on a log axis, differences linear)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    from .plots import FigureOut, fixed_margins, new_figure
-
     rows = [row for row in verdict_rows(judgement) if not math.isnan(row.result.paired.estimate)]
     if not rows:
         return None
