@@ -77,7 +77,7 @@ def _train_steps(run: Path) -> int:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)
     out = {f"model.{k}": v for k, v in state["model"].items()}
     for name, sd in state["extra"].items():
         out.update({f"{name}.{k}": v for k, v in sd.items()})

@@ -236,9 +236,9 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
                                                                    for j in range(len(parsed.tests))]
             else:
                 text = entry.pop("claim", None)
-                if not isinstance(text, str) or not text.strip():
+                if not isinstance(text, str) or not text.strip():  # reported with the test's own problems, at once
                     problems.append(f"{where.key('claim').field()}: the claim's sentence is missing (got {text!r})")
-                    continue
+                    text = None
                 tests, places = [from_dict(ClaimTest, entry, where)], [where]
         except ConfigError as e:
             problems.extend(e.problems)
@@ -246,7 +246,7 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
         found = [f"{w.key(k).field()}: {t}" if k else w.own(t) for t, w in zip(tests, places)
                  for k, t in t.arm_problems(arms)]
         problems.extend(found)
-        if not found:
+        if not found and text is not None:
             claims.append(Claim(text=text.strip(), tests=tuple(tests)))
     return tuple(claims)
 

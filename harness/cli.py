@@ -100,7 +100,7 @@ def grid_run(args: argparse.Namespace) -> int:
     with reading_input("twinflow-lab grid run: launcher"):  # e.g. submitit missing, an unknown --slurm-param
         launcher = make_launcher(args.launcher, workers=args.workers, grid_dir=grid.grid_dir,
                                  nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
-                                 slurm_parameters=params)
+                                 slurm_parameters=params, accelerate_config=args.accelerate_config)
     result = run_grid(grid, launcher=launcher, retries=args.retries,
                       on_changed="supersede" if args.supersede_changed else "error",
                       restart_on_corrupt=args.restart_on_corrupt, forks=not args.no_forks)
@@ -145,7 +145,7 @@ def grid_status_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_status(args: argparse.Namespace) -> int:
-    from .grid import grid_is_live, lock_info
+    from .lock import grid_is_live, lock_info
     from .monitor import GridMonitor, render_table
 
     problems = [f"--workers must be >= 1 (got {args.workers})"] if args.workers is not None and args.workers < 1 else []
@@ -174,20 +174,21 @@ def grid_collect_args(p: argparse.ArgumentParser) -> None:
 def grid_collect(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .collect import CACHE_NAME, collect_grid, divergence_summary, run_statuses
+    from .collect import collect_grid, divergence_summary, publish_parquet, run_statuses
 
     grid = _load(args, [f"--rise-k must be >= 1 (got {args.rise_k})"] if args.rise_k < 1 else [])
     if not grid.grid_dir.is_dir():
         _err(f"grid {grid.name} has no runs yet ({grid.grid_dir} does not exist)")
         return 1
     df = collect_grid(grid.grid_dir, on_bad_line="skip")  # a damaged file marks its run, not the whole grid
+    parquet = publish_parquet(grid.grid_dir)
     summary = divergence_summary(df, rise_k=args.rise_k)
     statuses = run_statuses(grid.grid_dir)
     table = statuses[["arm", "seed", "state", "step", "reason"]].merge(
         summary.drop(columns=["grid", "run_dir", "val_rise_k"]), on=["arm", "seed"], how="left")
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         print(f"{len(df)} records from {df['run_dir'].nunique() if len(df) else 0} runs -> "
-              f"{grid.grid_dir / '.harness' / CACHE_NAME}")
+              f"{parquet}")
         print(table.to_string(index=False))
     problems = dict(df.attrs.get("problems", {}))
     for run_dir, problem in zip(statuses["run_dir"], statuses["problem"]):

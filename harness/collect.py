@@ -162,6 +162,21 @@ def collect_grid(grid_dir: str | Path, *, use_cache: bool = True,
     return df
 
 
+def publish_parquet(grid_dir: str | Path) -> Path:
+    """``<grid>/metrics.parquet``: a copy of the collected table where ``ls`` shows it (the cache under
+    ``.harness/`` is the harness's own and is rebuilt whenever a run changes). Call after ``collect_grid``."""
+    import shutil
+
+    grid_dir = Path(grid_dir)
+    cache = grid_dir / ".harness" / CACHE_NAME
+    if not cache.is_file():
+        raise FileNotFoundError(f"{cache} does not exist; collect_grid writes it")
+    out = grid_dir / CACHE_NAME
+    with atomic_path(out) as tmp:
+        shutil.copyfile(cache, tmp)
+    return out
+
+
 def grid_manifest(grid_dir: str | Path) -> dict[str, Any] | None:
     """The grid manifest (see the module docstring)."""
     return read_grid_manifest(Path(grid_dir))
@@ -169,7 +184,7 @@ def grid_manifest(grid_dir: str | Path) -> dict[str, Any] | None:
 
 def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
     """One row per run of a grid: state, reason, last step, wall-clock seconds (see the module docstring)."""
-    from .grid import grid_is_live
+    from .lock import grid_is_live
     from .monitor import pid_is_trainer
 
     grid_dir = Path(grid_dir)

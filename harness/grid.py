@@ -26,22 +26,21 @@ killed harness releases by dying).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, TextIO
+from typing import Literal, Mapping, TextIO
 
 from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, with_sources
 from .forks import describe as describe_forks
 from .forks import ready as fork_ready
 from .launchers import Launcher
+from .lock import GridLock, grid_is_live, lock_info
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
-from .runs import (HARNESS_DIR, ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
+from .runs import (ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
                    prepare_shared_assets, sigterm_raises, start_run, status_or_none, stop_runs, supersede)
 from .store import write_grid_manifest
 
@@ -53,66 +52,6 @@ __all__ = ["GridError", "GridInterrupted", "GridLock", "GridResult", "PlannedRun
 
 class GridInterrupted(Exception):
     """The harness was asked to stop (SIGTERM); the runs in flight were stopped and can be resumed."""
-
-
-# --------------------------------------------------------------------------- lock
-
-
-def _lock_path(grid_dir: Path) -> Path:
-    return Path(grid_dir) / HARNESS_DIR / "lock"
-
-
-class GridLock:
-    """Exclusive OS lock on a grid; its file holds who runs the grid (pid, launcher, slots)."""
-
-    def __init__(self, grid_dir: Path):
-        self.path = _lock_path(grid_dir)
-        self._fd: int | None = None
-
-    def acquire(self, info: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = lock_info(self.path.parent.parent) or {}
-            raise GridError([f"grid {self.path.parent.parent} is being run by another harness "
-                             f"(pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')})"]) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(dict(info)) + "\n").encode())
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def grid_is_live(grid_dir: Path) -> bool:
-    """Is a harness running this grid right now?"""
-    path = _lock_path(grid_dir)
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we may have taken
-    return False
-
-
-def lock_info(grid_dir: Path) -> dict[str, Any] | None:
-    path = _lock_path(grid_dir)
-    try:
-        text = path.read_text().strip()
-        return json.loads(text) if text else None
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # --------------------------------------------------------------------------- plan
@@ -293,6 +232,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
     """A sequential grid (``harness.sequential``): run a wave, look at every open claim, give the next wave's
     seeds to the arms of the claims still open; resume from the recorded looks."""
     from .collect import collect_grid, run_statuses
+    from .inference import ALPHA
     from .sequential import look_json, open_tests_text, read_record, resume_state, write_record
     from .verdicts import sequential_look
 
@@ -325,7 +265,7 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
             p.action = "skip"  # ended (done, diverged or failed for good): a later wave does not start it again
         metrics, statuses = tables()
         judgement = sequential_look(grid.claims, metrics, statuses, targets=wave.targets, seeds=plan.seeds,
-                                    previous=judgement, alpha=judgement.alpha if judgement else 0.05,
+                                    previous=judgement, alpha=ALPHA,
                                     spending=plan.spending, n_max=plan.max)
         looks.append(look_json(wave.number, wave.targets, judgement))
         write_record(grid.grid_dir, plan=plan, claims=grid.claims, looks=looks)
@@ -409,6 +349,9 @@ def _schedule(grid: Grid, todo: list[PlannedRun], *, launcher: Launcher, retries
                 if outcome == "failed" and a.record.failures <= retries:
                     queue.append(a.spec)
                     display.event(f"{a.spec.key} will be retried ({a.record.failures}/{retries})")
+                elif outcome == "preempted":  # stopped on a signal at a checkpoint: no failed attempt
+                    queue.append(a.spec)
+                    display.event(f"{a.spec.key} resumes from its checkpoint")
                 else:
                     result.outcomes[a.spec.key] = outcome
             active = still

@@ -5,6 +5,9 @@ Three kinds, one interface (``Launcher.start(job) -> Handle``, ``Handle.poll()``
 - ``LocalLauncher``: a pool of ``workers`` plain processes on this machine;
 - ``TorchrunLauncher``: the same pool, each run a ``torchrun --standalone
   --nproc_per_node N`` group;
+- ``AccelerateLauncher``: the same pool, each run an ``accelerate launch --config_file FILE``
+  group (the user's accelerate config decides processes, machines and ports; sharding and
+  precision stay the trainer's own ``parallel.*``);
 - ``SlurmLauncher``: one submitit job per run (``cluster="slurm"``), or submitit's
   local executor (``cluster="local"``, used by the tests).
 
@@ -27,11 +30,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, TextIO
 
 from .identity import trainer_package_dir
 
-LauncherKind = Literal["local", "torchrun", "slurm"]
+LauncherKind = Literal["local", "torchrun", "accelerate", "slurm"]
 TRAINER_MODULE = "twinflow_train.cli"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -143,15 +146,37 @@ class Launcher(ABC):
     def start(self, job: LaunchJob) -> Handle:
         """Start ``job``; returns at once."""
 
-    def run_blocking(self, job: LaunchJob, *, poll_s: float = 0.2) -> int:
-        """Start ``job`` and wait for it (shared-asset preparation)."""
+    def run_blocking(self, job: LaunchJob, *, poll_s: float = 0.2, echo: TextIO | None = None) -> int:
+        """Start ``job`` and wait for it (shared-asset preparation); with ``echo``, the lines the job adds to its
+        log are copied there as they come (indented), so the terminal shows the progress the log records."""
+        offset = job.log_path.stat().st_size if echo is not None and job.log_path.is_file() else 0
+        pending = b""
+
+        def relay(*, last: bool = False) -> None:
+            nonlocal offset, pending
+            if echo is None or not job.log_path.is_file():
+                return
+            with open(job.log_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            if last and pending:  # the job ended in mid-line
+                lines, pending = lines + [pending], b""
+            for line in lines:
+                echo.write(f"  {line.decode(errors='replace').rstrip()}\n")
+            if lines:
+                echo.flush()
+
         handle = self.start(job)
         try:
             while (rc := handle.poll()) is None:
+                relay()
                 time.sleep(poll_s)
         except BaseException:
             handle.terminate()
             raise
+        relay(last=True)
         return rc
 
     def describe(self) -> str:
@@ -223,21 +248,155 @@ class TorchrunLauncher(LocalLauncher):
                 f"{self.threads} thread(s) per process")
 
 
-def run_command(command: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
-    """Body of a submitit job: run the trainer, its output appended to ``log_path``; returns the exit code."""
-    with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env))
+#: accelerate ``distributed_type`` values that hand sharding or precision to accelerate's own engines; the trainer
+#: shards with its own FSDP2 (``parallel.fsdp``), so these would be ignored and are refused
+_FOREIGN_ENGINES = {"FSDP": "parallel.fsdp", "DEEPSPEED": "parallel.fsdp", "MEGATRON_LM": "parallel.fsdp",
+                    "XLA": "a torchrun/accelerate group on GPUs"}
 
-        def forward(signum: int, _frame: Any) -> None:
-            # Slurm (and the local executor's cancel) signal this wrapper; the trainer must hear it too
-            proc.send_signal(signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            signal.signal(sig, forward)
-        return proc.wait()
+def read_accelerate_config(path: Path) -> dict[str, Any]:
+    """The accelerate config file at ``path``, checked for what the trainer would not honour (``InputError``
+    listing every problem): accelerate's FSDP/DeepSpeed/Megatron engines and its mixed precision, which the
+    trainer sets itself (``parallel.fsdp``, ``parallel.mixed_precision``)."""
+    import yaml
+
+    from twinflow_train.yamlio import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError([f"--accelerate-config {path}: no such file"])
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix != ".json" else __import__("json").loads(
+            path.read_text())
+    except Exception as e:  # noqa: BLE001 - any parse error is reported with the file's name
+        raise InputError([f"--accelerate-config {path}: not YAML/JSON ({type(e).__name__}: {e})"]) from None
+    if not isinstance(data, dict):
+        raise InputError([f"--accelerate-config {path}: expected a mapping (accelerate config), got "
+                          f"{type(data).__name__}"])
+    problems = []
+    kind = str(data.get("distributed_type", "NO"))
+    if kind in _FOREIGN_ENGINES:
+        problems.append(f"--accelerate-config {path}: distributed_type {kind} hands the model to accelerate's own "
+                        f"engine, which the trainer does not use; use MULTI_GPU (or NO) there and "
+                        f"{_FOREIGN_ENGINES[kind]} in the run config")
+    precision = data.get("mixed_precision", "no")
+    if str(precision).lower() not in ("no", "none"):
+        problems.append(f"--accelerate-config {path}: mixed_precision {precision!r} would be ignored (the trainer "
+                        "sets precision itself); set mixed_precision: 'no' there and parallel.mixed_precision in "
+                        "the run config")
+    procs = data.get("num_processes")
+    if procs is not None and (not isinstance(procs, int) or isinstance(procs, bool) or procs < 1):
+        problems.append(f"--accelerate-config {path}: num_processes must be an integer >= 1 (got {procs!r})")
+    if problems:
+        raise InputError(problems)
+    return data
+
+
+def default_accelerate_config() -> Path | None:
+    """accelerate's default config file (written by ``accelerate config``) when it exists."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    path = Path(default_config_file)
+    return path if path.is_file() else None
+
+
+class AccelerateLauncher(LocalLauncher):
+    """Each run is an ``accelerate launch --config_file FILE -m twinflow_train.cli fit ...`` group; ``workers``
+    groups at a time. accelerate starts the processes (torchrun underneath, with the ranks and rendezvous its
+    config names); the trainer initialises the process group and shards the model itself, as under torchrun.
+    ``nproc_per_node`` overrides the config's ``num_processes``. A config without ``main_process_port`` gets
+    ``--main_process_port 0`` (a free port), so several groups share one machine without clashing.
+    """
+
+    kind: LauncherKind = "accelerate"
+
+    def __init__(self, *, config_file: Path | None, workers: int = 1, nproc_per_node: int | None = None,
+                 threads: int | None = None, python: str | None = None):
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise RuntimeError("the accelerate launcher needs the accelerate package "
+                               "(pip install 'twinflow-lab[qwen]' or pip install accelerate)") from None
+        if nproc_per_node is not None and nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1 (got {nproc_per_node})")
+        if config_file is None:
+            config_file = default_accelerate_config()
+            if config_file is None:
+                from twinflow_train.yamlio import InputError
+
+                raise InputError(["--launcher accelerate needs an accelerate config: pass --accelerate-config PATH "
+                                  "or write the default one with `accelerate config`"])
+        self.config_file = Path(config_file).resolve()
+        self.config = read_accelerate_config(self.config_file)
+        self.nproc_per_node = nproc_per_node or int(self.config.get("num_processes") or 1)
+        per_process = threads if threads is not None else max(1, available_cores() // (workers * self.nproc_per_node))
+        super().__init__(workers=workers, threads=per_process, python=python)
+
+    def command(self, job: LaunchJob) -> list[str]:
+        if job.argv and job.argv[0] != "fit":
+            return super().command(job)  # shared-asset preparation (teacher) is single-process work
+        cmd = [self.python, "-m", "accelerate.commands.launch", "--config_file", str(self.config_file),
+               "--num_processes", str(self.nproc_per_node)]
+        if self.config.get("main_process_port") is None and int(self.config.get("num_machines") or 1) <= 1:
+            cmd += ["--main_process_port", "0"]
+        return [*cmd, "-m", self.module, *job.argv]
+
+    def describe(self) -> str:
+        return (f"accelerate launch ({self.config_file}): {self.slots} group(s) at once, {self.nproc_per_node} "
+                f"process(es) each, {self.threads} thread(s) per process")
+
+
+SLURM_SIGNAL_DELAY_S = 180
+"""``--signal=USR2@<s>``: Slurm signals a job this long before its time limit, so the trainer stops at a checkpoint
+(``run.preempt_grace_s``, 120 s by default, must fit in it) and submitit requeues the job."""
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class TrainerJob:
+    """Body of a submitit job: run the trainer, its output appended to ``log_path``; returns the exit code.
+
+    A signal to the job (Slurm's preemption SIGTERM, the ``--signal`` USR2 before the time limit, the local
+    executor's cancel) is passed on to the trainer's process group as SIGTERM (SIGINT stays SIGINT), which
+    stops at a checkpoint (``twinflow_train.run.preempt``); a torchrun agent passes it to its workers. When
+    the trainer has stopped, the handler submitit had for that signal runs: for USR2 it calls ``checkpoint``
+    and requeues the job (submitit's checkpointing), and the requeued job resumes the run from its checkpoint.
+    """
+
+    def __call__(self, command: Sequence[str], env: Mapping[str, str], log_path: str) -> int:
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(command)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(env), start_new_session=True)
+            received: list[int] = []
+
+            def forward(signum: int, _frame: Any) -> None:
+                received.append(signum)
+                try:
+                    os.killpg(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+            previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+            try:
+                rc = proc.wait()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if received and rc != 0:
+                handler = previous.get(received[0])
+                if callable(handler):  # submitit's own: on its preemption signal, checkpoint() and requeue
+                    handler(received[0], None)
+            return rc
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's checkpointing: the requeued job is the same call (the trainer resumes by itself)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+run_command = TrainerJob()
 
 
 class SubmititHandle(Handle):
@@ -299,6 +458,8 @@ class SlurmLauncher(Launcher):
         params: dict[str, Any] = {"timeout_min": 24 * 60, "nodes": 1, "tasks_per_node": 1,
                                   "name": "twinflow-lab"}
         params[f"{cluster}_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        if cluster == "slurm":
+            params["slurm_signal_delay_s"] = SLURM_SIGNAL_DELAY_S
         params.update(parameters or {})
         self.executor.update_parameters(**params)
 
@@ -321,8 +482,13 @@ class SlurmLauncher(Launcher):
 
 def make_launcher(kind: LauncherKind, *, workers: int, grid_dir: Path, nproc_per_node: int | None = None,
                   slurm_cluster: Literal["slurm", "local"] = "slurm",
-                  slurm_parameters: Mapping[str, Any] | None = None) -> Launcher:
+                  slurm_parameters: Mapping[str, Any] | None = None,
+                  accelerate_config: Path | None = None) -> Launcher:
     """The launcher named by ``kind`` (``--launcher`` on the command line); an unknown kind is an error."""
+    if accelerate_config is not None and kind != "accelerate":
+        raise ValueError(f"--accelerate-config goes with --launcher accelerate (got --launcher {kind})")
+    if kind == "accelerate":
+        return AccelerateLauncher(config_file=accelerate_config, workers=workers, nproc_per_node=nproc_per_node)
     if kind == "local":
         return LocalLauncher(workers=workers)
     if kind == "torchrun":
@@ -330,14 +496,19 @@ def make_launcher(kind: LauncherKind, *, workers: int, grid_dir: Path, nproc_per
     if kind == "slurm":
         return SlurmLauncher(folder=grid_dir / ".harness" / "submitit", workers=workers, cluster=slurm_cluster,
                              nproc_per_node=nproc_per_node or 1, parameters=slurm_parameters)
-    raise ValueError(f"unknown launcher {kind!r}; valid: local, torchrun, slurm")
+    raise ValueError(f"unknown launcher {kind!r}; valid: local, torchrun, accelerate, slurm")
 
 
 def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
-    """``--launcher``, ``--nproc-per-node``, ``--slurm-cluster``, ``--slurm-param`` (``grid run`` and ``search``)."""
-    p.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local", help="how runs start")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2) "
-                   "and slurm (default 1)")
+    """``--launcher``, ``--nproc-per-node``, ``--accelerate-config``, ``--slurm-cluster``, ``--slurm-param``
+    (``grid run`` and ``search``)."""
+    p.add_argument("--launcher", choices=("local", "torchrun", "accelerate", "slurm"), default="local",
+                   help="how runs start")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run for torchrun (default 2), "
+                   "accelerate (default: the config's num_processes) and slurm (default 1)")
+    p.add_argument("--accelerate-config", type=Path, default=None, metavar="PATH",
+                   help="accelerate config file for --launcher accelerate (default: accelerate's own default "
+                   "config, written by `accelerate config`)")
     p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
                    help="submitit backend: a Slurm cluster, or submitit's local executor")
     p.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
@@ -353,6 +524,8 @@ def parse_launcher_params(args: argparse.Namespace) -> dict[str, Any]:
     problems = []
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         problems.append(f"--nproc-per-node must be >= 1 (got {args.nproc_per_node})")
+    if getattr(args, "accelerate_config", None) is not None and args.launcher != "accelerate":
+        problems.append(f"--accelerate-config goes with --launcher accelerate (got --launcher {args.launcher})")
     for item in args.slurm_param:
         if "=" not in item or not item.split("=", 1)[0].strip():
             problems.append(f"--slurm-param {item!r} must look like key=value (e.g. slurm_partition=gpu)")

@@ -40,6 +40,11 @@ from .store import (HARNESS_DIR, LAUNCH_CONFIG, LOG_DIR, Attempt, RunDirError, R
 DirKind = Literal["new", "done", "diverged", "retry", "resume", "changed", "alive"]
 ENDED = ("done", "failed", "diverged")
 """Run states the trainer (or ``finish_run``) writes when a run has ended."""
+PREEMPTED = "preempted"
+"""The trainer stopped on a signal at a checkpoint (``twinflow_train.run.preempt``): an attempt that is not a
+failure; the run resumes from that checkpoint (on the next poll of a grid, or when the grid is re-run)."""
+STOP_MARGIN_S = 10.0
+"""A stop waits a run's ``run.preempt_grace_s`` plus this before SIGKILL."""
 SUPERSEDED_DIR = ".superseded"
 STOP_GRACE_S = 15.0
 
@@ -100,6 +105,10 @@ def classify(spec: RunSpec, *, code_version: str) -> RunDirState:
         return RunDirState("diverged", f"diverged: {reason}", reason=reason)
     if state == "failed":
         return RunDirState("retry", f"failed {record.failures} time(s): {reason}", failures=record.failures,
+                           reason=reason)
+    if state == PREEMPTED:
+        step = resume_step(d)
+        return RunDirState("resume" if step else "new", f"preempted ({reason}); resumes from step {step}",
                            reason=reason)
     if state == "running" and pid_is_trainer(status.get("pid")):
         return RunDirState("alive", f"{d}: run {spec.key} is still running (pid {status.get('pid')})")
@@ -209,7 +218,7 @@ def prepare_shared_assets(spec: RunSpec, launcher: Launcher, *, grid_dir: Path, 
     stream.flush()
     t0 = time.perf_counter()
     rc = runner.run_blocking(LaunchJob(name="teacher", argv=["teacher", "--config", str(cfg_path.resolve()),
-                                                             "--no-progress"], log_path=log))
+                                                             "--no-progress"], log_path=log), echo=stream)
     if rc != 0:
         raise GridError([f"teacher preparation failed ({exit_text(rc)}): {tail_reason(log)} (log: {log})"])
     return time.perf_counter() - t0
@@ -256,8 +265,9 @@ def start_run(spec: RunSpec, launcher: Launcher, *, run_env: RunEnv | None = Non
 
 
 def _ended_by_itself(active: ActiveRun, status: Mapping[str, Any]) -> bool:
-    """status.json holds an end the trainer wrote during this attempt."""
-    return status.get("state") in ENDED and float(status.get("updated") or 0) >= active.attempt.started - 1.0
+    """status.json holds an end (or a stop on a signal) the trainer wrote during this attempt."""
+    return (status.get("state") in (*ENDED, PREEMPTED)
+            and float(status.get("updated") or 0) >= active.attempt.started - 1.0)
 
 
 def finish_run(active: ActiveRun, rc: int) -> str:
@@ -266,7 +276,10 @@ def finish_run(active: ActiveRun, rc: int) -> str:
     status = status_or_none(d) or {}
     state = status.get("state")
     expected = EXIT_STATES.get(rc)
-    if _ended_by_itself(active, status) and (expected is None or expected == state):
+    if _ended_by_itself(active, status) and state == PREEMPTED and rc != EXIT_DONE:
+        # whatever the exit code says (torchrun's agent and the scheduler's wrapper report their own)
+        outcome, reason = PREEMPTED, status.get("reason")
+    elif _ended_by_itself(active, status) and (expected is None or expected == state):
         outcome, reason = state, status.get("reason")
     else:
         # the trainer died without writing its end (signal, OOM, crash in start-up) or
@@ -289,12 +302,15 @@ def stop_runs(actives: list[ActiveRun], *, state: Literal["queued", "diverged"] 
               outcome: Literal["interrupted", "diverged"] = "interrupted", reason: str,
               grace_s: float = STOP_GRACE_S) -> list[str | None]:
     """Stop every run of ``actives`` (SIGTERM to its process group or the scheduler's cancel, SIGKILL after
-    ``grace_s``), then record why: status ``state`` with ``reason``, the attempt ended as ``outcome``.
+    ``grace_s``, or the runs' ``run.preempt_grace_s`` plus a margin when longer), then record why: status
+    ``state`` with ``reason``, the attempt ended as ``outcome``.
 
-    A run that ended by itself before the stop reached it keeps its own verdict (``finish_run``). Returns, per
-    run, that outcome, or None for a run this stop ended."""
+    The trainer turns the SIGTERM into a checkpoint of the step in flight and status ``preempted``; such a run,
+    and one that ended by itself before the stop reached it, keeps its own verdict (``finish_run``:
+    ``preempted`` is no failed attempt). Returns, per run, that outcome, or None for a run this stop ended."""
     for a in actives:
         a.handle.terminate()
+    grace_s = max([grace_s, *(a.spec.config.run.preempt_grace_s + STOP_MARGIN_S for a in actives)])
     deadline = time.monotonic() + grace_s
     pending = list(actives)
     while pending and time.monotonic() < deadline:
@@ -309,8 +325,15 @@ def stop_runs(actives: list[ActiveRun], *, state: Literal["queued", "diverged"] 
     for a in actives:
         d, rc = a.spec.run_dir, a.handle.poll()
         status = status_or_none(d) or {}
-        if _ended_by_itself(a, status):
+        preempted = status.get("state") == PREEMPTED
+        if _ended_by_itself(a, status) and not (preempted and state != "queued"):
+            # a stop meant to resume later that the trainer turned into a checkpoint: preempted, with the stop's
+            # reason; a stop that ends the run (diverged) is recorded as that below
             outcomes.append(finish_run(a, rc if rc is not None else -int(signal.SIGTERM)))
+            if preempted:
+                step = int(status.get("step") or 0)
+                write_status(d, PREEMPTED, step=step, reason=f"{reason} (stopped at the checkpoint of step {step})",
+                             config_hash=a.spec.config_hash)
             continue
         write_status(d, state, step=max(int(status.get("step") or 0), resume_step(d)), reason=reason,
                      config_hash=a.spec.config_hash)

@@ -55,8 +55,9 @@ GROUP_FILE = "trial.json"
 # trial user attributes written by the search (visible in optuna-dashboard)
 ATTR_OWNER, ATTR_HEARTBEAT, ATTR_GROUP = "owner", "heartbeat", "run_group"
 ATTR_RETRY_OF, ATTR_RETRIED, ATTR_FAIL, ATTR_PRUNE = "retry_of", "retried", "fail_reason", "prune_reason"
-ATTR_DIVERGED, ATTR_RUNS, ATTR_SEEDS = "diverged", "run_dirs", "seed_values"
+ATTR_DIVERGED, ATTR_RUNS = "diverged", "run_dirs"
 ATTR_RECORDED = "recorded"  # objective.record metrics: mean over seeds, same evaluation as the values
+ATTR_LAST_STEP = "last_step"  # the newest step the trial's evaluation read (multi-objective trials report no steps)
 # study user attributes
 ATTR_FINGERPRINT, ATTR_DEFINITION = "fingerprint", "definition"
 
@@ -109,6 +110,41 @@ def process_alive(pid: int, started: str) -> bool:
     return now is not None and (not started or now == started)
 
 
+def heartbeat_text(t: float) -> str:
+    """A heartbeat as the dashboard shows it: UTC ISO 8601 to the millisecond (``2026-05-01T12:00:00.123+00:00``)."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def heartbeat_time(beat: Any) -> float | None:
+    """Seconds since the epoch of a stored heartbeat: the ISO text, or the raw number older searches stored."""
+    from datetime import datetime
+
+    if isinstance(beat, (int, float)) and not isinstance(beat, bool):
+        return float(beat)
+    if isinstance(beat, str):
+        try:
+            return datetime.fromisoformat(beat).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def flat_user_attrs(outcome_per_seed: Mapping[str, Mapping[str, float]], recorded: Mapping[str, float],
+                    last_step: int | None) -> dict[str, float | int]:
+    """The trial's numbers as one user attribute each (the dashboard shows a mapping as a JSON string):
+    ``seed-<k>:<metric>`` and ``seed-<k>:step``, ``recorded:<metric>``, ``last_step``."""
+    out: dict[str, float | int] = {}
+    for seed, values in outcome_per_seed.items():
+        for k, v in values.items():
+            out[f"seed-{seed}:{k}"] = int(v) if k == "step" else float(v)
+    out.update({f"{ATTR_RECORDED}:{m}": float(v) for m, v in recorded.items()})
+    if last_step is not None:
+        out[ATTR_LAST_STEP] = int(last_step)
+    return out
+
+
 def stale_reason(trial: Any, *, me: Owner, now: float, stale_after_s: float) -> str | None:
     """Why a RUNNING trial has nobody running it any more, or None when it is (or may be) alive.
 
@@ -126,9 +162,9 @@ def stale_reason(trial: Any, *, me: Owner, now: float, stale_after_s: float) -> 
         if not process_alive(int(owner.get("pid", -1)), str(owner.get("started") or "")):
             return f"its search process (pid {owner.get('pid')} on {me.host}) is gone"
         return None
-    beat = trial.user_attrs.get(ATTR_HEARTBEAT)
-    last = float(beat) if isinstance(beat, (int, float)) else (
-        trial.datetime_start.timestamp() if trial.datetime_start is not None else now)
+    last = heartbeat_time(trial.user_attrs.get(ATTR_HEARTBEAT))
+    if last is None:
+        last = trial.datetime_start.timestamp() if trial.datetime_start is not None else now
     if now - last > stale_after_s:
         return (f"no heartbeat from its search process (pid {owner.get('pid')} on {owner.get('host')}) "
                 f"for {now - last:.0f}s")
@@ -239,7 +275,7 @@ def write_results(spec: SearchSpec, study: Any, study_dir: Path, *, storage_name
                     *[t.params.get(p, "") for p in params], t.user_attrs.get(ATTR_GROUP, ""),
                     bool(t.user_attrs.get(ATTR_DIVERGED, False)), reason,
                     "" if t.duration is None else f"{t.duration.total_seconds():.1f}",
-                    max(t.intermediate_values) if t.intermediate_values else ""])
+                    t.user_attrs.get(ATTR_LAST_STEP, max(t.intermediate_values) if t.intermediate_values else "")])
     atomic_write_text(study_dir / RESULTS_TABLE, buf.getvalue())
 
     run = "twinflow-train fit --config {path} --run-dir runs/{name}-{tag}"
@@ -312,9 +348,10 @@ class Search:
 
     def __init__(self, spec: SearchSpec, *, root: str | Path = "runs", trials: int | None = None,
                  workers: int | None = None, storage: str | None = None, launcher: Launcher | None = None,
-                 launcher_kind: Literal["local", "torchrun", "slurm"] = "local", nproc_per_node: int | None = None,
-                 slurm_cluster: Literal["slurm", "local"] = "slurm",
-                 slurm_parameters: Mapping[str, Any] | None = None, poll_s: float = 1.0, heartbeat_s: float = 30.0,
+                 launcher_kind: Literal["local", "torchrun", "accelerate", "slurm"] = "local",
+                 nproc_per_node: int | None = None, slurm_cluster: Literal["slurm", "local"] = "slurm",
+                 slurm_parameters: Mapping[str, Any] | None = None, accelerate_config: Path | None = None,
+                 poll_s: float = 1.0, heartbeat_s: float = 30.0,
                  stale_after_s: float = 600.0, stream: TextIO | None = None, progress: bool = True,
                  prepare_teacher: bool = True, run_env: Mapping[str, Mapping[str, str]] | None = None):
         if trials is not None and trials < 1:
@@ -336,7 +373,7 @@ class Search:
         if launcher is None:
             launcher = make_launcher(launcher_kind, workers=slots, grid_dir=self.study_dir,
                                      nproc_per_node=nproc_per_node, slurm_cluster=slurm_cluster,
-                                     slurm_parameters=slurm_parameters)
+                                     slurm_parameters=slurm_parameters, accelerate_config=accelerate_config)
         self.launcher = launcher
         self.storage_override = storage
         self.run_env = run_env
@@ -404,7 +441,7 @@ class Search:
         now = time.time()
         if now - self._beats.get(trial.number, 0.0) >= self.heartbeat_s:
             self._beats[trial.number] = now
-            trial.set_user_attr(ATTR_HEARTBEAT, now)
+            trial.set_user_attr(ATTR_HEARTBEAT, heartbeat_text(now))
 
     # ----------------------------------------------------------------- run
 
@@ -512,7 +549,7 @@ class Search:
                         return
                     trial = self.study.ask(self.spec.distributions())
                     trial.set_user_attr(ATTR_OWNER, self.me.as_dict())
-                    trial.set_user_attr(ATTR_HEARTBEAT, time.time())
+                    trial.set_user_attr(ATTR_HEARTBEAT, heartbeat_text(time.time()))
                     group = trial.user_attrs.get(ATTR_GROUP) or f"trial-{trial.number:04d}"
                     trial.set_user_attr(ATTR_GROUP, group)
                     self._record_group(trial, group)
@@ -557,8 +594,8 @@ class Search:
 
         with self._lock:
             trial.set_user_attr(ATTR_RUNS, outcome.run_dirs)
-            if outcome.per_seed:
-                trial.set_user_attr(ATTR_SEEDS, outcome.per_seed)
+            for key, value in flat_user_attrs(outcome.per_seed, outcome.recorded or {}, outcome.last_step).items():
+                trial.set_user_attr(key, value)
             if outcome.outcome == "interrupted":
                 self._retire(trial, number=trial.number, params=trial.params, group=group,
                              reason=f"interrupted: {outcome.reason}")
@@ -647,7 +684,8 @@ def _prepare(args: argparse.Namespace) -> Search:
         raise SearchSpecError(problems)
     return Search(spec, root=args.root, trials=args.trials, workers=args.workers, storage=args.storage,
                   launcher_kind=args.launcher, nproc_per_node=args.nproc_per_node, slurm_cluster=args.slurm_cluster,
-                  slurm_parameters=params, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
+                  slurm_parameters=params, accelerate_config=args.accelerate_config, poll_s=args.poll_s,
+                  heartbeat_s=args.heartbeat_s,
                   stale_after_s=args.stale_after_s, progress=not args.no_progress)
 
 

@@ -216,6 +216,10 @@ class TrialExecutor:
             r.outcome = finish_run(r.active, rc)
             r.reason = r.active.attempt.reason
             r.active = None
+            if r.outcome == "preempted" and not self.stop.is_set():
+                # stopped on a signal at a checkpoint: not a failure; it resumes from there at once
+                r.outcome, r.active = None, start_run(r.spec, self.launcher, run_env=self.run_env)
+                self.emit(f"{r.spec.key} preempted; resumes from step {r.active.attempt.start_step}")
 
     def _train_divergence(self, rec: Mapping[str, Any]) -> str | None:
         div, step = self.spec.divergence, rec.get("step")

@@ -32,7 +32,7 @@ from twinflow_train.rundir import (METRICS_FILE, STATES, STATUS_FILE, MetricsRea
                                    parse_metrics_lines, read_json, read_status, resume_step, write_status)
 from twinflow_train.rundir import read_metrics as _read_metrics
 
-RunState = Literal["queued", "running", "done", "failed", "diverged"]
+RunState = Literal["queued", "running", "done", "failed", "diverged", "preempted"]
 
 HARNESS_DIR = ".harness"
 """The harness's own folder of a grid (lock, manifest, shared-asset logs, metrics cache)."""

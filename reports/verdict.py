@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from harness import collect
-from harness.claims import TEACHER, Claim, ClaimTest
+from harness.claims import Claim, ClaimTest
 from harness.inference import ALPHA, POWER, Verdict
 from harness.sequential import SeedPlan, read_record, replay
 from harness.verdicts import Judgement, TestResult, judge_fixed

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("twinflow_train", "harness", "reports", "twinflow_lab")
-TRAINER_LAYERS = ("yamlio", "config", "rundir", "distributed", "models", "data", "assets", "method", "rl",
+TRAINER_LAYERS = ("yamlio", "progress", "config", "rundir", "distributed", "models", "data", "assets", "method", "rl",
                   "evaluation", "run", "cli")
 LATE_BINDING = {
     # the family registry names each family's exporter; the exporter reads run directories and checkpoints

@@ -66,6 +66,12 @@ def _load(args: argparse.Namespace) -> Config:
     with reading_input(f"twinflow-train {args.command}"):
         problems = _argument_problems(args)
         path = args.config
+        if path is None and args.command in ("fit", "teacher", "plan") and _is_rank_zero():
+            from .config import RunConfig, TeacherConfig
+            print(f"twinflow-train {args.command}: no --config: using the built-in defaults of "
+                  f"twinflow_train/config.py (digits; run.steps {RunConfig().steps}, teacher.steps "
+                  f"{TeacherConfig().steps}); configs/digits.yaml is the tuned digits setup the README uses",
+                  file=sys.stderr, flush=True)
         if path is None and args.command in ("sample", "eval") and (args.run_dir / CONFIG_FILE).is_file():
             path = args.run_dir / CONFIG_FILE  # a missing one is among the problems already
         try:
@@ -88,13 +94,28 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_rank_zero() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from .run.summary import fit_summary, run_is_complete
+    forking = bool(args.fork_at) or args.fork_from is not None  # the trainer checks and handles those itself
+    if not forking and run_is_complete(cfg, args.run_dir):
+        # nothing to train: no process group, no W&B run, status.json and the files stay as they are
+        if _is_rank_zero():
+            print(fit_summary(args.run_dir, steps=cfg.run.steps, already_complete=True), flush=True)
+        return 0
     from .run.fork import ForkRequest
     from .run.trainer import fit
     fork = ForkRequest(parent=args.fork_from, step=args.fork_step) if args.fork_from is not None else None
-    return fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt,
-               fork_at=args.fork_at or (), fork=fork)
+    rc = fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt,
+             fork_at=args.fork_at or (), fork=fork)
+    if rc == 0 and _is_rank_zero():
+        print(fit_summary(args.run_dir, steps=cfg.run.steps), flush=True)
+    return rc
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -213,6 +234,9 @@ def export_main(argv: list[str]) -> int:
             print(f"twinflow-train export: {problem}", file=sys.stderr)
         return 2
     print(out)
+    if out is not None and (Path(out) / "model_index.json").is_file():
+        print(f"twinflow-train export: load it with diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
+              "trust_remote_code=True)", file=sys.stderr)
     return 0
 
 

@@ -107,6 +107,11 @@ class RunConfig:
     """torch intra-op threads (0: leave torch's default)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; ``auto`` takes CUDA when present."""
+    preempt_grace_s: float = 120.0
+    """On SIGTERM, SIGUSR1 or SIGUSR2: seconds to finish the step in flight and write its checkpoint before
+    exiting at once anyway (``run.preempt``); keep it below the time a scheduler waits before SIGKILL."""
+    preempt_check_every: int = 1
+    """With several ranks, agree on a stop (one all-reduce of a flag) every this many steps."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
@@ -120,6 +125,8 @@ class RunConfig:
         # more threads than any node has cores is a typo that torch would try to honour
         _require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
         _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
+        _require(self.preempt_grace_s > 0, f"preempt_grace_s must be > 0 (got {self.preempt_grace_s})")
+        _require(self.preempt_check_every >= 1, f"preempt_check_every must be >= 1 (got {self.preempt_check_every})")
 
 
 @section

@@ -37,7 +37,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from .config import Config
@@ -65,11 +65,16 @@ FORK_PREFIX = "fork-"
 FORK_FROM = "fork/from"
 """Key ``read_run_metrics`` adds to a record it took from a parent's metrics.jsonl: that parent's run directory."""
 
-STATES = ("queued", "running", "done", "failed", "diverged")
+STATES = ("queued", "running", "done", "failed", "diverged", "preempted")
 TERMINAL = ("done", "failed", "diverged")
+"""``preempted`` is not terminal: the run stopped on a signal at a checkpoint and resumes from it."""
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DIVERGED = 0, 1, 2, 3
-EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverged"}
+EXIT_PREEMPTED, EXIT_PREEMPTED_NOW = 4, 5
+"""Stopped on a signal (``twinflow_train.run.preempt``): at a checkpoint of the step in flight (4), or at once
+on a second signal or when the grace ran out, leaving the last complete checkpoint (5)."""
+EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverged", EXIT_PREEMPTED: "preempted",
+               EXIT_PREEMPTED_NOW: "preempted"}
 """The state a trainer's exit code stands for (2, a bad config, is refused before a run exists)."""
 
 RESTART_FLAG = "--restart-on-corrupt"
@@ -618,17 +623,21 @@ class ResumePoint:
         return "; ".join(f"{name}: {why}" for name, why in self.rejected)
 
 
-def find_resume_point(run_dir: str | Path) -> ResumePoint:
+def find_resume_point(run_dir: str | Path, *,
+                      check: Callable[[Path], str | None] | None = None) -> ResumePoint:
     """Try latest, last_good, then the kept checkpoints (newest first); the first that verifies wins.
 
     A candidate that does not exist is not a problem (a run may have no last_good);
-    one that exists and does not verify is listed in ``rejected``.
+    one that exists and does not verify is listed in ``rejected``. ``check``: a further test of a
+    candidate whose checksums match (the trainer's: its files are plain data), None or what is wrong.
     """
     rejected: list[tuple[str, str]] = []
     for c in checkpoint_candidates(run_dir):
         if not c.exists():
             continue
         why = verify_checkpoint(c)
+        if why is None and check is not None:
+            why = check(c)
         if why is None:
             return ResumePoint(path=c, step=int(checkpoint_step(c) or 0), rejected=rejected)
         rejected.append((f"{CHECKPOINTS_DIR}/{c.name}", why))

@@ -9,6 +9,7 @@ import pytest
 from harness.claims import TEACHER, ClaimTest
 from harness.cli import main
 from harness.matrix import load_matrix
+from twinflow_train.rl.schedule import rl_onset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,8 +154,6 @@ def test_shipped_ladders_declare_claims_that_validate():
     qwen = load_matrix(REPO / "ablations" / "blog-qwen.yaml")
     assert qwen.claims and all(t.treatment in {a.name for a in qwen.arms} for c in qwen.claims for t in c.tests)
     # the spike windows open at their treatment's RL onset, named as such, never re-derived from the vars
-    from twinflow_train.rl.schedule import rl_onset
-
     for path, grid in (("blog-digits.yaml", digits), ("blog-qwen.yaml", qwen)):
         configs = {r.arm: r.config for r in grid.runs}  # the RL schedule is the same for every seed
         spikes = [t for c in grid.claims for t in c.tests if "spikes" in c.text or "decay-on-spike" in c.text]
@@ -165,3 +164,17 @@ def test_shipped_ladders_declare_claims_that_validate():
         text = (REPO / "ablations" / path).read_text()
         assert text.count("window: [rl_onset, null]") == len(spikes), path
         assert 'window: ["${' not in text, path  # no window starts at a step computed from the vars
+
+
+def test_every_problem_of_a_claim_is_reported_at_once(tiny_base, write, tmp_path, capsys):
+    # the missing sentence used to hide the test's own problems until it was fixed and the matrix run again
+    m = write("all_at_once.yaml", ARMS + "claims:\n"
+              "  - {baseline: vanilla, metric: val/fd_nfe1, direction: decrease, scal: log}\n"
+              "  - {claim: ok, baseline: vanilla, treatment: rl_hardd, metric: val/fd_nfe1, direction: decrease}\n")
+    rc = main(["grid", "run", str(m), "--root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for needle in ("claims[0], key 'claim': the claim's sentence is missing", "claims[0]: unknown key 'scal'",
+                   "claims[0]: 'treatment' is missing", "claims[1], key 'treatment': no arm named 'rl_hardd'"):
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert not (tmp_path / "runs").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.collect import collect_grid, divergence_summary, run_statuses
+from harness.collect import collect_grid, divergence_summary, publish_parquet, run_statuses
 from harness.monitor import GridMonitor, render_table
 from harness.store import MetricsTail, parse_metrics_lines, read_metrics, write_status
 
@@ -120,6 +120,20 @@ def test_collect_cache_is_reused_and_invalidated(grid):
     _write_run(grid, "d", 0, [_train(1)])
     assert "d" in set(collect_grid(grid)["arm"])
 
+
+
+def test_the_collected_table_is_published_where_ls_shows_it(grid):
+    import pandas as pd
+
+    with pytest.raises(FileNotFoundError, match="collect_grid writes it"):
+        publish_parquet(grid)  # nothing collected yet: no stale or empty file appears
+    assert not (grid / "metrics.parquet").exists()
+    df = collect_grid(grid)
+    out = publish_parquet(grid)
+    assert out == grid / "metrics.parquet" and out.name in [p.name for p in grid.iterdir()]
+    assert pd.read_parquet(out).equals(df)
+    # the file beside the arms is not a run: collecting again sees the same runs and records
+    assert collect_grid(grid, use_cache=False).equals(df)
 
 def test_divergence_summary(grid):
     s = divergence_summary(collect_grid(grid), rise_k=3).set_index("arm")

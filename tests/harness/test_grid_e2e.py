@@ -4,7 +4,7 @@
   interrupted run resumes from its checkpoint, every metrics.jsonl has each step once
   and no torn line, and the results equal those of a grid that was never interrupted;
 - one arm diverging and one crashing are recorded with their reasons, the others complete;
-- torchrun and submitit (local executor) launchers run the same trainer.
+- torchrun, accelerate and submitit (local executor) launchers run the same trainer.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from harness.cli import main
 from harness.collect import collect_grid, divergence_summary, run_statuses
 from harness.grid import run_grid
-from harness.launchers import LocalLauncher, SlurmLauncher, TorchrunLauncher
+from harness.launchers import AccelerateLauncher, LocalLauncher, SlurmLauncher, TorchrunLauncher
 from harness.matrix import load_matrix
 from harness.monitor import pid_is_trainer
 from harness.store import read_metrics, read_record, read_status
@@ -202,6 +202,8 @@ arms:
     text = capsys.readouterr().out
     assert "metrics.parquet" in text and "first_nonfinite_step" in text
     assert (grid.grid_dir / ".harness" / "metrics.parquet").is_file()
+    assert f"-> {grid.grid_dir / 'metrics.parquet'}" in text  # the table where ls shows it
+    assert (grid.grid_dir / "metrics.parquet").read_bytes() == (grid.grid_dir / ".harness" / "metrics.parquet").read_bytes()
 
 
 @pytest.mark.distributed
@@ -216,6 +218,26 @@ def test_torchrun_launcher(tmp_path):
     assert "torch.distributed.run" in log.splitlines()[0] and "--nproc_per_node=2" in log.splitlines()[0]
     _assert_clean_metrics(run / "metrics.jsonl", 8)
 
+
+
+@pytest.mark.distributed
+def test_accelerate_launcher(tmp_path):
+    # a user's accelerate config: two processes on this machine; accelerate starts them, the trainer's own
+    # process group (gloo on CPU) and FSDP do the rest
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                      "num_processes: 2\nmixed_precision: 'no'\nmachine_rank: 0\ngpu_ids: all\n")
+    matrix = _matrix(tmp_path, "acc", "seeds: [0]\noverrides: {run.steps: 8, run.val_every: 8, run.ckpt_every: 4}\n"
+                                      "arms: {a: {}}\n")
+    grid = load_matrix(matrix, root=tmp_path / "runs")
+    launcher = AccelerateLauncher(config_file=config, workers=1)
+    result = run_grid(grid, launcher=launcher, stream=io.StringIO(), tty=False)
+    run = grid.grid_dir / "a" / "seed-0"
+    log = (run / "logs" / "attempt-1.log").read_text()
+    assert result.outcomes == {"a/seed-0": "done"}, log[-3000:]
+    assert "accelerate.commands.launch" in log.splitlines()[0] and str(config) in log.splitlines()[0]
+    assert read_record(run).attempts[0].launcher == "accelerate"
+    _assert_clean_metrics(run / "metrics.jsonl", 8)
 
 def test_submitit_local_executor(tmp_path):
     matrix = _matrix(tmp_path, "sl", "seeds: [0]\noverrides: {run.steps: 8, run.val_every: 8, run.ckpt_every: 4}\n"

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -34,7 +35,8 @@ from harness.collect import run_statuses
 from harness.launchers import LocalLauncher
 from harness.matrix import load_matrix
 from harness.monitor import pid_is_trainer
-from harness.search import Owner, Search, main, open_study, stale_reason, storage_for, this_process
+from harness.search import (Owner, Search, heartbeat_text, heartbeat_time, main, open_study, stale_reason, storage_for,
+                            this_process)
 from harness.search_spec import SearchSpecError, load_search_spec
 from harness.store import read_metrics, read_record, read_status
 from twinflow_train.rundir import resume_step as checkpoint_step
@@ -184,6 +186,12 @@ def test_stale_rules(tmp_path):
     far = {"host": me.host + "-elsewhere", "pid": 4242, "started": "7"}
     assert "no heartbeat" in stale_reason(trial_with(far, beat=now - 100), me=me, now=now, stale_after_s=60)
     assert stale_reason(trial_with(far, beat=now - 10), me=me, now=now, stale_after_s=60) is None
+    # heartbeats are stored as readable UTC times; the raw numbers of older studies (above) still read
+    assert heartbeat_text(0.25) == "1970-01-01T00:00:00.250+00:00" and heartbeat_time(heartbeat_text(now)) == \
+        pytest.approx(now, abs=1e-3)
+    assert "no heartbeat" in stale_reason(trial_with(far, beat=heartbeat_text(now - 100)), me=me, now=now,
+                                          stale_after_s=60)
+    assert stale_reason(trial_with(far, beat=heartbeat_text(now - 10)), me=me, now=now, stale_after_s=60) is None
 
 
 # --------------------------------------------------------------------------- stand-in trainer
@@ -293,7 +301,9 @@ def test_median_pruner_stops_live_runs_and_objective_is_seed_mean(tmp_path, stan
     finals = [[r for r in read_metrics(root / "s" / "trial-0000" / f"seed-{k}" / "metrics.jsonl")
                if r["kind"] == "val"][-1]["val/fd_nfe1"] for k in (0, 1)]
     assert t0.value == pytest.approx(sum(finals) / 2)
-    assert t0.user_attrs["seed_values"]["1"]["val/fd_nfe1"] == pytest.approx(finals[1])
+    # each seed's value and step as a number of its own (optuna-dashboard shows a mapping as a JSON string)
+    assert t0.user_attrs["seed-1:val/fd_nfe1"] == pytest.approx(finals[1])
+    assert type(t0.user_attrs["seed-1:step"]) is int and t0.user_attrs["last_step"] == t0.user_attrs["seed-1:step"]
     # the worse trial was pruned by the pruner (not as diverging) at its first evaluation, runs stopped there
     assert "median pruner at step 8" in t1.user_attrs["prune_reason"] and not t1.user_attrs["diverged"]
     assert t1.value == pytest.approx(t1.intermediate_values[8])
@@ -590,6 +600,14 @@ def test_two_objectives_record_the_gold_reward_and_the_report_draws_the_front(tm
     assert front == {1.0, 10.0}  # w = 0.01: worse FD and worse proxy than w = 1
     table = (root / "mo" / "trials.csv").read_text().splitlines()
     assert table[0].split(",")[:5] == ["trial", "state", "val/fd_nfe1", "val/proxy_nfe1", "val/gold_nfe1"]
+    # a multi-objective trial reports no intermediate values; its last step still reaches the table
+    import csv as _csv
+    rows = {int(r["trial"]): r for r in _csv.DictReader((root / "mo" / "trials.csv").open())}
+    for w in (1.0, 10.0, 0.01):
+        t = trials[w]
+        assert not t.intermediate_values and int(rows[t.number]["last_step"]) == t.user_attrs["last_step"] > 0
+        assert isinstance(t.user_attrs["recorded:val/gold_nfe1"], float)
+        assert datetime.fromisoformat(t.user_attrs["heartbeat"]).tzinfo is not None  # a readable UTC time
 
     out = tmp_path / "report"
     build_report(grid_dir=root / "mo", out_dir=out, progress=False)

@@ -140,7 +140,7 @@ def test_two_processes_train_from_shards_like_one_and_resume_exactly(prepared, t
 
     assert export_main(["--run-dir", str(two), "--out", str(tmp_path / "export"), "--which", "ema",
                         "--pipeline", str(prepared / "pipe"), "--tt-mode", "few"]) == 0
-    pipe = QwenImagePipeline.from_pretrained(str(tmp_path / "export"))
+    pipe = QwenImagePipeline.from_pretrained(str(tmp_path / "export"), trust_remote_code=True)
     sd = pipe.transformer.state_dict()
     for k, v in sd.items():
         assert torch.allclose(v, w2[f"ema.transformer.{k}"], atol=0), k

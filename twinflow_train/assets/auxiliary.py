@@ -210,7 +210,8 @@ def train_or_load(path: str | Path, *, build: Callable[[], nn.Module],
 
     path = train_or_load_file(path, make, key=key)
     module = build()
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from ..distributed.safeload import load_data
+    module.load_state_dict(load_data(path))  # data only: a cache entry that would run code is refused
     return module
 
 
@@ -340,7 +341,7 @@ def _fit_minibatches(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]) -> None:
     """The auxiliaries' training loop: random mini-batches from one seeded generator, AdamW, cosine decay to 2%
     of ``lr``, one thread. ``batch_loss(x, y, gen)`` augments the batch with ``gen`` and returns the loss."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_range
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -348,7 +349,7 @@ def _fit_minibatches(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     n = images.shape[0]
     model.train()
     with single_thread():
-        for _ in tqdm(range(steps), desc=desc, disable=None if progress is None else not progress, mininterval=1.0):
+        for _ in progress_range(steps, desc=desc, progress=progress):
             idx = torch.randint(0, n, (min(batch, n),), generator=gen)
             loss = batch_loss(images[idx], labels[idx], gen)
             opt.zero_grad(set_to_none=True)

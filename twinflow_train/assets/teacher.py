@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import Config, to_dict
 from ..data.batches import step_generator
+from ..progress import progress_range
 from ..models.base import FlowModel
 from ..models.registry import base_weights_in_model, build_model, model_family
 
@@ -58,7 +58,7 @@ def train_teacher_model(cfg: Config, model: FlowModel, latents: torch.Tensor, la
     ema = copy.deepcopy(model)
     ema_params = [p.detach() for p in ema.parameters()]
     n = latents.shape[0]
-    for step in tqdm(range(1, tc.steps + 1), desc="teacher", disable=not progress, mininterval=2.0):
+    for step in progress_range(tc.steps, desc="teacher", progress=progress, start=1):
         gen = step_generator(tc.seed, step)
         idx = torch.randint(0, n, (tc.batch_size,), generator=gen)
         x, y = latents[idx], labels[idx].clone()

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .. import rundir
 from ..rundir import atomic_path, fsync_dir, fsync_tree
 from .parallel import barrier, reshard_all
+from .safeload import SafeFileSystemReader, SafeLoadPlanner, data_problem, load_data
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -79,7 +80,8 @@ def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.
                     extra_modules: dict[str, nn.Module], state: dict[str, Any], step: int,
                     keep_latest_k: int | None = 0, extra_files: dict[str, Path] | None = None,
                     meta: dict[str, Any] | None = None) -> None:
-    """Save on all ranks (collective). ``state`` is small picklable trainer state.
+    """Save on all ranks (collective). ``state`` is small trainer state of plain data (dicts, lists, numbers,
+    strings, tensors): it is read back with ``weights_only=True``, so anything else could not be loaded.
 
     ``keep_latest_k`` > 0: the checkpoint this one replaces is kept as ``step-<k>`` beside it,
     and only the newest ``keep_latest_k`` of those are kept; None: outside that rotation (a
@@ -158,11 +160,14 @@ class CheckpointError(RuntimeError):
 def choose_resume_point(run_dir: Path, *, restart_on_corrupt: bool) -> tuple[rundir.ResumePoint, list[dict[str, Any]]]:
     """The newest checkpoint that verifies (rank 0 checks, every rank follows) and the event records to log.
 
+    Verifying is the checksums of meta.json and then ``safeload.data_problem``: a checkpoint whose state is
+    not plain data (a pickle that would run code) is passed over like a corrupt one, unread.
+
     Passing over a checkpoint is an ``event`` record (``checkpoint_fallback``) at the step resumed from;
     with checkpoints present but none valid the run fails with ``CheckpointError`` naming each and why,
     unless ``restart_on_corrupt``, which starts from step 0 with a ``restart`` event.
     """
-    box = [rundir.find_resume_point(run_dir) if _is_main() else None]
+    box = [rundir.find_resume_point(run_dir, check=data_problem) if _is_main() else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     point: rundir.ResumePoint = box[0]
@@ -181,14 +186,15 @@ def choose_resume_point(run_dir: Path, *, restart_on_corrupt: bool) -> tuple[run
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     extra_modules: dict[str, nn.Module]) -> dict[str, Any]:
-    """Restore in place on all ranks; returns the trainer ``state`` dict."""
+    """Restore in place on all ranks; returns the trainer ``state`` dict. Every file is read as data
+    (``safeload``): one that is not raises ``NotDataError`` naming it, and nothing in it runs."""
     _resharded(model, *extra_modules.values())
     path = Path(path)
     meta = rundir.read_json(path / rundir.META_FILE)
     if meta is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no {rundir.META_FILE})")
     if meta["format"] == "full":
-        payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        payload = load_data(path / "state.pt")
         set_model_state_dict(model, payload["model"], options=StateDictOptions(full_state_dict=True))
         for k, m in extra_modules.items():
             set_model_state_dict(m, payload["extra"][k], options=StateDictOptions(full_state_dict=True))
@@ -201,13 +207,13 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
                    "extra": {k: get_model_state_dict(m) for k, m in extra_modules.items()}}
         if optimizer is not None:
             sharded["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(sharded, checkpoint_id=str(path / "shards"))
+        dcp.load(sharded, storage_reader=SafeFileSystemReader(str(path / "shards")), planner=SafeLoadPlanner())
         set_model_state_dict(model, sharded["model"])
         for k, m in extra_modules.items():
             set_model_state_dict(m, sharded["extra"][k])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)["state"]
+        return load_data(path / "state.pt")["state"]
     raise ValueError(f"{path}: unknown checkpoint format {meta['format']!r}")
 
 
@@ -223,7 +229,7 @@ def save_weights(path: Path, model: nn.Module) -> None:
 
 def load_weights(path: Path, model: nn.Module) -> None:
     _resharded(model)
-    sd = torch.load(Path(path), map_location="cpu", weights_only=True)
+    sd = load_data(path)
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
 

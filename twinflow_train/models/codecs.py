@@ -146,7 +146,7 @@ def fit_autoencoder(model: DigitsAutoencoder, images: torch.Tensor, *, steps: in
     scale from drifting (the noise would otherwise be escaped by inflating it).
     Returns the per-step reconstruction losses.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_range
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -155,8 +155,7 @@ def fit_autoencoder(model: DigitsAutoencoder, images: torch.Tensor, *, steps: in
     losses: list[float] = []
     model.train()
     with single_thread():
-        for _ in tqdm(range(steps), desc="autoencoder", disable=None if progress is None else not progress,
-                      mininterval=1.0):
+        for _ in progress_range(steps, desc="codec (autoencoder)", progress=progress):
             x = images[torch.randint(0, n, (min(batch_size, n),), generator=gen)]
             code = model.encode_raw(x)
             scale = code.detach().std().clamp_min(1e-6)

@@ -284,7 +284,8 @@ def load_hpsv2(*, arch: str, checkpoint: str | Path) -> HPSv2Reward:
     arch = _open_clip_arch(open_clip, arch)
     model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from ..distributed.safeload import load_data
+        obj = load_data(path)  # NotDataError (an UnpicklingError) for a file that would run code
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
         raise ConfigError(f"rl.hpsv2_checkpoint: cannot read {str(path)!r}: {type(e).__name__}: {e}") from e
     sd = _state_dict_of(obj, path)

@@ -3,7 +3,9 @@
 Layout::
 
     OUT/transformer/   TwinFlowQwenImageTransformer2DModel.save_pretrained (safetensors + config.json)
+                       + twinflow_transformer.py, the class's own source (models/qwen_transformer.py)
     OUT/scheduler/     TwinFlowUCGMScheduler.save_pretrained (scheduler_config.json)
+                       + twinflow_scheduler.py, the class's own source (method/scheduler.py)
     OUT/twinflow.json  what was exported: source run, sampler settings, target-time handling
     OUT/model_index.json, vae/, text_encoder/, tokenizer/   only with ``base_pipeline``: a complete
                        pipeline directory; the other components are hard-linked (copied across filesystems)
@@ -12,9 +14,13 @@ The target-time embedding E2 (``target_time_embed.*``) and the optional sign emb
 (``sign_embed``) live in the transformer's own state dict. Loading the folder with the
 stock ``QwenImageTransformer2DModel`` works too (diffusers warns about, and ignores, those
 keys); that model is the student at tt = t only. For 1-4 NFE sampling load the subclass,
-which a full pipeline directory does by itself::
+which a full pipeline directory does by itself, through diffusers' own mechanism for custom
+components: ``model_index.json`` names ``["twinflow_transformer", ...]`` and ``["twinflow_scheduler", ...]``,
+modules that ship in the component folders, and diffusers imports them under ``trust_remote_code=True``.
+The shipped files import only torch, numpy and diffusers, so a process that never imports this project
+loads and samples the student::
 
-    pipe = QwenImagePipeline.from_pretrained(OUT)          # needs twinflow_train importable
+    pipe = DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)
     image = pipe(prompt, num_inference_steps=2, true_cfg_scale=1.0).images[0]
 
 The transformer's ``default_target_time`` makes the stock pipeline's calls use the
@@ -36,6 +42,16 @@ from ..config import SamplerConfig
 from ..rundir import atomic_dir
 
 ExportMode = Literal["few", "mul"]
+
+#: (component folder, shipped module name): the module files diffusers imports under ``trust_remote_code``
+TRANSFORMER_MODULE = ("transformer", "twinflow_transformer")
+SCHEDULER_MODULE = ("scheduler", "twinflow_scheduler")
+
+
+def _ship_module(module, folder: Path, name: str) -> None:
+    """Copy ``module``'s source file into ``folder`` as ``name``.py (diffusers' custom-component layout)."""
+    source = Path(module.__file__)
+    shutil.copyfile(source, folder / f"{name}.py")
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -66,7 +82,9 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
     ``tt_mode`` defaults to ``sampler.tt_mode``; ``any`` cannot be exported for a stock pipeline
     (it needs a per-step target time the pipeline does not pass) and is an error.
     """
+    from ..method import scheduler as scheduler_module
     from ..method.scheduler import TwinFlowUCGMScheduler
+    from ..models import qwen_transformer as transformer_module
     from ..models.qwen_image import QwenImageFlowModel, TwinFlowQwenImageTransformer2DModel
 
     inner = getattr(model, "transformer", None)
@@ -94,6 +112,8 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
         scheduler = TwinFlowUCGMScheduler(gaps=tuple(sampler.gaps), kumaraswamy=tuple(sampler.kumaraswamy),
                                           stochastic_ratio=sampler.stochastic_ratio, tt_mode=mode)
         scheduler.save_pretrained(str(tmp / "scheduler"))
+        _ship_module(transformer_module, tmp / TRANSFORMER_MODULE[0], TRANSFORMER_MODULE[1])
+        _ship_module(scheduler_module, tmp / SCHEDULER_MODULE[0], SCHEDULER_MODULE[1])
         if base_pipeline is not None:
             base = Path(base_pipeline)
             index_path = base / "model_index.json"
@@ -105,8 +125,8 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
                     continue
                 if spec[0] is not None and (base / name).is_dir():
                     _link_tree(base / name, tmp / name)
-            index["transformer"] = ["twinflow_train.models.qwen_image", "TwinFlowQwenImageTransformer2DModel"]
-            index["scheduler"] = ["twinflow_train.method.scheduler", "TwinFlowUCGMScheduler"]
+            index["transformer"] = [TRANSFORMER_MODULE[1], TwinFlowQwenImageTransformer2DModel.__name__]
+            index["scheduler"] = [SCHEDULER_MODULE[1], TwinFlowUCGMScheduler.__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         info = {"tt_mode": mode, "default_target_time": arch["default_target_time"],
                 "sampler": {"gaps": list(sampler.gaps), "kumaraswamy": list(sampler.kumaraswamy),

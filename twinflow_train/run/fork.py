@@ -166,6 +166,9 @@ def fork_problem(cfg: Config, run_dir: Path, fork: ForkRequest, *, world: int) -
     source = rundir.fork_checkpoint(parent, fork.step)
     where = f"{parent.name}/{rundir.CHECKPOINTS_DIR}/{source.name}"
     why = rundir.verify_checkpoint(source)
+    if why is None:
+        from ..distributed.safeload import data_problem  # torch: only where a fork is really read
+        why = data_problem(source)  # a parent's checkpoint that is not plain data is never loaded
     if why is not None:
         return f"{where}: {why}"
     meta = rundir.read_json(source / rundir.META_FILE) or {}

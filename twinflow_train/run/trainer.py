@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
 from ..data.batches import Setup, step_generator
 from ..distributed import checkpoint as ckpt
+from ..distributed.safeload import load_data
 from ..distributed.parallel import (Dist, agree_bad_flag, barrier, forward_precision, init_distributed, mean_over_ranks,
                                     reshard_all, shutdown)
 from ..evaluation.evaluate import Evaluator
@@ -37,9 +38,11 @@ from .grads import TermGradients, clip_grads_
 from .divergence import GradNormRule
 from .lr_policy import LrPolicy
 from .setup import build_setup
-from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, FORK_FILE, META_FILE,  # noqa: F401
-                     MetricsWriter, atomic_path, atomic_write_json, atomic_write_text, best_weights, file_digest,
-                     fork_checkpoint, read_json, truncate_metrics, write_status)
+from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED,  # noqa: F401
+                     EXIT_PREEMPTED_NOW, FORK_FILE, META_FILE, MetricsWriter, atomic_path, atomic_write_json,
+                     atomic_write_text, best_weights, file_digest, fork_checkpoint, read_json, resume_step,
+                     truncate_metrics, write_status)
+from .preempt import Preempted, PreemptWatch, signals_at_steps
 from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
 from .fork import FORK_BEST, ForkRequest, check_fork_at, check_fork_request, fork_problem
@@ -187,6 +190,8 @@ class Run:
     """Updates are decided on the device (``_gated_update``): no host read on steps that do not log."""
     pending: list[Pending] = field(default_factory=list)
     log_window: LogWindow = field(default_factory=LogWindow)
+    preempt: PreemptWatch | None = None
+    """Signal handling of this fit (``run.preempt``); None: signals keep their default action."""
     _pairs: dict[str, EmaPairs] = field(default_factory=dict)
     precast: list[Any] = field(default_factory=list)
     """``Bf16Linears`` of the no-grad networks the step calls under a bf16 autocast (plain modules,
@@ -226,7 +231,7 @@ def build_base(cfg: Config, setup: Setup, teacher_weights: Path | None) -> FlowM
     """The base model the student starts from (and the teacher it is compared with)."""
     base = build_model(cfg, latent_shape=setup.data.latent_shape, num_classes=setup.num_classes)
     if teacher_weights is not None:
-        base.load_state_dict(torch.load(teacher_weights, map_location="cpu", weights_only=True))
+        base.load_state_dict(load_data(teacher_weights))
     return base
 
 
@@ -497,7 +502,8 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
 
 def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_corrupt: bool = False,
         fork_at: Sequence[int] = (), fork: ForkRequest | None = None) -> int:
-    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged).
+    """Train one run into ``run_dir``; returns the exit code (0 done, 1 failed, 3 diverged, 4/5 preempted:
+    stopped on a signal, ``run.preempt``).
 
     ``restart_on_corrupt``: when checkpoints exist but none verifies, start again from step 0
     (an event in metrics.jsonl) instead of failing.
@@ -515,6 +521,15 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
     chash = config_hash(cfg)
     run: Run | None = None
     writer: MetricsWriter | None = None
+
+    def record_exit_now(reason: str) -> None:  # a second signal or the grace ran out: the last checkpoint stands
+        if d.is_main and run_dir.is_dir():
+            step = resume_step(run_dir)
+            write_status(run_dir, "preempted", step=step, config_hash=chash,
+                         reason=f"{reason}; exited at once, resumes from the checkpoint of step {step}")
+
+    watch = PreemptWatch(grace_s=cfg.run.preempt_grace_s, check_every=cfg.run.preempt_check_every,
+                         on_exit_now=record_exit_now).install()
     try:
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -522,6 +537,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
+        run.preempt = watch
         run.teacher_weights = tpath
         run.step, events = _resume(run, run_dir, restart_on_corrupt=restart_on_corrupt, fork=fork)
         if d.is_main:
@@ -538,6 +554,11 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
         if d.is_main:
             write_status(run_dir, "done", step=run.step, config_hash=chash)
         return EXIT_DONE
+    except Preempted as e:
+        if d.is_main:
+            write_status(run_dir, "preempted", step=e.step, reason=str(e), config_hash=chash)
+        print(f"twinflow-train: {e}", flush=True)
+        return EXIT_PREEMPTED
     except Diverged as e:
         if d.is_main:
             write_status(run_dir, "diverged", step=run.step if run else 0, reason=str(e), config_hash=chash)
@@ -556,6 +577,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             traceback.print_exc()
         return EXIT_FAILED
     finally:
+        watch.uninstall()
         if writer is not None:
             writer.close()
         shutdown()
@@ -666,6 +688,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
     cfg, d, c = run.cfg, run.dist, run.counters
     total = cfg.run.steps
     fault = int(os.environ.get("TWINFLOW_FAULT_AT_STEP", "0") or 0)
+    signals = signals_at_steps(os.environ.get("TWINFLOW_SIGNAL_AT_STEP", ""), rank=d.rank)
     run.fault_grad_scale = _fault_grad_scale(os.environ.get("TWINFLOW_FAULT_GRAD_SCALE", ""))
     t_start = time.perf_counter()
     wall0 = c.wall_s
@@ -683,6 +706,8 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         run.step = step - 1
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (TWINFLOW_FAULT_AT_STEP)")
+        for sig in signals.get(step, ()):
+            os.kill(os.getpid(), sig)  # as a scheduler would, while the step runs
         t_step = time.perf_counter()
         lr = run.policy.lr(step)
         for g in run.optimizer.param_groups:
@@ -692,9 +717,12 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
             _apply_update(run, step, stats)
             c.train_s += time.perf_counter() - t_step
             last = step == total or (cfg.run.max_train_s > 0 and _agree_budget_spent(run))
+            # a signal: this step's checkpoint, then stop (no extra log or validation, so the resumed run
+            # follows an uninterrupted one exactly)
+            stop = not last and run.preempt is not None and run.preempt.agreed(step, world=d.world, device=d.device)
             is_log = step % cfg.run.log_every == 0 or last
             is_val = (cfg.run.val_every and step % cfg.run.val_every == 0) or last
-            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last
+            is_ckpt = (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or last or stop
             if is_log or is_val or is_ckpt or step in forks:
                 _settle(run)  # every gated step is accounted for before anything is logged or saved
         except Diverged as e:
@@ -741,6 +769,10 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         if step in forks:
             _save_fork(run, run_dir, step)
         run.step = step
+        if stop:
+            bar.close()
+            raise Preempted(f"stopped on {run.preempt.signal_name or 'a signal on another rank'} at the checkpoint "
+                            f"of step {step}; resumes from there", step=step)
         if last:
             break
     bar.close()

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def _params(ckpt_dir):
-    return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def _assert_same_weights(a, b):

@@ -144,7 +144,7 @@ def _train(run_dir):
 
 
 def _state(run_dir):
-    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)
 
 
 def _poison(monkeypatch, steps: set[int], gated: list[bool]) -> None:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _final_params(run_dir):
-    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def _train_steps(run_dir):
