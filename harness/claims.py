@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from twinflow_train.config import ConfigError, Where, checked, from_dict, raise_problems
+from twinflow_train.inputs import ConfigError, Where, checked, from_dict, raise_problems
 from twinflow_train.rl.schedule import rl_onset
 from twinflow_train.rundir import metric_keys
 
