@@ -252,7 +252,9 @@ def test_blog_digits_matrix_is_the_ladder():
     high = ["rl_weight_high", "rl_sigmoid_high", "rl_clip_high", "spike_decay_high"]  # the stabilisers at 3x
     assert len(weights) >= 2 and "rl_rms" in names
     assert set(names) == set(ladder) | set(weights) | set(high) | {"rl_rms"}
-    assert grid.seeds == (0, 1, 2, 3, 4) and len(grid.runs) == 5 * len(names)
+    # sequential seeds: 3 for every arm first, up to 6 for the arms of claims still open
+    assert grid.plan is not None and (grid.plan.first, grid.plan.max) == (3, 6)
+    assert grid.seeds == (0, 1, 2, 3, 4, 5) and len(grid.runs) == 6 * len(names)
     # each ladder arm adds exactly one kind of change to the arm before it
     by_name = {a.name: a for a in grid.arms}
     for prev, arm in zip(ladder, ladder[1:]):

@@ -28,13 +28,15 @@ FORK_BEST = "best/weights.pt"
 
 _IGNORED_SECTIONS = ("telemetry", "checkpoint")
 """Sections that never change a step's numbers: W&B mirroring; checkpoint format, last_good and rotation."""
-_RUN_MUST_MATCH = ("log_every", "nonfinite", "max_nonfinite", "diverge_grad_norm", "diverge_steps", "max_train_s",
-                   "threads", "device")
-"""``run`` fields that must be equal: a log step splits an active RL step's backward (other rounding) and
-closes the window ``grad_norm/max`` and the event counts summarise (the first record after a fork); the
-non-finite rules and the grad-norm divergence rule decide whether a step stops the run; thread count and device decide kernels' rounding.
-``run.ckpt_every`` is ignored: a checkpoint changes no number (it settles the gated steps' bookkeeping early
-and resets ``nonfinite_since_ckpt``, which only decides ``last_good`` copies)."""
+_RUN_IGNORED = ("ckpt_every", "preempt_grace_s", "preempt_check_every")
+"""``run`` fields that change no number: a checkpoint (it settles the gated steps' bookkeeping early and resets
+``nonfinite_since_ckpt``, which only decides ``last_good`` copies), and the signal handling (a stop on a
+signal writes a checkpoint the run resumes from exactly). ``seed``, ``steps`` and ``val_every`` have their own
+rules in ``prefix_reason``. Every other ``run`` field must be equal, new ones included: ``log_every`` (a log
+step splits an active RL step's backward, other rounding, and closes the window ``grad_norm/max`` and the
+event counts summarise), the non-finite and grad-norm divergence rules (whether a step stops the run), the
+time budget, thread count and device (kernels' rounding)."""
+_RUN_OWN_RULES = ("seed", "steps", "val_every")
 
 
 def _first_difference(a: Any, b: Any, path: str) -> str | None:
@@ -63,8 +65,8 @@ def prefix_reason(parent: Config, child: Config) -> tuple[int, str]:
         d = _first_difference(p[section], c[section], section)
         if d is not None:
             return 0, f"{d} differs (it acts from step 1, or on the records of steps 0-k)"
-    for name in _RUN_MUST_MATCH:
-        if p["run"][name] != c["run"][name]:
+    for name in p["run"]:
+        if name not in (*_RUN_IGNORED, *_RUN_OWN_RULES) and p["run"][name] != c["run"][name]:
             return 0, f"run.{name} differs"
     if parent.run.max_train_s > 0:
         return 0, "run.max_train_s > 0: where the run stops depends on the clock"
@@ -102,7 +104,7 @@ def shared_prefix(parent: Config, child: Config) -> int:
       exactly 0 leaves the step identical to the no-RL step (``rl.clip``, ``rl.normalize`` ... included);
     - ``run.val_every``: k < the first validation of either run;
     - ``run.steps``: k < the shorter run's length (0 under a cosine learning rate, which reads it);
-    - ``telemetry.*``, ``checkpoint.*``, ``run.ckpt_every``: ignored.
+    - ``telemetry.*``, ``checkpoint.*``, ``run.ckpt_every``, ``run.preempt_*``: ignored.
 
     Identical configs give ``run.steps``. ``prefix_reason`` says what bounds k.
     """

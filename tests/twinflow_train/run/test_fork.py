@@ -27,24 +27,30 @@ from twinflow_train.run.fork import ForkRequest, prefix_reason, shared_prefix
 from twinflow_train.run.trainer import EXIT_DONE, fit
 
 REPO = Path(__file__).resolve().parents[3]
-K = 7
-"""The fork step of the trainer tests: RL acts from step 8; a validation at 6 (best weights) comes before it,
-and 7 is not a log step (log_every 3), so the log window crosses the fork."""
+K = 5
+"""The fork step of the trainer tests: RL acts from step 6; a validation at 4 (best weights) comes before it,
+a checkpoint falls on it, and the log window of the record at 6 crosses it (log_every 3: steps 4, 5 | 6),
+with its largest norm before the fork: a window not carried over would change that record."""
 RL = ["rl.enabled=true", "rl.reward=digits", "rl.weight=5.0"]
+SPIKE = ["schedule.spike.enabled=true", "schedule.spike.window=5", "schedule.spike.k=0.5", "schedule.spike.cooldown=1"]
+"""A spike rule touchy enough to fire in a few steps."""
 ARMS = {
     "base": [],
     "hard": RL + ["rl.schedule=hard", f"rl.warmup={K + 1}"],
     "sigmoid": RL + ["rl.schedule=sigmoid", "rl.center=10", "rl.width=2", f"rl.start={K + 1}"],
     "clip": RL + ["rl.schedule=sigmoid", "rl.center=10", "rl.width=2", f"rl.start={K + 1}", "rl.clip=param",
                   "rl.clip_norm=0.01"],
+    "spike": SPIKE,
+    "spike_hard": SPIKE + RL + ["rl.schedule=hard", f"rl.warmup={K + 1}"],
 }
-FORKS = [("base", "hard"), ("base", "sigmoid"), ("sigmoid", "clip")]
+FORKS = [("base", "hard"), ("base", "sigmoid"), ("sigmoid", "clip"), ("spike", "spike_hard")]
 """(parent, child): the hard switch and the cut sigmoid from their no-RL ancestor; param clipping from its
-unclipped sigmoid parent (a clip norm that binds once the RL term acts)."""
+unclipped sigmoid parent (a clip norm that binds once the RL term acts); a hard switch under decay-on-spike
+(a host read per step, no gating; the spike window and the decayed scale travel in the policy state)."""
 
 
 def _over(tiny_overrides: list[str], arm: str) -> list[str]:
-    return tiny_overrides + ["run.steps=14", "run.log_every=3", "run.val_every=6", "run.ckpt_every=5",
+    return tiny_overrides + ["run.steps=14", "run.log_every=3", "run.val_every=4", "run.ckpt_every=5",
                              "eval.ema_decay=0.9", *ARMS[arm]]
 
 
@@ -133,7 +139,9 @@ def test_shared_prefix_is_zero_for_what_acts_from_step_one():
         (["run.log_every=5"], 0), (["data.batch_size=64"], 0), (["eval.ema_decay=0.99"], 0), (["eval.nfe=[2]"], 0),
         (["parallel.mixed_precision=bf16"], 0), (["run.threads=2"], 0), (["method.enhanced_ratio=0.6"], 0),
         # ignored: checkpoint cadence and format, telemetry
-        (["run.ckpt_every=50", "checkpoint.format=dcp", "checkpoint.keep_latest_k=3", "telemetry.name=x"], 300),
+        (["run.ckpt_every=50", "checkpoint.format=dcp", "checkpoint.keep_latest_k=3", "telemetry.name=x",
+          "run.preempt_grace_s=5", "run.preempt_check_every=3"], 300),
+        (["run.diverge_grad_norm=50"], 0), (["run.nonfinite=stop"], 0),
         # RL: the earlier onset of the two
         (["rl.warmup=40"], 39), (["rl.weight=1.0"], 99), (["rl.clip=param"], 99), (["rl.enabled=false"], 99),
         (["rl.schedule=linear"], 99),  # the parent's switch at 100 comes first
@@ -226,11 +234,11 @@ def test_fork_checkpoint_is_complete_and_outside_the_rotation(runs):
     assert verify_checkpoint(cks / f"fork-{K}") is None
     meta = rundir.read_json(cks / f"fork-{K}" / "meta.json")
     assert meta["step"] == K and meta["kind"] == "fork" and meta["world"] == 1
-    assert set(meta["files"]) == {"state.pt", "best/weights.pt"}  # the validation at 6 made best weights
+    assert set(meta["files"]) == {"state.pt", "best/weights.pt"}  # the validation at 4 made best weights
     # keep_latest_k (1) kept step-10 beside latest (14); the fork checkpoint neither counts nor is pruned
     assert sorted(p.name for p in cks.iterdir()) == ["best", f"fork-{K}", "last_good", "latest", rundir.kept_name(10)]
     assert rundir.resume_step(runs["base"]) == 14
-    # the log window crosses the fork (log steps 6 and 9): step 7's events and norm travel with the state
+    # the log window crosses the fork (log steps 3 and 6): steps 4-5's events and norm travel with the state
     window = torch.load(cks / f"fork-{K}" / "state.pt", weights_only=False)["state"]["log_window"]
     assert window["max_norm"] > 0 and set(window["events"]) >= {"event/nonfinite", "event/skipped"}
     # a run that never forks has none
@@ -245,6 +253,10 @@ def test_forked_child_equals_child_from_scratch(runs, tiny_overrides, tmp_path, 
     forked = tmp_path / child
     assert fit(cfg, forked, progress=False, fork=ForkRequest(parent=runs[parent], step=K)) == EXIT_DONE
     assert_same_run(runs[child], forked, step=K)
+    if parent == "spike":  # the parent's window of norms, full at the fork, decides the child's spikes after it
+        at_fork = torch.load(fork_checkpoint(runs[parent], K) / "state.pt", weights_only=False)["state"]
+        assert len(at_fork["policy"]["window"]) == 5
+        assert _state(forked)["state"]["counters"]["spikes"] > 0 and _state(forked)["state"]["policy"]["scale"] < 1
     origin = fork_origin(forked)
     assert origin["step"] == K and origin["parent_dir"] == Path(os.path.normpath(runs[parent]))
     assert origin["parent"] == os.path.relpath(runs[parent], forked)
@@ -348,8 +360,11 @@ def test_cli_flags(runs, tiny_overrides, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fork_under_torchrun_with_dcp_checkpoints(tiny_overrides, tmp_path):
-    over = _over(tiny_overrides, "base") + ["checkpoint.format=dcp", "eval.teacher=false", "run.steps=10"]
-    hard = RL + ["rl.schedule=hard", "rl.warmup=6"]
+    # FSDP2 over 2 gloo ranks with 2 accumulation micro-batches: a per-term split (rl.clip: param) reduces
+    # each micro-batch's gradient on its own, so it must not run while the RL weight is 0
+    over = _over(tiny_overrides, "base") + ["checkpoint.format=dcp", "eval.teacher=false", "run.steps=10",
+                                            "data.grad_accum=2"]
+    hard = RL + ["rl.schedule=hard", "rl.warmup=6", "rl.clip=param", "rl.clip_norm=0.01"]
 
     def torchrun(run_dir, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
