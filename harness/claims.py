@@ -11,7 +11,8 @@ per run to one number::
         treatment: rl_sigmoid
         metric: grad_norm/max
         reduce: max                       # final | max | min | mean over the window
-        window: ["${steps // 3 + 1}", null]   # steps [start, end], inclusive; null end: to the last step
+        window: [rl_onset, null]          # steps [start, end], inclusive; null end: to the last step; rl_onset:
+                                          # the treatment's first step with a non-zero RL weight; vars allowed
         direction: decrease               # the effect the claim predicts for treatment vs baseline
         scale: log                        # log: paired log-ratios (fold changes); diff: paired differences
         margin: 1.1                       # smallest effect of interest (a fold on the log scale); default per metric
@@ -35,7 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from twinflow_train.config import ConfigError, Where, checked, from_dict, raise_problems
+from twinflow_train.inputs import ConfigError, Where, checked, from_dict, raise_problems
+from twinflow_train.rl.schedule import rl_onset
 from twinflow_train.rundir import metric_keys
 
 if TYPE_CHECKING:
@@ -228,8 +230,8 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
             problems.append(f"{where.section()}: expected a mapping with 'claim' and the test keys, got {entry!r}")
             continue
         entry = dict(entry)
-        try:  # a window may be written in the matrix's vars
-            entry = _evaluate_windows(entry, evaluate, where)
+        try:  # a window may be written in the matrix's vars, and open at the treatment arm's RL onset
+            entry = _resolve_onsets(_evaluate_windows(entry, evaluate, where), arms, where)
             if "tests" in entry:
                 parsed = from_dict(_ClaimEntry, entry, where)
                 text, tests, places = parsed.claim, parsed.tests, [where.key("tests").index(j)
@@ -249,6 +251,36 @@ def parse_claims(raw: Any, *, file: str, arms: Mapping[str, "Config"], evaluate:
         if not found and text is not None:
             claims.append(Claim(text=text.strip(), tests=tuple(tests)))
     return tuple(claims)
+
+
+RL_ONSET = "rl_onset"
+"""A window bound in the arm's own terms: the treatment arm's first step whose RL weight is not 0
+(``twinflow_train.rl.schedule.rl_onset`` of its resolved config), so a change of its schedule moves the window."""
+
+
+def _resolve_onsets(entry: dict[str, Any], arms: Mapping[str, "Config"], where: Where) -> dict[str, Any]:
+    """``entry`` with each ``rl_onset`` bound of a window (its own, or each test's) replaced by the step it names;
+    raises ``ConfigError`` naming the window where the treatment is no arm or its RL term never acts."""
+
+    def one(body: Any, at: Where) -> Any:
+        window = body.get("window") if isinstance(body, Mapping) else None
+        if not isinstance(window, list) or RL_ONSET not in window:
+            return body
+        arm = body.get("treatment")
+        if not isinstance(arm, str) or arm not in arms:
+            raise ConfigError(f"{at.key('window').field()}: '{RL_ONSET}' is the treatment arm's RL onset, and the "
+                              f"treatment {arm!r} is no arm; arms: {', '.join(arms)}")
+        cfg = arms[arm]
+        onset = rl_onset(cfg.rl, steps=cfg.run.steps)
+        if onset > cfg.run.steps:
+            why = "rl.enabled is false" if not cfg.rl.enabled else f"its RL weight is 0 at all {cfg.run.steps} steps"
+            raise ConfigError(f"{at.key('window').field()}: '{RL_ONSET}': arm '{arm}' has no RL onset ({why})")
+        return {**body, "window": [onset if v == RL_ONSET else v for v in window]}
+
+    if isinstance(entry.get("tests"), list):
+        tests_at = where.key("tests")
+        return {**entry, "tests": [one(b, tests_at.index(j)) for j, b in enumerate(entry["tests"])]}
+    return one(entry, where)
 
 
 def _evaluate_windows(entry: dict[str, Any], evaluate: Callable[[Any], Any], where: Where) -> dict[str, Any]:

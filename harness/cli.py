@@ -212,7 +212,8 @@ def grid_plan(args: argparse.Namespace) -> int:
     """The memory plan of every arm (one seed each: seeds do not change memory); exit 3 when one does not fit."""
     import json
 
-    from twinflow_train.config import Config, deep_merge, from_dict, parse_overrides, to_dict
+    from twinflow_train.config import Config, to_dict
+    from twinflow_train.inputs import deep_merge, from_dict, parse_overrides
     from twinflow_train.run.plan import plan_from_args
 
     grid = _load(args)

@@ -102,7 +102,7 @@ class RunCheck:
 def dry_run_grid(grid: Grid, *, retries: int = 0) -> list[RunCheck]:
     """What ``run_grid`` would do with every run, and the trainer's own preflight for each run it would
     launch (weights and data paths, reward model, existing run directory). Reads only; writes nothing."""
-    from twinflow_train.config import ConfigError
+    from twinflow_train.inputs import ConfigError
     from twinflow_train.run.trainer import preflight
 
     checks = []

@@ -34,8 +34,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from twinflow_train.config import (Config, ConfigError, Where, checked, config_hash, from_dict, load_config,
-                                   raise_problems, set_dotted, to_dict)
+from twinflow_train.config import Config, config_hash, load_config, to_dict
+from twinflow_train.inputs import ConfigError, Where, checked, from_dict, raise_problems, set_dotted
 from twinflow_train.yamlio import InputError, read_mapping
 
 from .claims import Claim, parse_claims

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-from twinflow_train.config import ConfigError, config_hash
+from twinflow_train.config import config_hash
+from twinflow_train.inputs import ConfigError
 
 from .identity import run_identity
 from .launchers import Launcher

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from twinflow_train.config import (Config, ConfigError, SectionProblems, Where, at_least, checked, from_dict,
-                                   load_config, raise_problems, to_dict)
+from twinflow_train.config import Config, load_config, to_dict
+from twinflow_train.inputs import ConfigError, SectionProblems, Where, at_least, checked, from_dict, raise_problems
 from twinflow_train.rundir import validation_keys
 from twinflow_train.yamlio import InputError, float_problem, is_number, read_mapping
 

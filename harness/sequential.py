@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from twinflow_train.config import at_least, checked
+from twinflow_train.inputs import at_least, checked
 
 from .claims import Claim
 from .inference import ALPHA, SPENDINGS, Spending

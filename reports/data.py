@@ -9,6 +9,7 @@ step, wall_s, run_dir). Reports read run directories only through them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from twinflow_train.rundir import NONFINITE_TEXT
+from harness import collect
+from twinflow_train.rundir import NONFINITE_TEXT, RunDirError
 from twinflow_train.yamlio import InputError
 
 METRIC_ID_COLUMNS = ("grid", "arm", "seed", "run_dir", "kind", "step")
@@ -49,6 +51,14 @@ class GridData:
     """Where the arm order came from (said in the report)."""
     parents: Mapping[str, str | None] | None = None
     """Arm -> the arm it extends in the matrix (None for a root arm), from the grid manifest; None when unknown."""
+    kind: str | None = None
+    """What made the runs, from the grid manifest: 'grid' (a matrix's arms) or 'search' (a search's trial groups);
+    None when unknown (in-memory data, or no manifest)."""
+
+    @property
+    def is_search(self) -> bool:
+        """The arms are a search's trial groups: a study, not a ladder of arms that extend each other."""
+        return self.kind == "search"
 
     def predecessor(self, arm: str) -> str | None:
         """The arm ``arm`` is compared with in the findings: the one it extends when the grid records it
@@ -153,8 +163,6 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
     grid_dir = Path(grid_dir)
     if not grid_dir.is_dir():
         raise FileNotFoundError(f"grid directory {grid_dir} does not exist")
-    from harness import collect
-
     statuses = collect.run_statuses(grid_dir)
     if statuses.empty:  # checked first: collecting writes the grid's metrics cache
         raise GridDataError(f"{grid_dir}: no run directories (<arm>/seed-<k>/) in this grid directory")
@@ -165,14 +173,36 @@ def load_grid(*, grid_dir: str | Path, arm_order: Sequence[str] | None = None) -
         arm_order, source = grid_arm_order(grid_dir, statuses)
     data = prepare(name=grid_dir.resolve().name, metrics=metrics, statuses=statuses, arm_order=arm_order,
                    grid_dir=grid_dir, divergence=divergence)
-    return dataclasses.replace(data, arm_order_source=source, parents=_manifest_parents(grid_dir))
+    return dataclasses.replace(data, arm_order_source=source, parents=_manifest_parents(grid_dir),
+                               kind=_manifest_kind(grid_dir))
+
+
+def shown_path(path: str | Path | None, grid_dir: Path | None) -> str:
+    """A path as a report shows it: relative to the grid directory (``../matrix.yaml``), never the absolute path
+    of the machine that ran the grid; the file name alone where no relative path exists (another drive)."""
+    if path is None:
+        return "(unknown)"
+    p = Path(path)
+    if not p.is_absolute() or grid_dir is None:
+        return str(p) if not p.is_absolute() else p.name
+    try:
+        return os.path.relpath(p, Path(grid_dir).resolve())
+    except ValueError:
+        return p.name
+
+
+def _manifest_kind(grid_dir: Path) -> str | None:
+    """``kind`` of the grid manifest ('grid' or 'search'); None where there is none or it does not load."""
+    try:
+        manifest = collect.grid_manifest(grid_dir)
+    except RunDirError:
+        return None  # grid_arm_order already says in the report that the manifest does not load
+    kind = (manifest or {}).get("kind")
+    return str(kind) if kind is not None else None
 
 
 def _manifest_parents(grid_dir: Path) -> dict[str, str | None] | None:
     """``parents`` of the grid manifest; None where there is no manifest, it does not load, or it has none."""
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     try:
         manifest = collect.grid_manifest(grid_dir)
     except RunDirError:
@@ -189,9 +219,6 @@ def grid_arm_order(grid_dir: Path, statuses: pd.DataFrame) -> tuple[list[str] | 
     groups, and a grid run before the manifest existed, are ordered by when each arm's
     first run was created (``run_statuses``' ``created``); the returned source says which.
     """
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     created = _creation_order(statuses)
     try:
         manifest = collect.grid_manifest(grid_dir)
@@ -200,11 +227,11 @@ def grid_arm_order(grid_dir: Path, statuses: pd.DataFrame) -> tuple[list[str] | 
     if manifest is None:
         why = "no grid manifest (the grid was run before the harness wrote one)"
     elif manifest.get("kind") == "search" or manifest.get("arms") is None:
-        why = f"the trial groups of search spec {manifest.get('source')}"
+        why = f"the trial groups of search spec {shown_path(manifest.get('source'), grid_dir)}"
     else:
         names = [str(a) for a in manifest["arms"]]
         order = [a for a in names if a in created] + [a for a in created if a not in names]
-        return order, f"matrix file {manifest.get('source')} (grid manifest)"
+        return order, f"matrix file {shown_path(manifest.get('source'), grid_dir)} (grid manifest)"
     if created is None:
         return None, why + "; status table order, as no run has a harness.json"
     return created, why + "; order in which each arm's first run was created"

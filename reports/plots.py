@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy.stats import t as t_dist
 
 from .data import GridData
 from .stats import SAMPLE_METRICS, max_grad_column, teacher_values
@@ -31,9 +34,12 @@ class FigureOut:
     """File stem of the PNG."""
     title: str
     caption: str
-    png: bytes
+    figure: Figure
+    """The drawn figure; the publish stage renders it (``render``) into the PNG files and the HTML."""
     meta: dict = field(default_factory=dict)
     """Facts about what was drawn (tests and the report text use them)."""
+    dpi: int = 100
+    """Resolution of the rendered PNG."""
 
 
 def new_figure(*, width: float, height: float) -> Figure:
@@ -50,6 +56,21 @@ def fixed_margins(fig: Figure, *, left: float = 0.75, right: float = 0.25, top: 
                         hspace=hspace)
 
 
+def title_above(fig: Figure, text: str, *, fontsize: float = 10, pad: float = 0.08) -> float:
+    """The figure's title in its top margin, ``pad`` inches below the top edge, wrapped to the figure's width;
+    returns the inches it takes (pad included), so that the caller sets a top margin that keeps the axes'
+    titles clear of it (a title placed as a fraction of the height drops onto them in a tall figure)."""
+    w, h = fig.get_size_inches()
+    per_line = max(int(w * 72 / (0.56 * fontsize)), 20)  # characters of a line at this size (a generous average)
+    lines = textwrap.wrap(text, per_line) or [""]
+    fig.suptitle("\n".join(lines), fontsize=fontsize, y=1 - pad / h, va="top")
+    return pad + len(lines) * 1.3 * fontsize / 72
+
+
+AXES_TITLE = 0.3
+"""Inches above an axes that its one-line title (9 pt, with its pad) takes."""
+
+
 def render(fig: Figure, *, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -57,8 +78,6 @@ def render(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def arm_colors(arms: Sequence[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"] if len(arms) <= 10 else colormaps["tab20"] if len(arms) <= 20 else colormaps["turbo"]
     n = max(len(arms), 1)
     return {a: cmap(i if len(arms) <= 20 else i / n) for i, a in enumerate(arms)}
@@ -98,10 +117,8 @@ def curve_stats(metrics: pd.DataFrame, key: str, *, kind: str | None, max_points
     per_arm = per_run.groupby(["arm", "_bin"], observed=True).agg(
         x=("x", "mean"), mean=("v", "mean"), lo=("v", "min"), hi=("v", "max"), sd=("v", "std"), n=("v", "count"))
     if band == "ci95":
-        from scipy.stats import t
-
         n = per_arm["n"].to_numpy()
-        half = np.where(n > 1, t.ppf(0.975, np.maximum(n - 1, 1)) * per_arm["sd"].to_numpy() / np.sqrt(n), 0.0)
+        half = np.where(n > 1, t_dist.ppf(0.975, np.maximum(n - 1, 1)) * per_arm["sd"].to_numpy() / np.sqrt(n), 0.0)
         per_arm["lo"] = per_arm["mean"] - half
         per_arm["hi"] = per_arm["mean"] + half
     return per_arm.drop(columns="sd").reset_index().drop(columns="_bin")
@@ -134,7 +151,9 @@ def _legend(fig: Figure, arms: Sequence[str], colors: dict, extra: Sequence[Line
     if not handles:
         fixed_margins(fig, bottom=0.5, **margins)
         return
-    ncols = min(len(handles), 6)
+    # as many columns as fit the figure's width: an entry is its handle (~0.45 in) and its label (8 pt text)
+    entry = max(0.45 + len(h.get_label()) * 8 * 0.6 / 72 for h in handles)
+    ncols = max(1, min(len(handles), 6, int(fig.get_size_inches()[0] / entry)))
     rows = math.ceil(len(handles) / ncols)
     fig.legend(handles=handles, loc="lower center", ncols=ncols, fontsize=8, frameon=False)
     fixed_margins(fig, bottom=0.5 + 0.2 * rows, **margins)
@@ -200,12 +219,12 @@ def grad_norm_figure(data: GridData, *, band: Band, max_points: int,
            else "pre-clip norm at logged steps")
     ax.set_title(f"Pre-clip gradient norm: {how}; line: mean over seeds of the per-bin max; {BAND_LABEL[band]}",
                  fontsize=9)
-    _legend(fig, arms, colors, extra)
+    _legend(fig, arms, colors, extra, left=0.95)  # room for the log axis's labels beside its name
     caption = (f"{gcol}, log axis. Each run is reduced to its maximum within a step bin (at most {max_points} bins), "
                f"then averaged over seeds; {BAND_LABEL[band]}. Triangles: logged spike events ({n_spikes} in all); "
                f"crosses at the top: the step a run was stopped as diverged "
                f"({len(dv)} run{'' if len(dv) == 1 else 's'}).")
-    return FigureOut("grad_norm", "Pre-clip gradient norm", caption, render(fig),
+    return FigureOut("grad_norm", "Pre-clip gradient norm", caption, fig,
                      {"key": gcol, "spikes": n_spikes, "diverged": len(dv)})
 
 
@@ -234,11 +253,11 @@ def panels_figure(data: GridData, *, slug: str, title: str, keys: Sequence[str],
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    fig.suptitle(f"{title}: line = mean over seeds, {BAND_LABEL[band]}", fontsize=10)
+    top = title_above(fig, f"{title}: line = mean over seeds, {BAND_LABEL[band]}") + AXES_TITLE
     # only the arms that logged these keys (per-term gradients exist in RL arms only)
-    _legend(fig, [a for a in arms if a in drawn], colors, top=0.6)
+    _legend(fig, [a for a in arms if a in drawn], colors, top=top)
     caption = f"{', '.join(keys)}; line: mean over seeds; {BAND_LABEL[band]}.{(' ' + note) if note else ''}"
-    return FigureOut(slug, title, caption, render(fig), {"keys": keys})
+    return FigureOut(slug, title, caption, fig, {"keys": keys})
 
 
 def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
@@ -274,18 +293,18 @@ def sample_metrics_figure(data: GridData, *, band: Band, max_points: int,
             ax.tick_params(labelsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(f"Validation sample metrics: line = mean over seeds, {BAND_LABEL[band]}; dashed = {t_label}",
-                 fontsize=10)
+    top = title_above(fig, f"Validation sample metrics: line = mean over seeds, {BAND_LABEL[band]}; "
+                           f"dashed = {t_label}") + AXES_TITLE
     extra = [Line2D([], [], color="black", linestyle="--", label=t_label)]
     if euler_refs:
         extra.append(Line2D([], [], color="dimgray", linestyle=":", label="teacher, Euler with n steps"))
-    _legend(fig, arms, colors, extra, wspace=0.08, hspace=0.45, top=0.55)
+    _legend(fig, arms, colors, extra, wspace=0.08, hspace=0.45, top=top)
     caption = (f"Student sample metrics on the fixed validation noise and prompts, per NFE; dashed line: the "
                f"{t_label} on the same prompts"
                + ("; dotted line (FD): the teacher sampled with Euler in as many steps as the student's NFE"
                   if euler_refs else "")
                + ". FD (log axis) and KID are lower-better; reward, accuracy, gold and proxy higher-better.")
-    return FigureOut("sample_metrics", "Validation sample metrics", caption, render(fig),
+    return FigureOut("sample_metrics", "Validation sample metrics", caption, fig,
                      {"rows": rows, "nfe": list(nfe), "teacher_refs": refs, "teacher_euler_refs": euler_refs,
                       "log_rows": [w for i, w in enumerate(rows) if axes[i, 0].get_yscale() == "log"]})
 

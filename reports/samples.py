@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .data import GridDataError
-from .plots import FigureOut, fixed_margins, new_figure, render
+from .plots import FigureOut, fixed_margins, new_figure
 
 Which = Literal["final", "best"]
 MAX_CELL_PX = 128
@@ -171,4 +171,4 @@ def sample_grid_figure(runs: pd.DataFrame, *, arms: Sequence[str], nfe: Sequence
     meta = {"rows": [r.label for r in rows], "row_arms": [r.arm for r in rows], "row_nfe": [r.nfe for r in rows],
             "files": [None if r.path is None else str(r.path) for r in rows], "missing": missing,
             "columns": cols.tolist(), "seed": seed}
-    return FigureOut(f"samples_{which}", f"Samples ({which} weights)", caption, render(fig, dpi=110), meta)
+    return FigureOut(f"samples_{which}", f"Samples ({which} weights)", caption, fig, meta, dpi=110)

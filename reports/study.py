@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from harness.search import ATTR_DIVERGED, ATTR_PRUNE, ATTR_RECORDED
 
 from .data import GridDataError
-from .plots import FigureOut, fixed_margins, new_figure, render
+from .plots import FigureOut, fixed_margins, new_figure
 
 if TYPE_CHECKING:
     import optuna
@@ -109,7 +110,7 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         figs.append(FigureOut(f"study_{study.study_name}_history", "Optimisation history",
-                              f"Objective {name} of each complete trial and the best so far ({d}).", render(fig)))
+                              f"Objective {name} of each complete trial and the best so far ({d}).", fig))
         bt = study.best_trial
         summary.append(f"Best trial #{bt.number}: {name} = {bt.value:.4g} with "
                        + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
@@ -127,6 +128,8 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
                     ax.scatter(x, c[name], s=18, c=c["trial"], cmap="viridis")
                     if _is_log(study, p.removeprefix("param:")):
                         ax.set_xscale("log")
+                        # within a decade the minor ticks get labels too, written over each other
+                        ax.xaxis.set_minor_formatter(NullFormatter())
                 else:  # categorical parameter
                     cats = sorted(c[p].astype(str).unique())
                     ax.scatter([cats.index(v) for v in c[p].astype(str)], c[name], s=18, c=c["trial"], cmap="viridis")
@@ -137,7 +140,7 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
                 ax.grid(True, alpha=0.3)
             fig.suptitle(f"{name} against each parameter (colour: trial number)", fontsize=9)
             figs.append(FigureOut(f"study_{study.study_name}_slice{i}", f"Objective {name} against parameters",
-                                  "Complete trials only; colour = trial number.", render(fig)))
+                                  "Complete trials only; colour = trial number.", fig))
 
     inter = [(t.number, t.state.name, t.intermediate_values) for t in study.get_trials(deepcopy=False)
              if t.intermediate_values]
@@ -158,7 +161,7 @@ def study_section(study: "optuna.Study", *, max_param_panels: int = 6) -> StudyS
         ax.set_title("Intermediate values per trial (the values pruning acted on)", fontsize=9)
         figs.append(FigureOut(f"study_{study.study_name}_intermediate", "Intermediate values",
                               "Each trial's reported validation values against its step, coloured by final state.",
-                              render(fig)))
+                              fig))
 
     front_table = None
     if len(names) >= 2 and len(complete):
@@ -234,7 +237,7 @@ def _pareto(study: "optuna.Study", table: pd.DataFrame, complete: pd.DataFrame, 
                f"their {', '.join(p.removeprefix('param:') for p in params)}"
                + (f"; colour: {colour_by}, recorded from the same evaluation but not optimised" if colour_by else "")
                + ". Trials pruned as diverging have no values and are not drawn (listed in the text).")
-    return front, FigureOut(f"study_{study.study_name}_pareto", "Pareto front", caption, render(fig),
+    return front, FigureOut(f"study_{study.study_name}_pareto", "Pareto front", caption, fig,
                             {"front": sorted(front_ids), "colour": colour_by,
                              "labels": [[_fmt_param(r[p]) for p in params] for _, r in front.iterrows()]})
 

@@ -16,19 +16,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator
 
+from harness import collect
 from harness.claims import Claim, ClaimTest
 from harness.inference import ALPHA, POWER, Verdict
+from harness.sequential import SeedPlan, read_record, replay
 from harness.verdicts import Judgement, TestResult, judge_fixed
+from twinflow_train.rundir import RunDirError
 
-from .data import GridData
+from .data import GridData, shown_path
+from .plots import FigureOut, fixed_margins, new_figure
 from .stats import fmt_fold, fmt_num
-
-if TYPE_CHECKING:
-    from .plots import FigureOut
 
 LEVEL = 1 - ALPHA
 RULE = ("Verdicts: no meaningful effect when the whole decision interval lies inside the margin both ways (an "
@@ -71,6 +73,16 @@ def margin_text(t: ClaimTest) -> str:
     return f"within {fmt_fold(t.margin)} either way" if t.scale == "log" else f"within ±{fmt_num(t.margin)}"
 
 
+def margin_short(t: ClaimTest) -> str:
+    """The margin in the verdict table's few words: 'x1.1 either way', '±0.05 either way', 'x1.5 worse at most'."""
+    if t.tolerance is not None:
+        m = fmt_fold(t.tolerance) if t.scale == "log" else fmt_num(t.tolerance)
+        return f"{m} worse at most"
+    if t.margin is None:
+        return "none"
+    return f"{fmt_fold(t.margin) if t.scale == 'log' else '±' + fmt_num(t.margin)} either way"
+
+
 def predicted(test: ClaimTest) -> str:
     """What the test expects, in words: 'decrease' or 'not higher by more than x1.5'."""
     if test.tolerance is None:
@@ -80,9 +92,15 @@ def predicted(test: ClaimTest) -> str:
     return f"not {worse} by more than {margin}"
 
 
+STOP_SHORT = {"decided": "decided", "open": "open", "futile": "futile", "max": "max reached",
+              "claim decided": "claim decided"}
+"""A test's state in a word or two, for the verdict table (the detail table says it in full)."""
+
+
 def seeds_text(r: TestResult) -> str:
+    """'3 (max reached)', '4 (decided, looks at n=3/4)': the seeds a test used and how it ended."""
     looks = f", looks at n={'/'.join(map(str, r.looks))}" if len(r.looks) > 1 else ""
-    return f"{r.n} ({r.stop_text}{looks})"
+    return f"{r.n} ({STOP_SHORT.get(r.state, r.stop_text)}{looks})"
 
 
 def mde_text(r: TestResult) -> str:
@@ -96,9 +114,6 @@ def mde_text(r: TestResult) -> str:
 def judge(data: GridData, claims: Sequence[Claim]) -> tuple[Judgement, str]:
     """The judgement of ``claims`` on ``data`` and a sentence on how: the grid's recorded looks when it ran a
     sequential plan with these claims, else one look with every seed."""
-    from harness.sequential import SeedPlan, read_record, replay
-    from twinflow_train.rundir import RunDirError
-
     record = None
     if data.grid_dir is not None:
         try:
@@ -152,7 +167,7 @@ def verdict_table(judgement: Judgement) -> pd.DataFrame:
             "test": f"{t.treatment} vs {t.baseline}: {t.describe()}",
             "effect [decision interval]": effect_text(r, r.lo, r.hi),
             "unadjusted 95%": effect_text(r, r.raw_lo, r.raw_hi).split(" ", 1)[-1] if r.n >= 2 else "n/a",
-            "margin": margin_text(t),
+            "margin": margin_short(t),
             "seeds": seeds_text(r),
             "part verdict": r.verdict,
         })
@@ -162,9 +177,10 @@ def verdict_table(judgement: Judgement) -> pd.DataFrame:
 def detail_table(judgement: Judgement) -> pd.DataFrame:
     """What stands behind each row: the prediction, the level, the detectable effect, the seeds left out."""
     return pd.DataFrame([{
-        "claim": row.label, "predicted": predicted(row.result.test),
+        "claim": row.label, "predicted": predicted(row.result.test), "margin": margin_text(row.result.test),
         "decision level (two-sided)": f"{row.result.level_alpha:.2g}",
         f"smallest detectable ({POWER:.0%} power)": mde_text(row.result),
+        "seeds: why it stopped": row.result.stop_text,
         "left out": "; ".join(row.result.excluded) or "—",
     } for row in verdict_rows(judgement)])
 
@@ -211,9 +227,6 @@ def verdict_csv(judgement: Judgement) -> pd.DataFrame:
 def grid_claims(grid_dir: Path | None) -> tuple[tuple[Claim, ...], str]:
     """The claims of the matrix the grid was run from (the harness keeps them in the grid manifest), and a
     sentence saying where they came from, or why there are none."""
-    from harness import collect
-    from twinflow_train.rundir import RunDirError
-
     if grid_dir is None:
         return (), "the data were not read from a grid directory"
     try:
@@ -224,11 +237,12 @@ def grid_claims(grid_dir: Path | None) -> tuple[tuple[Claim, ...], str]:
         return (), ("no grid manifest (the grid was run before the harness wrote one; "
                     "'twinflow-lab report --claims MATRIX' judges a matrix file's claims)")
     if manifest.get("kind") == "search":
-        return (), f"the runs were made by search spec {manifest.get('source')}, which has no claims"
+        spec = shown_path(manifest.get("source"), grid_dir)
+        return (), f"the runs were made by search spec {spec}, which has no claims"
     claims = tuple(Claim.from_json(c) for c in manifest.get("claims") or [])
     if not claims:
-        return (), f"matrix file {manifest.get('source')} declares no claims"
-    return claims, f"matrix file {manifest.get('source')} (grid manifest)"
+        return (), f"matrix file {shown_path(manifest.get('source'), grid_dir)} declares no claims"
+    return claims, f"matrix file {shown_path(manifest.get('source'), grid_dir)} (grid manifest)"
 
 
 # --------------------------------------------------------------------------- figure
@@ -237,18 +251,19 @@ VERDICT_COLORS = {"supported": "tab:green", "contradicted": "tab:red", "no meani
                   "inconclusive": "tab:gray"}
 
 
-def verdict_figure(judgement: Judgement) -> "FigureOut | None":
+def _short(text: str, width: int = 44) -> str:
+    """A claim's text cut to ``width`` characters (an ellipsis where cut), for the forest plot's row labels."""
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
+def verdict_figure(judgement: Judgement) -> FigureOut | None:
     """A forest plot: one row per test, its effect with the decision interval (thick) and the unadjusted 95%
     interval (thin), the margins drawn; one shared axis per scale (folds on a log axis, differences linear)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    from .plots import FigureOut, fixed_margins, new_figure, render
-
     rows = [row for row in verdict_rows(judgement) if not math.isnan(row.result.paired.estimate)]
     if not rows:
         return None
     groups = [g for g in ([r for r in rows if r.result.fold], [r for r in rows if not r.result.fold]) if g]
-    fig = new_figure(width=8.0, height=0.9 + 0.32 * len(rows) + 0.5 * len(groups))
+    fig = new_figure(width=8.0, height=0.9 + 0.4 * len(rows) + 0.5 * len(groups))
     fixed_margins(fig, left=3.2, right=0.3, top=0.35, bottom=0.5, hspace=0.9)
     axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": [len(g) for g in groups]})[:, 0]
     for ax, group in zip(axes, groups):
@@ -272,7 +287,8 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
                 marks = [-sign * b] if t.tolerance is not None else [-b, b]
                 for m in marks:
                     ax.plot([r.back(m)] * 2, [y - 0.35, y + 0.35], color="tab:red", linestyle="--", linewidth=0.9)
-            labels.append(f"{row.label[:48]}: {t.treatment} vs {t.baseline}")
+            labels.append(f"{_short(r.text)}{f' (part {r.part + 1}/{row.parts})' if row.parts > 1 else ''}\n"
+                          f"{t.treatment} vs {t.baseline}")
         ax.set_yticks(range(len(group)))
         ax.set_yticklabels(labels, fontsize=6.5)
         ax.set_ylim(-0.6, len(group) - 0.4)
@@ -290,5 +306,5 @@ def verdict_figure(judgement: Judgement) -> "FigureOut | None":
                "(both ways) or the non-inferiority bound; colour: the test's verdict (green supported, red "
                "contradicted, blue no meaningful effect, grey inconclusive). Fold changes share one log axis, "
                "differences one linear axis.")
-    return FigureOut("verdicts", "Claims: paired effects", caption, render(fig),
+    return FigureOut("verdicts", "Claims: paired effects", caption, fig,
                      {"tests": [[r.result.text, r.result.part, r.result.verdict] for r in rows]})

@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("twinflow_train", "harness", "reports", "twinflow_lab")
-TRAINER_LAYERS = ("yamlio", "progress", "config", "rundir", "distributed", "models", "data", "assets", "method", "rl",
-                  "evaluation", "run", "cli")
+TRAINER_LAYERS = ("yamlio", "progress", "inputs", "config", "rundir", "distributed", "models", "data", "assets",
+                  "method", "rl", "evaluation", "run", "cli")
 LATE_BINDING = {
     # the family registry names each family's exporter; the exporter reads run directories and checkpoints
     ("twinflow_train.models.registry", "twinflow_train.run.export"),

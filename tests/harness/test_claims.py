@@ -9,6 +9,7 @@ import pytest
 from harness.claims import TEACHER, ClaimTest
 from harness.cli import main
 from harness.matrix import load_matrix
+from twinflow_train.rl.schedule import rl_onset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +56,24 @@ claims:
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_window_opens_at_the_treatment_arms_rl_onset(tiny_base, write, tmp_path):
+    """``rl_onset`` is read off the treatment's resolved schedule: the hard switch's warm-up, a cut ramp's start."""
+    m = write("m.yaml", ARMS + """\
+  rl_sigmoid: {extends: rl_hard, rl.schedule: sigmoid, rl.center: 15, rl.width: 2, rl.start: 7}
+claims:
+  - {claim: the hard switch spikes, baseline: vanilla, treatment: rl_hard, metric: grad_norm/max, reduce: max,
+     window: [rl_onset, null], direction: increase, scale: log}
+  - claim: the ramp does not
+    tests:
+      - {baseline: rl_hard, treatment: rl_sigmoid, metric: grad_norm/max, reduce: max, window: [rl_onset, 25],
+         direction: decrease, scale: log}
+""")
+    hard, ramp = load_matrix(m, root=tmp_path / "runs").claims
+    assert hard.tests[0].window == (10, None)  # rl.warmup = steps // 3: the first step with a non-zero weight
+    assert ramp.tests[0].window == (7, 25)
+    assert ramp.tests[0].describe() == "grad_norm/max (max over steps 7-25)"
+
+
 BAD = {
     "unknown_treatment": ("""\
   - {claim: c, baseline: vanilla, treatment: rl_hardd, metric: val/fd_nfe1, direction: decrease}
@@ -82,6 +101,14 @@ BAD = {
   - {claim: c, baseline: vanilla, treatment: rl_hard, metric: grad_norm/max, reduce: max,
      window: ["${stepz}", null], direction: increase}
 """, ["claims[0], key 'window': unknown variable 'stepz'"]),
+    "rl_onset_of_an_arm_without_rl": ("""\
+  - {claim: c, baseline: rl_hard, treatment: vanilla, metric: grad_norm/max, reduce: max,
+     window: [rl_onset, null], direction: increase}
+""", ["claims[0], key 'window': 'rl_onset': arm 'vanilla' has no RL onset (rl.enabled is false)"]),
+    "rl_onset_of_no_arm": ("""\
+  - {claim: c, baseline: vanilla, treatment: rl_hardd, metric: grad_norm/max, reduce: max,
+     window: [rl_onset, null], direction: increase}
+""", ["claims[0], key 'window': 'rl_onset' is the treatment arm's RL onset, and the treatment 'rl_hardd' is no arm"]),
     "log_tolerance_is_a_fold": ("""\
   - {claim: c, baseline: vanilla, treatment: rl_hard, metric: val/fd_nfe1, direction: decrease, scale: log,
      tolerance: 0.5}
@@ -126,6 +153,17 @@ def test_shipped_ladders_declare_claims_that_validate():
     assert lift.tests[1].tolerance is not None
     qwen = load_matrix(REPO / "ablations" / "blog-qwen.yaml")
     assert qwen.claims and all(t.treatment in {a.name for a in qwen.arms} for c in qwen.claims for t in c.tests)
+    # the spike windows open at their treatment's RL onset, named as such, never re-derived from the vars
+    for path, grid in (("blog-digits.yaml", digits), ("blog-qwen.yaml", qwen)):
+        configs = {r.arm: r.config for r in grid.runs}  # the RL schedule is the same for every seed
+        spikes = [t for c in grid.claims for t in c.tests if "spikes" in c.text or "decay-on-spike" in c.text]
+        assert len(spikes) >= 4
+        for t in spikes:
+            cfg = configs[t.treatment]
+            assert t.window == (rl_onset(cfg.rl, steps=cfg.run.steps), None), (path, t)
+        text = (REPO / "ablations" / path).read_text()
+        assert text.count("window: [rl_onset, null]") == len(spikes), path
+        assert 'window: ["${' not in text, path  # no window starts at a step computed from the vars
 
 
 def test_kid_has_a_default_margin_on_the_difference_scale_only():

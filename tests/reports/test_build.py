@@ -131,7 +131,8 @@ def test_a_grid_with_training_records_only(tmp_path):
     html = write_report(prepare(name="early", metrics=m, statuses=s), out_dir=tmp_path, progress=False)
     md = (tmp_path / "report.md").read_text()
     (row,) = md_table(md, "arm | runs done")
-    assert row["runs done"] == "0/1" and row["best val loss"] == "—" and row["max pre-clip grad norm"] != "—"
+    (health,) = md_table(md, "arm | max grad norm")
+    assert row["runs done"] == "0/1" and row["best val loss"] == "—" and health["max grad norm"] != "—"
     assert "A single arm: nothing to compare." in md and "No run has sample files" in md
     slugs = [f["slug"] for f in json.loads((tmp_path / "figures.json").read_text())]
     assert "sample_metrics" not in slugs and "val_loss" not in slugs and "grad_norm" in slugs

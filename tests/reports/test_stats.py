@@ -4,12 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from reports.compute import Comparison
 from reports.data import prepare
+from reports.document import findings
 from reports.stats import (
     arm_table,
     compare,
     diverge_steps,
-    findings,
     fmt_diff,
     fmt_num,
     metric_specs,
@@ -64,7 +65,7 @@ def test_findings_flag_an_unadjusted_interval_that_excludes_zero():
     runs = _table(vals)
     specs = [s for s in metric_specs([2], 2) if s.key in ("fd_nfe2", "max_grad_norm")]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2)
+    (text,) = findings([Comparison("b", "a", compare(runs, arm="b", ref="a", specs=specs))], summary, primary_nfe=2)
     assert text.startswith("b vs a (4 paired seeds): ")
     assert "(better)" in text and "unadjusted 95% interval excludes 0 for FD@2" in text
     assert "max grad norm +0.0% [+0.0%, +0.0%]" in text  # identical values: shown, not flagged
@@ -74,7 +75,7 @@ def test_findings_with_a_single_seed_make_no_claim():
     runs = _table({("a", 0): {"fd_nfe2": 10.0}, ("b", 0): {"fd_nfe2": 5.0}})
     specs = [s for s in metric_specs([2], 2) if s.key == "fd_nfe2"]
     summary = arm_table(runs, ["a", "b"], specs)
-    (text,) = findings(runs, summary, pairs=[("a", "b")], specs=specs, primary_nfe=2)
+    (text,) = findings([Comparison("b", "a", compare(runs, arm="b", ref="a", specs=specs))], summary, primary_nfe=2)
     assert "FD@2 -5.00 [n/a]" in text and "no interval (n/a)" in text
 
 
