@@ -22,7 +22,7 @@ from .compute import Comparison, ReportNumbers
 from .plots import BAND_LABEL, curve_figures
 from .render import Document, Section
 from .samples import sample_grid_figure
-from .stats import SAMPLE_METRICS, excludes_zero, fmt_diff, fmt_int, fmt_num
+from .stats import LOWER_BETTER, SAMPLE_METRICS, excludes_zero, fmt_diff, fmt_int, fmt_num
 from .study import study_section
 from .verdict import (
     METHOD,
@@ -83,8 +83,11 @@ def summary_display(summary: pd.DataFrame, *, nfe: Sequence[int], primary_nfe: i
                "final val loss": _cell(summary, arm, "final_val_loss")}
         for n in nfe:
             row[f"FD@{n}"] = _cell(summary, arm, f"fd_nfe{n}")
+        for n in nfe:
+            if f"kid_nfe{n}" in summary.columns:  # runs from before KID was written have none
+                row[f"KID@{n}"] = _cell(summary, arm, f"kid_nfe{n}")
         if primary_nfe is not None:
-            for what in SAMPLE_METRICS[1:]:  # reward, accuracy, and gold/proxy where the runs write them
+            for what in (w for w in SAMPLE_METRICS if w not in LOWER_BETTER):  # reward, accuracy, gold/proxy
                 if what in ("reward", "accuracy") or f"{what}_nfe{primary_nfe}" in summary.columns:
                     row[f"{what}@{primary_nfe}"] = _cell(summary, arm, f"{what}_nfe{primary_nfe}")
         rows.append(row)
@@ -159,7 +162,7 @@ def sample_metrics_display(runs: pd.DataFrame, arms: Sequence[str], nfe: Sequenc
     rows = []
     whats = [w for w in SAMPLE_METRICS
              if w in ("fd", "reward", "accuracy") or any(f"{w}_nfe{n}" in runs.columns for n in nfe)]
-    names = {w: "FD" if w == "fd" else w for w in whats}
+    names = {w: {"fd": "FD", "kid": "KID"}.get(w, w) for w in whats}
     blank = {f"{names[w]} {which}": "—" for w in whats for which in ("final", "best")}
     tsteps = teacher.get("teacher/steps")
     rows.append({"arm": "teacher" + (f" ({int(tsteps)} steps)" if tsteps and math.isfinite(tsteps) else ""),
@@ -177,7 +180,10 @@ def sample_metrics_display(runs: pd.DataFrame, arms: Sequence[str], nfe: Sequenc
     for n in nfe:
         euler = teacher.get(f"teacher/fd_euler{n}")
         if euler is not None and math.isfinite(euler):
-            rows.append({"arm": "teacher, Euler", "NFE": str(n), **blank, "FD final": fmt_num(euler)})
+            row = {"arm": "teacher, Euler", "NFE": str(n), **blank, "FD final": fmt_num(euler)}
+            if "kid" in whats:
+                row["KID final"] = fmt_num(teacher.get(f"teacher/kid_euler{n}"))
+            rows.append(row)
     for arm in arms:
         if arm not in g.groups:
             continue

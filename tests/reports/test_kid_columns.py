@@ -3,7 +3,7 @@ sample-metrics table (with the teacher's values)."""
 
 import numpy as np
 
-from reports.build import sample_metrics_display, summary_display
+from reports.document import sample_metrics_display, summary_display
 from reports.data import prepare
 from reports.stats import arm_table, fmt_num, metric_specs, run_table, teacher_values
 from reports.synthetic import synthetic_grid_frames
