@@ -162,10 +162,5 @@ def sources_worth_running(keys: set[str], forks: Mapping[str, Fork], runs: Mappi
     return wanted, no_fork
 
 
-def shared_steps(forks: Mapping[str, Fork], arm: str) -> int:
-    f = forks.get(arm)
-    return 0 if f is None else f.step
-
-
 def describe(forks: Mapping[str, Fork]) -> list[str]:
     return [f"{arm} forks from {f.source} after step {f.step} ({f.why})" for arm, f in forks.items()]

@@ -14,7 +14,7 @@ the reason said. Window tests read a diverged run's records up to its stop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -306,8 +306,6 @@ def sequential_look(claims: Sequence[Claim], metrics: pd.DataFrame, statuses: pd
 
 
 def _closed(r: TestResult) -> TestResult:
-    from dataclasses import replace
-
     return replace(r, state="claim decided")
 
 

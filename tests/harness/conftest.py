@@ -34,3 +34,25 @@ def write(tmp_path: Path):
 @pytest.fixture
 def tiny_base(write) -> Path:
     return write("base.yaml", TINY_BASE)
+
+
+def teacher_cache(tmp_path_factory):
+    """A module's auxiliaries/teacher cache, filled once for TINY_BASE (no arm changes what the teacher depends
+    on), so the tests time runs, not the first training of the shared networks. Use as
+    ``shared_cache = pytest.fixture(scope="module", autouse=True)(teacher_cache)``."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path_factory.mktemp("tfl-cache")
+    old = os.environ.get("TWINFLOW_LAB_CACHE")
+    os.environ["TWINFLOW_LAB_CACHE"] = str(cache)
+    base = cache / "base.yaml"
+    base.write_text(TINY_BASE)
+    subprocess.run([sys.executable, "-m", "twinflow_train.cli", "teacher", "--config", str(base), "--no-progress"],
+                   cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True, timeout=900)
+    yield cache
+    if old is None:
+        os.environ.pop("TWINFLOW_LAB_CACHE", None)
+    else:
+        os.environ["TWINFLOW_LAB_CACHE"] = old

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +16,9 @@ from harness.grid import run_grid
 from harness.launchers import LocalLauncher, SlurmLauncher, TorchrunLauncher
 from harness.matrix import load_matrix
 
-from .conftest import TINY_BASE
+from .conftest import TINY_BASE, teacher_cache
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 # b switches a hard RL term on at step 9: its first 8 steps are a's, bit for bit
 BODY = """\
 seeds: [0]
@@ -33,20 +29,7 @@ arms:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("tfl-cache")
-    old = os.environ.get("TWINFLOW_LAB_CACHE")
-    os.environ["TWINFLOW_LAB_CACHE"] = str(cache)
-    base = cache / "base.yaml"
-    base.write_text(TINY_BASE)
-    subprocess.run([sys.executable, "-m", "twinflow_train.cli", "teacher", "--config", str(base), "--no-progress"],
-                   cwd=REPO, check=True, capture_output=True, timeout=900)
-    yield cache
-    if old is None:
-        os.environ.pop("TWINFLOW_LAB_CACHE", None)
-    else:
-        os.environ["TWINFLOW_LAB_CACHE"] = old
+shared_cache = pytest.fixture(scope="module", autouse=True)(teacher_cache)
 
 
 def _grid(tmp_path: Path, root: str):

@@ -30,29 +30,14 @@ from harness.monitor import pid_is_trainer
 from harness.store import read_metrics, read_record, read_status
 from twinflow_train.rundir import resume_step as checkpoint_step
 
-from .conftest import TINY_BASE
+from .conftest import TINY_BASE, teacher_cache
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 KILL_STEPS = 32  # long enough to be caught between checkpoints, short enough to keep the suite quick
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One auxiliaries/teacher cache for the module, filled once here (no arm changes what the teacher depends
-    on), so that the timing-sensitive tests below time runs, not the first training of the shared networks."""
-    cache = tmp_path_factory.mktemp("tfl-cache")
-    old = os.environ.get("TWINFLOW_LAB_CACHE")
-    os.environ["TWINFLOW_LAB_CACHE"] = str(cache)
-    base = cache / "base.yaml"
-    base.write_text(TINY_BASE)
-    subprocess.run([sys.executable, "-m", "twinflow_train.cli", "teacher", "--config", str(base), "--no-progress"],
-                   cwd=REPO, check=True, capture_output=True, timeout=900)
-    yield cache
-    if old is None:
-        os.environ.pop("TWINFLOW_LAB_CACHE", None)
-    else:
-        os.environ["TWINFLOW_LAB_CACHE"] = old
+shared_cache = pytest.fixture(scope="module", autouse=True)(teacher_cache)
 
 
 def _matrix(tmp_path: Path, name: str, body: str) -> Path:

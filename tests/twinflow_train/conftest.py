@@ -37,3 +37,14 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300) -
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "twinflow_train.cli", *args], capture_output=True, text=True,
                           env=e, timeout=timeout)
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
