@@ -129,7 +129,7 @@ def main() -> None:
             split = variant != "rl_exact"
             terms = TermGradients(model, rl_clip_norm=cfg.rl.clip_norm if variant == "rl_exact_param_clip" else None)
             terms.start(split=split)
-            terms.backward(twinflow=out.loss, rl=term.loss, rl_weight=term.weight)
+            terms.backward(twinflow=out.loss, rl=term.loss)
             terms.finish()
         clip_grads_(model.parameters(), max_norm=1.0)
         opt.step()

@@ -15,8 +15,8 @@ reward gradient is taken on a detached copy). Dividing by D is what makes
 means (their output gradient is also O(1/(B*D)) per element), so a sum over
 elements would make the RL/TwinFlow ratio grow with D (~2e4 between digits'
 D = 64 and a 1328^2 Qwen latent). The value of ``L_rl`` itself has no meaning (it
-depends on where x_gen is); its gradient does. The loss is returned unweighted;
-the trainer multiplies by ``w_rl(k)``.
+depends on where x_gen is); its gradient does. :meth:`RewardGuidance.term` returns the
+weighted term ``w_rl(k) * L_rl``, the one the trainer adds to the TwinFlow loss as it is.
 
 Latent gradient estimators (``rl.estimator``):
 
@@ -203,9 +203,11 @@ class RlTerm:
     """One micro-batch's RL term."""
 
     loss: torch.Tensor
-    """Scalar surrogate, unweighted (the trainer adds ``weight * loss``); a constant without graph when weight is 0."""
+    """The weighted scalar surrogate ``weight * L_rl``, the term the trainer adds to the TwinFlow loss as it is
+    (its gradient is the RL gradient the clips measure); a constant zero without graph when the weight is 0.
+    ``stats["loss/rl"]`` holds the unweighted surrogate's value."""
     weight: float
-    """``w_rl(step)``."""
+    """``w_rl(step)``, already in ``loss``: a number for the record (``rl/weight``)."""
     reward: torch.Tensor
     """Per-sample reward ``[B]`` of the generator output, detached."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -215,8 +217,8 @@ class RlTerm:
 class RewardGuidance:
     """The RL term of the training step (docs/method.md §5), configured once from ``rl``.
 
-    ``term(x_gen=..., cond=..., rect_grad=..., step=...)`` returns an :class:`RlTerm`.
-    Stats: ``loss/rl`` (surrogate), ``rl/weight``, ``rl/reward`` (batch mean),
+    ``term(x_gen=..., cond=..., rect_grad=..., step=...)`` returns an :class:`RlTerm`, weight applied.
+    Stats: ``loss/rl`` (the unweighted surrogate), ``rl/weight``, ``rl/reward`` (batch mean),
     ``rl/grad_rms`` (mean per-sample RMS of the raw latent gradient) and, with
     output clipping, ``rl/clip_frac`` (share of rows scaled down) and
     ``rl/clip_scale`` (mean factor). While the weight is 0 (before warm-up) only
@@ -274,7 +276,7 @@ class RewardGuidance:
         loss = surrogate_loss(x_gen=x_gen, direction=g)
         stats["loss/rl"] = loss.detach()
         stats["rl/weight"] = torch.tensor(w)
-        return RlTerm(loss=loss, weight=w, reward=r, stats=stats)
+        return RlTerm(loss=w * loss, weight=w, reward=r, stats=stats)
 
     # stateless: the weight is a pure function of the step; kept for a uniform checkpoint interface
     def state_dict(self) -> dict:

@@ -178,9 +178,10 @@ class TermGradients:
 
         terms.start(split=...)                    # split: per-term telemetry / param-space clip this step
         for micro-batch:                          # forward once, then
-            terms.backward(twinflow=L_tw, rl=L_rl, rl_weight=w, scale=1 / accum)
+            terms.backward(twinflow=L_tw, rl=w * L_rl, scale=1 / accum)
         stats = terms.finish()                    # .grad = g_tw + c * g_rl; per-term stats (split only)
 
+    ``rl`` is the weighted RL term (``RlTerm.loss``, the weight already in it).
     Without ``split`` a single backward of ``scale * (L_tw + w * L_rl)`` is done and
     ``finish`` returns no stats. ``rl_clip_norm`` (the RL term's own max norm)
     requires ``split`` on every step.
@@ -250,40 +251,38 @@ class TermGradients:
             return None
         return b.to(_local(p).device) if self.stash == "host" else _local(b)
 
-    def backward(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, rl_weight: float,
-                 scale: float = 1.0) -> None:
-        """Back-propagate one micro-batch: ``scale * twinflow`` and ``scale * rl_weight * rl``.
+    def backward(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, scale: float = 1.0) -> None:
+        """Back-propagate one micro-batch: ``scale * twinflow`` and ``scale * rl``.
 
-        ``rl`` is the unweighted RL surrogate (``RlTerm.loss``); it is skipped when
-        ``rl_weight`` is 0 or it carries no graph (the RL gradient is zero then).
+        ``rl`` is the weighted RL term (``RlTerm.loss``: ``w * L_rl``, so every RL gradient here, clipped
+        or measured, carries the weight); it is skipped when it carries no graph (a zero weight: the RL
+        gradient is zero then).
         """
-        rl_active = rl is not None and rl_weight != 0.0 and rl.requires_grad
+        rl_active = rl is not None and rl.requires_grad
         if self._in_place:
-            self._backward_clip_in_place(twinflow=twinflow, rl=rl if rl_active else None, rl_weight=rl_weight,
-                                         scale=scale)
+            self._backward_clip_in_place(twinflow=twinflow, rl=rl if rl_active else None, scale=scale)
             return
         if not self.split:
-            loss = twinflow + rl_weight * rl if rl_active else twinflow
+            loss = twinflow + rl if rl_active else twinflow
             (loss * scale).backward()
             return
         sync = getattr(self.model, "set_requires_gradient_sync", None)
         if sync is not None:
             sync(True)  # each term's gradient must land, reduced, in .grad
         if rl_active:
-            (rl * (rl_weight * scale)).backward(retain_graph=True)
+            (rl * scale).backward(retain_graph=True)
             self._take_grads(self._rl, host=self.stash == "host")
         (twinflow * scale).backward()
         self._take_grads(self._tw)
 
-    def _backward_clip_in_place(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, rl_weight: float,
-                                scale: float) -> None:
+    def _backward_clip_in_place(self, *, twinflow: torch.Tensor, rl: torch.Tensor | None, scale: float) -> None:
         if self._in_place_stats is not None:
             raise RuntimeError("the in-place RL clip takes one micro-batch per step (data.grad_accum 1)")
         sync = getattr(self.model, "set_requires_gradient_sync", None)
         if sync is not None:
             sync(True)  # the RL gradient must land, reduced, in .grad before it is scaled
         if rl is not None:
-            (rl * (rl_weight * scale)).backward(retain_graph=True)
+            (rl * scale).backward(retain_graph=True)
             grads = _grads(self._params)
             rl_sq = global_sums((g, [_sq(_local(g))]) for g in grads)[0] if grads else None
         else:

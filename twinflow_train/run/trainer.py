@@ -347,10 +347,10 @@ def train_step(run: Run, step: int) -> dict[str, torch.Tensor | float]:
         if hasattr(run.model, "set_requires_gradient_sync"):
             run.model.set_requires_gradient_sync(a == accum - 1)  # reduce-scatter once per optimizer step
         if terms is not None:
-            terms.backward(twinflow=out.loss, rl=rl.loss, rl_weight=rl.weight, scale=1.0 / accum)
+            terms.backward(twinflow=out.loss, rl=rl.loss, scale=1.0 / accum)
             micro.update({k: v.detach() for k, v in rl.stats.items()})
             # the surrogate's value means little alone, but a non-finite reward must trip the non-finite policy
-            micro["loss/total"] = out.loss.detach() + rl.weight * rl.loss.detach()
+            micro["loss/total"] = out.loss.detach() + rl.loss.detach()
         else:
             (out.loss / accum).backward()
             if rl is not None:  # weight 0: the reward's telemetry only

@@ -53,7 +53,7 @@ def _rl_to_rect_ratio(shape: tuple[int, ...], normalize: str) -> float:
     out = method.loss(model=model, target=model, x=x, cond=cond, generator=torch.Generator().manual_seed(2), step=1)
     term = RewardGuidance(cfg.rl, codec=_Identity(), reward=_SineReward()).term(
         x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=1)
-    (g_rl,) = torch.autograd.grad(term.weight * term.loss, out.x_gen)
+    (g_rl,) = torch.autograd.grad(term.loss, out.x_gen)  # the weighted term's gradient
     rms = lambda t: t.flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
     return float((rms(g_rl) / rms(out.rect_grad)).mean())
 

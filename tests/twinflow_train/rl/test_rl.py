@@ -216,11 +216,12 @@ def test_surrogate_parameter_gradient_is_the_pulled_back_reward_gradient():
     guidance = RewardGuidance(_rl(), codec=codec, reward=reward)
     term = guidance.term(x_gen=gen(z), cond=cond, step=1)
     assert term.weight == 0.5
+    assert torch.equal(term.loss.detach(), term.weight * term.stats["loss/rl"])  # the term comes weighted
     params = list(gen.parameters())
     ours = torch.autograd.grad(term.loss, params)
-    # per element: the pulled-back reward gradient divided by the latent size D
+    # per element: the weight times the pulled-back reward gradient divided by the latent size D
     D = math.prod(LATENT)
-    direct = torch.autograd.grad(-reward(codec.decode(gen(z)), cond).mean() / D, params)
+    direct = torch.autograd.grad(-term.weight * reward(codec.decode(gen(z)), cond).mean() / D, params)
     for a, b in zip(ours, direct):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
     assert max(float(a.abs().max()) for a in ours) > 1e-4
@@ -238,7 +239,8 @@ def test_surrogate_with_the_project_autoencoder():
     term = RewardGuidance(_rl(), codec=codec, reward=reward).term(x_gen=x_gen, cond=cond, step=0)
     ours = torch.autograd.grad(term.loss, list(gen.parameters()))
     x2 = (z.flatten(1) - gen(z.flatten(1))).view_as(z)
-    direct = torch.autograd.grad(-reward(codec.decode(x2), cond).mean() / 64, list(gen.parameters()))
+    direct = torch.autograd.grad(-term.weight * reward(codec.decode(x2), cond).mean() / 64,
+                                 list(gen.parameters()))
     for a, b in zip(ours, direct):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     assert not any(p.grad is not None for p in codec.parameters())
@@ -269,7 +271,7 @@ def test_rms_normalised_direction_has_unit_rms():
     x = torch.randn(4, *LATENT, dtype=torch.float64, requires_grad=True)
     term = RewardGuidance(_rl(normalize="rms"), codec=codec, reward=reward).term(x_gen=x, cond=_cond(4), step=0)
     (gx,) = torch.autograd.grad(term.loss, x)
-    used = -gx * 4 * math.prod(LATENT)
+    used = -gx * 4 * math.prod(LATENT) / term.weight
     assert torch.allclose(used.flatten(1).pow(2).mean(1).sqrt(), torch.ones(4, dtype=torch.float64))
     raw, _ = exact_latent_grad(x=x, cond=_cond(4), codec=codec, reward=reward)
     cos = torch.nn.functional.cosine_similarity(used.flatten(1), raw.flatten(1))
@@ -289,7 +291,7 @@ def test_output_clip_bounds_the_rl_gradient_by_the_rectification_gradient():
     rect[3:] *= 100.0  # strong: left alone
     cfg = _rl(normalize="rms", clip="output", clip_tau=tau, weight=w)
     term = RewardGuidance(cfg, codec=codec, reward=reward).term(x_gen=x, cond=_cond(n), rect_grad=rect, step=0)
-    (gx,) = torch.autograd.grad(term.weight * term.loss, x)  # the RL term's actual gradient on the output
+    (gx,) = torch.autograd.grad(term.loss, x)  # the RL term's actual gradient on the output (weight included)
     rms = lambda t: t.flatten(1).pow(2).mean(1).sqrt()  # noqa: E731
     assert torch.allclose(rms(gx[:3]), tau * rms(rect[:3]), rtol=1e-9)
     unclipped = torch.full((3,), w / (n * math.prod(LATENT)), dtype=torch.float64)  # unit-RMS g, weight w, / (B*D)
@@ -387,11 +389,10 @@ def test_term_on_the_twinflow_method_output_with_per_term_gradients():
     out = method.loss(model=model, target=model, x=x, cond=cond, generator=gen, step=1)
     term = guidance.term(x_gen=out.x_gen, cond=out.cond_gen, rect_grad=out.rect_grad, step=1)
     assert term.reward.shape == (out.x_gen.shape[0],) and term.loss.requires_grad
-    rl_ref = torch.autograd.grad(term.weight * term.loss, list(model.parameters()), retain_graph=True,
-                                 allow_unused=True)
+    rl_ref = torch.autograd.grad(term.loss, list(model.parameters()), retain_graph=True, allow_unused=True)
     terms = TermGradients(model, rl_clip_norm=None)
     terms.start(split=True)
-    terms.backward(twinflow=out.loss, rl=term.loss, rl_weight=term.weight)
+    terms.backward(twinflow=out.loss, rl=term.loss)
     stats = terms.finish()
     ref_norm = torch.sqrt(sum((g ** 2).sum() for g in rl_ref if g is not None))
     assert math.isclose(float(stats["grad_norm/rl"]), float(ref_norm), rel_tol=1e-5)

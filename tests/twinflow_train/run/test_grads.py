@@ -109,7 +109,7 @@ def test_two_terms_sum_to_single_backward(accum):
     for a in range(accum):
         rows = slice(a * 8 // accum, (a + 1) * 8 // accum)
         l_tw, l_rl = losses(m, *(b[rows] for b in batch))
-        terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=w, scale=1.0 / accum)
+        terms.backward(twinflow=l_tw, rl=w * l_rl, scale=1.0 / accum)
     stats = terms.finish()
     for p, a, b in zip(m.parameters(), g_tw, g_rl):
         assert torch.allclose(p.grad, a + b, rtol=1e-5, atol=1e-6)
@@ -127,7 +127,7 @@ def test_two_terms_sum_to_single_backward(accum):
     terms2 = TermGradients(m2)
     terms2.start(split=False)
     l_tw, l_rl = losses(m2, *batch)
-    terms2.backward(twinflow=l_tw, rl=l_rl, rl_weight=w)
+    terms2.backward(twinflow=l_tw, rl=w * l_rl)
     assert terms2.finish() == {}
     for p, p2 in zip(m.parameters(), m2.parameters()):
         assert torch.allclose(p.grad, p2.grad, rtol=1e-5, atol=1e-6), (p.grad - p2.grad).abs().max()
@@ -143,7 +143,7 @@ def test_rl_clip_bounds_rl_term_and_leaves_twinflow_untouched():
     terms = TermGradients(m, rl_clip_norm=threshold)
     terms.start(split=True)
     l_tw, l_rl = losses(m, *batch)
-    terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=w)
+    terms.backward(twinflow=l_tw, rl=w * l_rl)
     stats = terms.finish()
     coef = threshold / rl_norm
     assert math.isclose(float(stats["rl/clip_coef"]), coef, rel_tol=1e-5)
@@ -159,7 +159,7 @@ def test_rl_clip_bounds_rl_term_and_leaves_twinflow_untouched():
     terms3 = TermGradients(m3, rl_clip_norm=10 * rl_norm)
     terms3.start(split=True)
     l_tw, l_rl = losses(m3, *batch)
-    terms3.backward(twinflow=l_tw, rl=l_rl, rl_weight=w)
+    terms3.backward(twinflow=l_tw, rl=w * l_rl)
     assert float(terms3.finish()["rl/clip_coef"]) == 1.0
     for p, a, b in zip(m3.parameters(), g_tw, g_rl):
         assert torch.allclose(p.grad, a + b, rtol=1e-5, atol=1e-6)
@@ -170,7 +170,8 @@ def test_zero_rl_weight_gives_zero_rl_stats():
     terms = TermGradients(m, rl_clip_norm=1.0)
     terms.start(split=True)
     l_tw, l_rl = losses(m, *make_batch(8))
-    terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=0.0)
+    # the guidance's term at weight 0: a constant without graph, skipped (the RL gradient is zero)
+    terms.backward(twinflow=l_tw, rl=torch.zeros(()))
     stats = terms.finish()
     assert float(stats["grad_norm/rl"]) == 0.0
     assert float(stats["grad_cos/twinflow_rl"]) == 0.0
@@ -186,7 +187,7 @@ def test_term_gradients_bad_input():
     with pytest.raises(ValueError, match="split"):
         terms.start(split=False)
     with pytest.raises(RuntimeError, match="start"):
-        TermGradients(m).backward(twinflow=torch.zeros((), requires_grad=True), rl=None, rl_weight=0.0)
+        TermGradients(m).backward(twinflow=torch.zeros((), requires_grad=True), rl=None)
     l_tw, _ = losses(m, *make_batch(4))
     l_tw.backward()
     with pytest.raises(RuntimeError, match="not empty"):
@@ -232,7 +233,7 @@ def _check_layout(rank, world, mesh, raf: bool, ac: bool) -> None:
             # the trainer's usual accumulation pattern; split mode must override it
             model.set_requires_gradient_sync(a == accum - 1)
             l_tw, l_rl = losses(model, *(b[rows] for b in mine))
-            terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=w, scale=1.0 / accum)
+            terms.backward(twinflow=l_tw, rl=w * l_rl, scale=1.0 / accum)
         stats = terms.finish()
         grads = [p.grad.full_tensor() for p in model.parameters()]
         return grads, stats, model

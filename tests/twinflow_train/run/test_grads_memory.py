@@ -17,7 +17,7 @@ def _step(*, split: bool, clip_in_place: bool = False, stash: str = "device", cl
     terms = TermGradients(m, rl_clip_norm=clip, stash=stash)
     terms.start(split=split, clip_in_place=clip_in_place)
     l_tw, l_rl = losses(m, *batch)
-    terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=weight)
+    terms.backward(twinflow=l_tw, rl=weight * l_rl)
     stats = terms.finish()
     return [p.grad.clone() for p in m.parameters()], stats
 
@@ -52,7 +52,7 @@ def test_in_place_clip_refuses_what_it_cannot_do():
     terms.start(split=False, clip_in_place=True)
     batch = make_batch(8)
     l_tw, l_rl = losses(m, *batch)
-    terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=0.5)
+    terms.backward(twinflow=l_tw, rl=0.5 * l_rl)
     l_tw, l_rl = losses(m, *batch)
     with pytest.raises(RuntimeError, match="one micro-batch"):
-        terms.backward(twinflow=l_tw, rl=l_rl, rl_weight=0.5)
+        terms.backward(twinflow=l_tw, rl=0.5 * l_rl)

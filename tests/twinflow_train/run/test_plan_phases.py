@@ -90,7 +90,7 @@ def test_a_split_step_holds_two_gradient_sets(split):
     terms.start(split=split)
     with LiveBytes() as live:
         y = model(x)
-        terms.backward(twinflow=y.square().mean(), rl=y.mean(), rl_weight=0.5)
+        terms.backward(twinflow=y.square().mean(), rl=0.5 * y.mean())
     terms.finish()
     sets = 2 if split else 1  # the plan's "gradients" item, plus its "RL gradient stash" on split steps
     assert live.peak == pytest.approx(sets * one_set, rel=0.10), (live.peak, one_set)
