@@ -683,6 +683,26 @@ def _save_fork(run: Run, run_dir: Path, step: int) -> None:
                          meta={"kind": "fork", "world": run.dist.world, "config_hash": config_hash(run.cfg)})
 
 
+def step_record(run: Run, step: int, stats: dict[str, torch.Tensor], *, window: LogWindow,
+                step_s: float) -> dict[str, Any]:
+    """The metrics record of log step ``step`` (kind ``train``): the step's statistics, the largest norm and the
+    events of ``window`` (the steps since the last log step), the counters, the learning rate and the times
+    (``step_s``: seconds per step since the last log step). Collective: every rank calls it."""
+    c = run.counters
+    rec: dict[str, Any] = {"step": step, "kind": "train"}
+    # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
+    rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not _is_global(k)}))
+    rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
+    rec.update({"grad_norm/max": window.max_norm, "lr": run.policy.lr(step),
+                "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
+                "time/step_s": step_s, "time/wall_s": c.wall_s, "time/train_s": c.train_s})
+    rec.update(window.events)
+    bias = dynamic_value(run.time_samplers, step)  # one dynamic schedule drives every time it applies to
+    if bias is not None:
+        rec["renoise/bias"] = bias
+    return rec
+
+
 def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, progress: bool,
           fork_at: Sequence[int] = ()) -> int:
     cfg, d, c = run.cfg, run.dist, run.counters
@@ -735,23 +755,11 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
         bar.update(1)
         if is_log:
             now = time.perf_counter()
-            norm = float(stats["grad_norm/total"])
             window, run.log_window = run.log_window, LogWindow()
-            rec: dict[str, Any] = {"step": step, "kind": "train"}
-            # grad norms are already global; per-rank loss terms are averaged so every world size logs the same
-            rec.update(mean_over_ranks({k: float(v) for k, v in stats.items() if not _is_global(k)}))
-            rec.update({k: float(v) for k, v in stats.items() if _is_global(k)})
-            rec.update({"grad_norm/max": window.max_norm, "lr": run.policy.lr(step),
-                        "count/nonfinite": c.nonfinite, "count/spikes": c.spikes,
-                        "time/step_s": (now - t_log) / steps_since_log, "time/wall_s": c.wall_s,
-                        "time/train_s": c.train_s})
-            rec.update(window.events)
-            bias = dynamic_value(run.time_samplers, step)  # one dynamic schedule drives every time it applies to
-            if bias is not None:
-                rec["renoise/bias"] = bias
+            rec = step_record(run, step, stats, window=window, step_s=(now - t_log) / steps_since_log)
             if writer:
                 writer.write(rec)
-            bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{norm:.3g}")
+            bar.set_postfix(loss=f"{rec['loss/total']:.4f}", gn=f"{rec['grad_norm/total']:.3g}")
             t_log, steps_since_log = now, 0
         if is_val:
             rec = {"step": step, "kind": "val", **validate(run, step), "time/wall_s": c.wall_s,
