@@ -5,7 +5,9 @@ harness also writes ``status.json`` before a run starts and after a trainer that
 died without saying why). Every one of them goes through this module, so the
 protocol lives in one place:
 
-- file names and run states, ``write_status`` / ``read_status``;
+- file names and run states, ``write_status`` / ``read_status``; the paths of a run directory's files
+  (``metrics_file``, ``latest_checkpoint``, ``best_weights``, ``samples_dir``, ...), which every reader and
+  writer builds here;
 - the trainer's exit codes;
 - one atomic writer (text, bytes, or a temp path to fill) that fsyncs the file
   and then its directory, so a rename survives a power cut;
@@ -49,6 +51,8 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
+TEACHER_SAMPLES = "teacher"
+"""``samples/teacher.npz`` / ``.png``: the base model's samples on the students' noise and prompts."""
 LATEST = "latest"
 LAST_GOOD = "last_good"
 BEST = "best"
@@ -57,6 +61,12 @@ BEST_WEIGHTS = "weights.pt"
 KEPT_PREFIX = "step-"
 """Earlier checkpoints kept by ``checkpoint.keep_latest_k`` live in ``checkpoints/step-<k>/``."""
 META_FILE = "meta.json"
+STATE_FILE = "state.pt"
+"""A checkpoint's tensors and trainer state (``full``), or its trainer state beside ``shards/`` (``dcp``)."""
+SHARDS_DIR = "shards"
+"""A ``dcp`` checkpoint's sharded tensors: ``checkpoints/latest/shards/``."""
+EVAL_PREFIX = "eval-"
+"""``twinflow-train eval``'s result: ``eval-<which>.json`` in the run directory (``eval_result``)."""
 FORK_FILE = "fork.json"
 """A forked run's origin: ``{"parent", "step", "checkpoint_sha256", "parent_config_hash"}``, or ``{"fallback", ...}``
 when the fork was asked for and the run trained from scratch instead (``fork_origin``)."""
@@ -509,6 +519,31 @@ def truncate_metrics(path: str | Path, *, last_step: int) -> int:
     return len(kept)
 
 
+# --------------------------------------------------------------------------- paths
+
+
+def config_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+def metrics_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def samples_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / SAMPLES_DIR
+
+
+def sample_stem(folder: str | Path, tag: str, nfe: int | None = None) -> Path:
+    """A sample file's path without its suffix (``.npz``, ``.png``): ``<folder>/<tag>-nfe<n>`` (a student's:
+    tag ``final`` or ``best``), or ``<folder>/<tag>`` without ``nfe`` (``TEACHER_SAMPLES``)."""
+    return Path(folder) / (tag if nfe is None else f"{tag}-nfe{nfe}")
+
+
+def eval_result(run_dir: str | Path, which: str) -> Path:
+    return Path(run_dir) / f"{EVAL_PREFIX}{which}.json"
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -518,6 +553,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
     return checkpoints_dir(run_dir) / LATEST
+
+
+def last_good_checkpoint(run_dir: str | Path) -> Path:
+    return checkpoints_dir(run_dir) / LAST_GOOD
 
 
 def best_weights(run_dir: str | Path) -> Path:
@@ -542,8 +581,7 @@ def kept_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
     """Where a resume may come from, in the order tried: latest, last_good, then the kept ones, newest first."""
-    d = checkpoints_dir(run_dir)
-    return [d / LATEST, d / LAST_GOOD, *kept_checkpoints(run_dir)]
+    return [latest_checkpoint(run_dir), last_good_checkpoint(run_dir), *kept_checkpoints(run_dir)]
 
 
 def checkpoint_step(ckpt_dir: str | Path) -> int | None:

@@ -35,8 +35,8 @@ def teacher_key(cfg: Config) -> dict:
 def teacher_path(cfg: Config) -> Path:
     """Where the teacher weights are: the cache entry for ``auto``, else the configured path."""
     if cfg.teacher.checkpoint == "auto":
-        from .auxiliary import cache_entry
-        return cache_entry(cfg, kind="teacher", key=teacher_key(cfg)) / "weights.pt"
+        from .auxiliary import WEIGHTS, cache_entry
+        return cache_entry(cfg, kind="teacher", key=teacher_key(cfg)) / WEIGHTS
     return Path(cfg.teacher.checkpoint)
 
 

@@ -107,15 +107,15 @@ def save_checkpoint(path: Path, *, fmt: str, model: nn.Module, optimizer: torch.
             if optimizer is not None:
                 payload["optimizer"] = get_optimizer_state_dict(model, optimizer, options=FULL)
             if _is_main():
-                _save_payload(payload, tmp / "state.pt")
+                _save_payload(payload, tmp / rundir.STATE_FILE)
         else:
             sharded = {"model": get_model_state_dict(model),
                        "extra": {k: get_model_state_dict(m) for k, m in extra_modules.items()}}
             if optimizer is not None:
                 sharded["optimizer"] = get_optimizer_state_dict(model, optimizer)
-            dcp.save(sharded, checkpoint_id=str(tmp / "shards"))
+            dcp.save(sharded, checkpoint_id=str(tmp / rundir.SHARDS_DIR))
             if _is_main():
-                _save_payload({"state": state}, tmp / "state.pt")
+                _save_payload({"state": state}, tmp / rundir.STATE_FILE)
         barrier()
         if _is_main():
             for name, src in (extra_files or {}).items():
@@ -194,7 +194,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     if meta is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no {rundir.META_FILE})")
     if meta["format"] == "full":
-        payload = load_data(path / "state.pt")
+        payload = load_data(path / rundir.STATE_FILE)
         set_model_state_dict(model, payload["model"], options=StateDictOptions(full_state_dict=True))
         for k, m in extra_modules.items():
             set_model_state_dict(m, payload["extra"][k], options=StateDictOptions(full_state_dict=True))
@@ -207,13 +207,13 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
                    "extra": {k: get_model_state_dict(m) for k, m in extra_modules.items()}}
         if optimizer is not None:
             sharded["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(sharded, storage_reader=SafeFileSystemReader(str(path / "shards")), planner=SafeLoadPlanner())
+        dcp.load(sharded, storage_reader=SafeFileSystemReader(str(path / rundir.SHARDS_DIR)), planner=SafeLoadPlanner())
         set_model_state_dict(model, sharded["model"])
         for k, m in extra_modules.items():
             set_model_state_dict(m, sharded["extra"][k])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
-        return load_data(path / "state.pt")["state"]
+        return load_data(path / rundir.STATE_FILE)["state"]
     raise ValueError(f"{path}: unknown checkpoint format {meta['format']!r}")
 
 

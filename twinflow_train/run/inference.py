@@ -22,7 +22,8 @@ from ..data.imaging import save_samples
 from ..distributed import checkpoint as ckpt
 from ..distributed.parallel import init_distributed, shutdown
 from ..evaluation.evaluate import Evaluator
-from ..rundir import SAMPLES_DIR, atomic_write_text, best_weights, checkpoint_step, latest_checkpoint
+from ..rundir import (atomic_write_text, best_weights, checkpoint_step, eval_result, latest_checkpoint, sample_stem,
+                      samples_dir)
 from .setup import build_setup
 
 
@@ -59,13 +60,13 @@ def sample_run(cfg: Config, run_dir: Path, *, which: str, nfe: list[int] | None,
     try:
         d, setup, model, _ = _student(cfg, run_dir, which)
         ev = Evaluator(cfg, setup, device=d.device)
-        out_dir = Path(out_dir) if out_dir is not None else run_dir / SAMPLES_DIR
+        out_dir = Path(out_dir) if out_dir is not None else samples_dir(run_dir)
         labels = next(iter(setup.sample_cond.values())).cpu()
         written = []
         for n in nfe or cfg.eval.nfe:
             images = ev.sample_files_student(model, n)
             if d.is_main:
-                stem = out_dir / f"{which}-nfe{n}"
+                stem = sample_stem(out_dir, which, n)
                 save_samples(stem, images.cpu(), labels)
                 written.append(stem.with_suffix(".npz"))
         return written
@@ -136,7 +137,7 @@ def sample_count(cfg: Config, run_dir: Path, *, n: int, which: str, nfe: list[in
         ev = Evaluator(cfg, setup, device=d.device)
         z, cond = _count_inputs(cfg, setup, n, d.device)
         labels = cond["labels"].cpu()
-        out_dir = Path(out_dir) if out_dir is not None else run_dir / SAMPLES_DIR
+        out_dir = Path(out_dir) if out_dir is not None else samples_dir(run_dir)
         seed = cfg.eval.seed
         written = []
         if teacher:
@@ -162,7 +163,7 @@ def eval_run(cfg: Config, run_dir: Path, *, which: str) -> dict[str, float]:
         ev = Evaluator(cfg, setup, device=d.device)
         result = {"val/loss": ev.val_loss(model), **ev.student_metrics(model)}
         if d.is_main:
-            atomic_write_text(run_dir / f"eval-{which}.json", json.dumps(result, indent=1) + "\n")
+            atomic_write_text(eval_result(run_dir, which), json.dumps(result, indent=1) + "\n")
         return result
     finally:
         shutdown()

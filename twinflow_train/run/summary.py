@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, config_hash
-from ..rundir import RunDirError, read_metrics, read_status, resume_step
+from ..rundir import RunDirError, metrics_file, read_metrics, read_status, resume_step, samples_dir
 
 
 def run_is_complete(cfg: Config, run_dir: str | Path) -> bool:
@@ -35,7 +35,7 @@ def _num(v: Any) -> str:
 def fit_summary(run_dir: str | Path, *, steps: int, already_complete: bool = False) -> str:
     """A few lines for the end of ``fit`` (read from ``metrics.jsonl``; what was not measured shows as ``-``)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl", strict=False).records
+    records = read_metrics(metrics_file(run_dir), strict=False).records
     vals = [r for r in records if r.get("kind") == "val"]
     teacher = next((r for r in reversed(records) if r.get("kind") == "teacher"), {})
     head = (f"twinflow-train: {run_dir} was already complete ({steps}/{steps} steps); nothing was trained"
@@ -54,7 +54,7 @@ def fit_summary(run_dir: str | Path, *, steps: int, already_complete: bool = Fal
     if "teacher/fd" in teacher:
         lines.append(f"  teacher FD {_num(teacher['teacher/fd'])} at {teacher.get('teacher/steps')} steps, "
                      f"CFG {teacher.get('teacher/cfg_scale')}")
-    samples = run_dir / "samples"
+    samples = samples_dir(run_dir)
     lines.append(f"  samples: {samples if samples.is_dir() else '(none written)'}")
-    lines.append(f"  metrics: {run_dir / 'metrics.jsonl'}")
+    lines.append(f"  metrics: {metrics_file(run_dir)}")
     return "\n".join(lines)

@@ -39,9 +39,10 @@ from .divergence import GradNormRule
 from .lr_policy import LrPolicy
 from .setup import build_setup
 from ..rundir import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_DONE, EXIT_FAILED, EXIT_PREEMPTED,  # noqa: F401
-                     EXIT_PREEMPTED_NOW, FORK_FILE, META_FILE, MetricsWriter, atomic_path, atomic_write_json,
-                     atomic_write_text, best_weights, file_digest, fork_checkpoint, read_json, resume_step,
-                     truncate_metrics, write_status)
+                     EXIT_PREEMPTED_NOW, FORK_FILE, META_FILE, TEACHER_SAMPLES, MetricsWriter, atomic_path,
+                     atomic_write_json, atomic_write_text, best_weights, config_file, file_digest, fork_checkpoint,
+                     last_good_checkpoint, latest_checkpoint, metrics_file, read_json, resume_step, sample_stem,
+                     samples_dir, truncate_metrics, write_status)
 from .preempt import Preempted, PreemptWatch, signals_at_steps
 from ..method.timesamplers import build_time_samplers, dynamic_value
 from .telemetry import WandbMirror
@@ -107,7 +108,7 @@ def preflight(cfg: Config, run_dir: Path) -> Path | None:
     if cfg.rl.enabled:
         from ..rl.rewards import check_reward_config
         check_reward_config(cfg)
-    existing = Path(run_dir) / "config.yaml"
+    existing = config_file(run_dir)
     if existing.is_file():
         try:
             old = from_dict(Config, read_yaml(existing))
@@ -494,7 +495,7 @@ def write_samples(run: Run, run_dir: Path, tag: str) -> None:
     for nfe in run.cfg.eval.nfe:
         images = run.evaluator.sample_files_student(run.eval_model, nfe)
         if run.dist.is_main:
-            save_samples(run_dir / "samples" / f"{tag}-nfe{nfe}", images.cpu(), labels)
+            save_samples(sample_stem(samples_dir(run_dir), tag, nfe), images.cpu(), labels)
 
 
 # --------------------------------------------------------------------------- fit
@@ -533,7 +534,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
     try:
         if d.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(config_file(run_dir), to_yaml(cfg))
             write_status(run_dir, "running", step=0, config_hash=chash)
         barrier()
         run = build_run(cfg, d, tpath)
@@ -545,7 +546,7 @@ def fit(cfg: Config, run_dir: str | Path, *, progress: bool = True, restart_on_c
             if cfg.telemetry.wandb != "off":
                 mirror = WandbMirror(mode=cfg.telemetry.wandb, project=cfg.telemetry.project, group=cfg.telemetry.group,
                                      name=cfg.telemetry.name, run_dir=run_dir, config=to_dict(cfg))
-            writer = MetricsWriter(run_dir / "metrics.jsonl", mirror=mirror)
+            writer = MetricsWriter(metrics_file(run_dir), mirror=mirror)
             for event in events:
                 print(f"twinflow-train: {event['event']} at step {event['step']}"
                       f"{' from ' + event['checkpoint'] if event['checkpoint'] else ''}: {event['reason']}", flush=True)
@@ -590,14 +591,14 @@ def _resume(run: Run, run_dir: Path, *, restart_on_corrupt: bool,
     point, events = ckpt.choose_resume_point(run_dir, restart_on_corrupt=restart_on_corrupt)
     if point.path is None:
         if run.dist.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", last_step=-1)  # a run with no checkpoint starts clean
+            truncate_metrics(metrics_file(run_dir), last_step=-1)  # a run with no checkpoint starts clean
             (run_dir / FORK_FILE).unlink(missing_ok=True)  # a run from step 0 is no fork (until _start_from_fork)
         if fork is not None:
             return _start_from_fork(run, run_dir, fork, events)
         return 0, events
     step = _load_state(run, point.path)
     if run.dist.is_main:
-        truncate_metrics(run_dir / "metrics.jsonl", last_step=step)
+        truncate_metrics(metrics_file(run_dir), last_step=step)
     return step, events
 
 
@@ -662,12 +663,12 @@ def _state(run: Run, step: int) -> dict[str, Any]:
 def _save(run: Run, run_dir: Path, step: int) -> None:
     c = run.counters
     state = _state(run, step)
-    latest = run_dir / "checkpoints" / "latest"
+    latest = latest_checkpoint(run_dir)
     ckpt.save_checkpoint(latest, fmt=run.cfg.checkpoint.format, model=run.model, optimizer=run.optimizer,
                          extra_modules=run.extra_modules(), state=state, step=step,
                          keep_latest_k=run.cfg.checkpoint.keep_latest_k)
     if run.cfg.checkpoint.keep_last_good and c.nonfinite_since_ckpt == 0:
-        ckpt.copy_checkpoint(latest, run_dir / "checkpoints" / "last_good")
+        ckpt.copy_checkpoint(latest, last_good_checkpoint(run_dir))
     c.nonfinite_since_ckpt = 0
     barrier()
 
@@ -766,7 +767,7 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
                    "time/train_s": c.train_s}
             if rec["val/loss"] < c.best_val:
                 c.best_val, c.best_step = rec["val/loss"], step
-                ckpt.save_weights(run_dir / "checkpoints" / "best" / "weights.pt", run.eval_model)
+                ckpt.save_weights(best_weights(run_dir), run.eval_model)
             rec["val/best_loss"] = c.best_val
             if writer:
                 writer.write(rec)
@@ -827,11 +828,11 @@ def _finish(run: Run, run_dir: Path) -> None:
 
     run.eval_model.eval()
     write_samples(run, run_dir, "final")
-    best = run_dir / "checkpoints" / "best" / "weights.pt"
+    best = best_weights(run_dir)
     if best.is_file():
         ckpt.load_weights(best, run.eval_model)
         write_samples(run, run_dir, "best")
     images = run.evaluator.sample_files_teacher(run.teacher)
     if run.dist.is_main:
         labels = next(iter(run.setup.sample_cond.values())).cpu()
-        save_samples(run_dir / "samples" / "teacher", images.cpu(), labels)
+        save_samples(sample_stem(samples_dir(run_dir), TEACHER_SAMPLES), images.cpu(), labels)
