@@ -90,6 +90,9 @@ EXIT_STATES = {EXIT_DONE: "done", EXIT_FAILED: "failed", EXIT_DIVERGED: "diverge
 RESTART_FLAG = "--restart-on-corrupt"
 """``twinflow-train fit`` (and ``twinflow-lab grid run``) flag: with no checkpoint that verifies, start from step 0."""
 
+TEACHER_EULER_STEPS = (1, 2, 4)
+"""The step counts of the teacher's own Euler samples its step-0 record scores (``teacher/fd_euler<n>``, ``_kid``)."""
+
 KINDS = ("train", "val", "teacher", "event")
 """Record kinds of metrics.jsonl; ``event`` records (a checkpoint fallback, a restart) are not metrics."""
 
@@ -783,23 +786,26 @@ def validation_keys(cfg: "Config") -> list[str]:
 
 
 def metric_keys(cfg: "Config") -> set[str]:
-    """Every metrics.jsonl key a run of ``cfg`` writes: what a claim may name."""
+    """Every metrics.jsonl key a run of ``cfg`` writes: what a claim may name (checked against the records of short
+    runs, ``tests/twinflow_train/run/test_metric_keys.py``)."""
 
     keys = {"loss/total", "loss/main", "loss/rect", "grad_norm/total", "grad_norm/max", "lr", "event/spike",
             "event/decay", "event/skipped", "event/nonfinite", "count/nonfinite", "count/spikes", "time/step_s",
-            "time/wall_s", "time/train_s"}
+            "time/wall_s", "time/train_s",
+            "event/plateau_decay",  # every validation record (the plateau policy's decay; 0 under other policies)
+            "event/diverged"}  # the record of the step that ended a diverged run
     keys.update(validation_keys(cfg))
     if cfg.renoise.schedule != "off":
         keys.add("renoise/bias")
     if cfg.rl.enabled:
-        keys.update({"loss/rl", "grad_norm/twinflow", "grad_norm/rl", "grad_cos/twinflow_rl", "rl/share",
-                     "rl/weight", "rl/reward"})
-        if cfg.rl.clip == "param":
-            keys.update({"grad_norm/rl_clipped", "rl/clip_coef"})
-        elif cfg.rl.clip == "output":
-            keys.update({"rl/grad_rms", "rl/clip_frac", "rl/clip_scale"})
+        # every clip mode: the RL term's stats (rl/grad_rms once its weight is non-zero) and, on the log steps
+        # (which split the terms), the per-term gradient statistics with the RL clip's (coefficient 1 unclipped)
+        keys.update({"loss/rl", "rl/weight", "rl/reward", "rl/grad_rms", "grad_norm/twinflow", "grad_norm/rl",
+                     "grad_norm/rl_clipped", "grad_cos/twinflow_rl", "rl/clip_coef", "rl/share"})
+        if cfg.rl.clip == "output":
+            keys.update({"rl/clip_frac", "rl/clip_scale"})
     if cfg.data.dataset == "digits":  # the teacher line needs the evaluation network, which only digits has
         keys.update({"teacher/fd", "teacher/kid", "teacher/reward", "teacher/accuracy", "teacher/gold", "teacher/proxy",
-                     "teacher/steps"})
-        keys.update(f"teacher/{what}_euler{n}" for n in cfg.eval.nfe for what in ("fd", "kid"))
+                     "teacher/steps", "teacher/cfg_scale"})
+        keys.update(f"teacher/{what}_euler{n}" for n in TEACHER_EULER_STEPS for what in ("fd", "kid"))
     return keys

@@ -14,6 +14,7 @@ from ..config import Config
 from ..data.batches import Setup, step_generator
 from ..method.sampling import euler_sample, ucgm_sample
 from ..models.base import Cond, FlowModel, cond_rows
+from ..rundir import TEACHER_EULER_STEPS
 
 VAL_BATCH = 512
 _NOISE, _TIMES, _SAMPLE_NOISE, _SAMPLER, _FILE_NOISE = 1, 2, 3, 4, 5  # purposes of eval generators
@@ -96,7 +97,7 @@ class Evaluator:
                "teacher/accuracy": s["accuracy"],
                "teacher/steps": cfg.teacher.sample_steps, "teacher/cfg_scale": cfg.teacher_cfg_scale}
         out.update({f"teacher/{k}": s[k] for k in _PREFERENCE if k in s})
-        for steps in (1, 2, 4):
+        for steps in TEACHER_EULER_STEPS:
             e = self._score(self.teacher_latents(teacher, steps=steps, cfg_scale=cfg.teacher_cfg_scale,
                                                  z=self.sample_noise, cond=self.sample_prompts))
             out[f"teacher/fd_euler{steps}"] = e["fd"]
