@@ -13,13 +13,9 @@ Unknown keys are rejected at every level with the list of valid keys.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, Mapping
-
-import yaml
 
 # the typed-input language the sections are written in (twinflow_train/inputs.py); its names stay importable
 # from here, where the trainer's code has always found them
@@ -29,6 +25,7 @@ from .inputs import (  # noqa: F401
     Where,
     at_least,
     checked,
+    config_hash,
     deep_merge,
     from_dict,
     literal_values,
@@ -36,7 +33,10 @@ from .inputs import (  # noqa: F401
     raise_problems,
     section,
     set_dotted,
+    to_dict,
+    to_yaml,
 )
+from .method.guidance import distilled_guidance
 from .yamlio import InputError, read_mapping
 
 
@@ -609,22 +609,6 @@ class Config:
         return distilled_guidance(target=self.method.target, ratio=self.method.enhanced_ratio)
 
 
-def distilled_guidance(*, target: str, ratio: float) -> float:
-    """The CFG scale the CFG-enhanced objective converges to (docs/method.md §2.2).
-
-    With an EMA or student target, T already carries the guidance it is trained toward, so the fixed
-    point of ``v_enh = v + r * (T_c - T_u)`` is ``T_c - T_u = (v_c - v_u) / (1 - r)``: guidance
-    ``1 / (1 - r)`` (2 at r = 0.5, 5 at r = 0.8). A frozen base model does not move: ``1 + r``.
-    """
-    if target == "frozen":
-        return 1.0 + ratio
-    if target in ("ema", "student"):
-        if ratio >= 1.0:
-            raise ValueError(f"method.enhanced_ratio {ratio} >= 1 with target {target!r}: no finite fixed point")
-        return 1.0 / (1.0 - ratio)
-    raise ValueError(f"method.target: unknown value {target!r}; valid: 'ema', 'student', 'frozen'")
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The sections of a trainer config file, read like every other input file (``yamlio.read_mapping``)."""
     try:
@@ -644,18 +628,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[s
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError([f"{where}{p}" for p in e.problems]) from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def config_hash(obj: Any, length: int = 12) -> str:
-    """Stable hash of a config (or any dataclass / JSON-able value)."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -5,18 +5,23 @@ A *section* is a keyword-only slotted dataclass (``@section``) whose ``Literal``
 built; ``from_dict`` builds one from a mapping, reporting every problem of the input at once in one
 ``ConfigError`` whose lines name the place (``Where``: ``optim.lr`` in a trainer config, ``F: claims[0], key
 'window'`` in another file); ``checked`` gives a field its own rule and hints; ``parse_overrides``,
-``set_dotted`` and ``deep_merge`` apply ``section.key=value`` overrides. ``twinflow_train.config`` declares the
-trainer's sections in this language.
+``set_dotted`` and ``deep_merge`` apply ``section.key=value`` overrides; ``to_dict``, ``to_yaml`` and
+``config_hash`` write a section back out as plain data, YAML and a stable hash. ``twinflow_train.config``
+declares the trainer's sections in this language.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
+
+import yaml
 
 from .yamlio import InputError, float_problem, number_problem, parse_value
 
@@ -354,3 +359,23 @@ def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+# --------------------------------------------------------------------------- a section written back out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A section (its nested sections included) as plain dicts and lists."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """A section as YAML, fields in declaration order: what ``from_dict`` reads back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable hash of a config (or any dataclass / JSON-able value)."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
