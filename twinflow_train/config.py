@@ -1,13 +1,8 @@
 """Typed trainer configuration: one dataclass per section, strict YAML loading.
 
 The sections are written in the project's typed-input language (``twinflow_train.inputs``: ``section``,
-``checked``, ``from_dict``, ``Where``, overrides), which the harness's input files use too.
-
-Every section is a ``@section`` (a keyword-only slotted dataclass whose ``Literal`` fields are
-checked however it is built); ``__post_init__``
-raises ``ValueError`` whose message starts with the field name, and the loader
-prefixes the section path, so errors read ``method.estimate_order must be >= 1``.
-Unknown keys are rejected at every level with the list of valid keys.
+``checked``, ``require``, ``from_dict``, ``Where``, overrides; how a section is checked and how its errors
+read is described there), which the harness's input files use too.
 """
 
 from __future__ import annotations
@@ -31,18 +26,13 @@ from .inputs import (  # noqa: F401
     literal_values,
     parse_overrides,
     raise_problems,
+    require,
     section,
     set_dotted,
     to_dict,
     to_yaml,
 )
-from .method.guidance import distilled_guidance
 from .yamlio import InputError, read_mapping
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 # --------------------------------------------------------------------------- sections
@@ -82,19 +72,19 @@ class RunConfig:
     """With several ranks, agree on a stop (one all-reduce of a flag) every this many steps."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
-        _require(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every})")
-        _require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
-        _require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
-        _require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
-        _require(self.diverge_grad_norm is None or self.diverge_grad_norm > 0,
+        require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        require(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every})")
+        require(self.val_every >= 0, f"val_every must be >= 0 (got {self.val_every})")
+        require(self.ckpt_every >= 0, f"ckpt_every must be >= 0 (got {self.ckpt_every})")
+        require(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1 (got {self.max_nonfinite})")
+        require(self.diverge_grad_norm is None or self.diverge_grad_norm > 0,
                  f"diverge_grad_norm must be > 0 or null (got {self.diverge_grad_norm})")
-        _require(self.diverge_steps >= 1, f"diverge_steps must be >= 1 (got {self.diverge_steps})")
+        require(self.diverge_steps >= 1, f"diverge_steps must be >= 1 (got {self.diverge_steps})")
         # more threads than any node has cores is a typo that torch would try to honour
-        _require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
-        _require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
-        _require(self.preempt_grace_s > 0, f"preempt_grace_s must be > 0 (got {self.preempt_grace_s})")
-        _require(self.preempt_check_every >= 1, f"preempt_check_every must be >= 1 (got {self.preempt_check_every})")
+        require(0 <= self.threads <= 1024, f"threads must be in [0, 1024] (got {self.threads})")
+        require(self.max_train_s >= 0, f"max_train_s must be >= 0 (got {self.max_train_s})")
+        require(self.preempt_grace_s > 0, f"preempt_grace_s must be > 0 (got {self.preempt_grace_s})")
+        require(self.preempt_check_every >= 1, f"preempt_check_every must be >= 1 (got {self.preempt_check_every})")
 
 
 @section
@@ -113,12 +103,12 @@ class DataConfig:
     """Micro-batches accumulated per optimizer step on each rank."""
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1) (got {self.val_fraction})")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        _require(self.grad_accum >= 1, f"grad_accum must be >= 1 (got {self.grad_accum})")
-        _require(self.batch_size % self.grad_accum == 0,
+        require(0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1) (got {self.val_fraction})")
+        require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        require(self.grad_accum >= 1, f"grad_accum must be >= 1 (got {self.grad_accum})")
+        require(self.batch_size % self.grad_accum == 0,
                  f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        _require(self.dataset != "latent_shards" or self.shards is not None,
+        require(self.dataset != "latent_shards" or self.shards is not None,
                  "shards must be set when dataset is 'latent_shards'")
 
 
@@ -140,9 +130,9 @@ class CodecConfig:
     """Pretrained codec location (``qwen_vae``)."""
 
     def __post_init__(self) -> None:
-        _require(self.latent_channels >= 1, f"latent_channels must be >= 1 (got {self.latent_channels})")
-        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
-        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        require(self.latent_channels >= 1, f"latent_channels must be >= 1 (got {self.latent_channels})")
+        require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
 
 
 @section
@@ -163,10 +153,10 @@ class AuxConfig:
     """Seed of the proxy reward network and of its label noise."""
 
     def __post_init__(self) -> None:
-        _require(self.reward_steps >= 1, f"reward_steps must be >= 1 (got {self.reward_steps})")
-        _require(self.eval_steps >= 1, f"eval_steps must be >= 1 (got {self.eval_steps})")
-        _require(self.proxy_steps >= 1, f"proxy_steps must be >= 1 (got {self.proxy_steps})")
-        _require(self.reward_seed != self.eval_seed,
+        require(self.reward_steps >= 1, f"reward_steps must be >= 1 (got {self.reward_steps})")
+        require(self.eval_steps >= 1, f"eval_steps must be >= 1 (got {self.eval_steps})")
+        require(self.proxy_steps >= 1, f"proxy_steps must be >= 1 (got {self.proxy_steps})")
+        require(self.reward_seed != self.eval_seed,
                  "eval_seed must differ from reward_seed (the metric must not share the reward's init)")
 
 
@@ -180,7 +170,7 @@ class QwenModelConfig:
     """Override the number of transformer blocks (reduced-depth benchmarks)."""
 
     def __post_init__(self) -> None:
-        _require(self.num_layers is None or self.num_layers >= 1, f"num_layers must be >= 1 (got {self.num_layers})")
+        require(self.num_layers is None or self.num_layers >= 1, f"num_layers must be >= 1 (got {self.num_layers})")
 
 
 @section
@@ -201,9 +191,9 @@ class ModelConfig:
     """Qwen-Image adapter settings (family ``qwen_image``)."""
 
     def __post_init__(self) -> None:
-        _require(self.hidden >= 8, f"hidden must be >= 8 (got {self.hidden})")
-        _require(self.depth >= 1, f"depth must be >= 1 (got {self.depth})")
-        _require(self.time_dim >= 4 and self.time_dim % 2 == 0, f"time_dim must be even and >= 4 (got {self.time_dim})")
+        require(self.hidden >= 8, f"hidden must be >= 8 (got {self.hidden})")
+        require(self.depth >= 1, f"depth must be >= 1 (got {self.depth})")
+        require(self.time_dim >= 4 and self.time_dim % 2 == 0, f"time_dim must be even and >= 4 (got {self.time_dim})")
 
 
 @section
@@ -231,14 +221,14 @@ class TeacherConfig:
     ``ema`` or ``student`` target, 1 + r for a ``frozen`` one (r = method.enhanced_ratio; docs/method.md §2.2)."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
-        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        _require(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1) (got {self.cond_dropout})")
-        _require(self.sample_steps >= 1, f"sample_steps must be >= 1 (got {self.sample_steps})")
-        _require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps) (got {self.warmup_steps})")
-        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
-        _require(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0 (got {self.cfg_scale})")
+        require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        require(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        require(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1) (got {self.cond_dropout})")
+        require(self.sample_steps >= 1, f"sample_steps must be >= 1 (got {self.sample_steps})")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps) (got {self.warmup_steps})")
+        require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        require(self.cfg_scale is None or self.cfg_scale >= 0, f"cfg_scale must be >= 0 (got {self.cfg_scale})")
 
 
 @section
@@ -271,19 +261,19 @@ class MethodConfig:
     """Target EMA decay (approached by the warm-up recursion)."""
 
     def __post_init__(self) -> None:
-        _require(len(self.group_ratios) == 4, f"group_ratios must have 4 entries (e2e, mul, any, adv), got {len(self.group_ratios)}")
-        _require(all(r >= 0 for r in self.group_ratios) and sum(self.group_ratios) > 0,
+        require(len(self.group_ratios) == 4, f"group_ratios must have 4 entries (e2e, mul, any, adv), got {len(self.group_ratios)}")
+        require(all(r >= 0 for r in self.group_ratios) and sum(self.group_ratios) > 0,
                  f"group_ratios must be >= 0 with a positive sum (got {self.group_ratios})")
-        _require(0.0 < self.mul_gap < 1.0, f"mul_gap must be in (0, 1) (got {self.mul_gap})")
-        _require(self.estimate_order >= 1, f"estimate_order must be >= 1 (got {self.estimate_order})")
-        _require(0.0 < self.delta_t < 1.0, f"delta_t must be in (0, 1) (got {self.delta_t})")
-        _require(self.target_clamp > 0, f"target_clamp must be > 0 (got {self.target_clamp})")
-        _require(self.enhanced_ratio >= 0, f"enhanced_ratio must be >= 0 (got {self.enhanced_ratio})")
-        _require(len(self.enhanced_range) == 2 and 0.0 <= self.enhanced_range[0] <= self.enhanced_range[1] <= 1.0,
+        require(0.0 < self.mul_gap < 1.0, f"mul_gap must be in (0, 1) (got {self.mul_gap})")
+        require(self.estimate_order >= 1, f"estimate_order must be >= 1 (got {self.estimate_order})")
+        require(0.0 < self.delta_t < 1.0, f"delta_t must be in (0, 1) (got {self.delta_t})")
+        require(self.target_clamp > 0, f"target_clamp must be > 0 (got {self.target_clamp})")
+        require(self.enhanced_ratio >= 0, f"enhanced_ratio must be >= 0 (got {self.enhanced_ratio})")
+        require(len(self.enhanced_range) == 2 and 0.0 <= self.enhanced_range[0] <= self.enhanced_range[1] <= 1.0,
                  f"enhanced_range must be [lo, hi] with 0 <= lo <= hi <= 1 (got {self.enhanced_range})")
-        _require(self.rect_weight >= 0, f"rect_weight must be >= 0 (got {self.rect_weight})")
-        _require(self.barron_c > 0, f"barron_c must be > 0 (got {self.barron_c})")
-        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        require(self.rect_weight >= 0, f"rect_weight must be >= 0 (got {self.rect_weight})")
+        require(self.barron_c > 0, f"barron_c must be > 0 (got {self.barron_c})")
+        require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
 
 
 @section
@@ -300,11 +290,11 @@ class SamplerConfig:
     """r: share of fresh noise in the re-noised estimate."""
 
     def __post_init__(self) -> None:
-        _require(len(self.gaps) == 2 and all(0.0 <= g < 1.0 for g in self.gaps) and sum(self.gaps) < 1.0,
+        require(len(self.gaps) == 2 and all(0.0 <= g < 1.0 for g in self.gaps) and sum(self.gaps) < 1.0,
                  f"gaps must be [g0, g1] in [0, 1) with g0 + g1 < 1 (got {self.gaps})")
-        _require(len(self.kumaraswamy) == 3 and all(v > 0 for v in self.kumaraswamy),
+        require(len(self.kumaraswamy) == 3 and all(v > 0 for v in self.kumaraswamy),
                  f"kumaraswamy must be three positive numbers (got {self.kumaraswamy})")
-        _require(0.0 <= self.stochastic_ratio <= 1.0, f"stochastic_ratio must be in [0, 1] (got {self.stochastic_ratio})")
+        require(0.0 <= self.stochastic_ratio <= 1.0, f"stochastic_ratio must be in [0, 1] (got {self.stochastic_ratio})")
 
 
 @section
@@ -321,8 +311,8 @@ class TimeDistConfig:
     """Logit-normal scale."""
 
     def __post_init__(self) -> None:
-        _require(self.a > 0 and self.b > 0, f"a and b must be > 0 (got a={self.a}, b={self.b})")
-        _require(self.std > 0, f"std must be > 0 (got {self.std})")
+        require(self.a > 0 and self.b > 0, f"a and b must be > 0 (got a={self.a}, b={self.b})")
+        require(self.std > 0, f"std must be > 0 (got {self.std})")
 
 
 @section
@@ -347,9 +337,9 @@ class RenoiseConfig:
     """Which times the dynamic schedule replaces."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
-        _require(self.start > 0 and self.end > 0, f"start and end must be > 0 (got start={self.start}, end={self.end})")
-        _require(len(set(self.applies_to)) == len(self.applies_to), f"applies_to has duplicates ({self.applies_to})")
+        require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        require(self.start > 0 and self.end > 0, f"start and end must be > 0 (got start={self.start}, end={self.end})")
+        require(len(set(self.applies_to)) == len(self.applies_to), f"applies_to has duplicates ({self.applies_to})")
 
 
 @section
@@ -408,19 +398,19 @@ class RlConfig:
     rectification term's gradient on it."""
 
     def __post_init__(self) -> None:
-        _require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
-        _require(not self.enabled or self.reward != "hpsv2" or self.hpsv2_checkpoint is not None,
+        require(not self.enabled or self.reward != "none", "reward must be set when enabled is true")
+        require(not self.enabled or self.reward != "hpsv2" or self.hpsv2_checkpoint is not None,
                  "hpsv2_checkpoint must be set to the local HPS v2/v2.1 checkpoint file when reward is 'hpsv2'")
-        _require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
-        _require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
-        _require(self.decoder_dtype == "fp32" or self.estimator == "exact",
+        require(self.weight >= 0, f"weight must be >= 0 (got {self.weight})")
+        require(self.reencode_step > 0, f"reencode_step must be > 0 (got {self.reencode_step})")
+        require(self.decoder_dtype == "fp32" or self.estimator == "exact",
                  f"decoder_dtype {self.decoder_dtype!r} applies to estimator 'exact' only (got {self.estimator!r})")
-        _require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
-        _require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
-        _require(self.width > 0, f"width must be > 0 (got {self.width})")
-        _require(self.start is None or self.start >= 1, f"start must be >= 1 or null (got {self.start})")
-        _require(self.clip_norm > 0, f"clip_norm must be > 0 (got {self.clip_norm})")
-        _require(self.clip_tau > 0, f"clip_tau must be > 0 (got {self.clip_tau})")
+        require(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup})")
+        require(self.ramp >= 1, f"ramp must be >= 1 (got {self.ramp})")
+        require(self.width > 0, f"width must be > 0 (got {self.width})")
+        require(self.start is None or self.start >= 1, f"start must be >= 1 or null (got {self.start})")
+        require(self.clip_norm > 0, f"clip_norm must be > 0 (got {self.clip_norm})")
+        require(self.clip_tau > 0, f"clip_tau must be > 0 (got {self.clip_tau})")
 
 
 @section
@@ -437,10 +427,10 @@ class OptimConfig:
     """Global clip of the total gradient (pre-clip norm is logged)."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1) (got {self.betas})")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
-        _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
+        require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1) (got {self.betas})")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        require(self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
 
 
 @section
@@ -461,11 +451,11 @@ class SpikeConfig:
     """Also skip the optimizer update of the spiking step."""
 
     def __post_init__(self) -> None:
-        _require(self.window >= 5, f"window must be >= 5 (got {self.window})")
-        _require(self.k > 0, f"k must be > 0 (got {self.k})")
-        _require(self.floor >= 0, f"floor must be >= 0 (got {self.floor})")
-        _require(0 < self.gamma < 1, f"gamma must be in (0, 1) (got {self.gamma})")
-        _require(self.cooldown >= 0, f"cooldown must be >= 0 (got {self.cooldown})")
+        require(self.window >= 5, f"window must be >= 5 (got {self.window})")
+        require(self.k > 0, f"k must be > 0 (got {self.k})")
+        require(self.floor >= 0, f"floor must be >= 0 (got {self.floor})")
+        require(0 < self.gamma < 1, f"gamma must be in (0, 1) (got {self.gamma})")
+        require(self.cooldown >= 0, f"cooldown must be >= 0 (got {self.cooldown})")
 
 
 @section
@@ -486,10 +476,10 @@ class ScheduleConfig:
     """Decay-on-spike, on top of the base policy."""
 
     def __post_init__(self) -> None:
-        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        _require(self.min_lr >= 0, f"min_lr must be >= 0 (got {self.min_lr})")
-        _require(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
-        _require(self.plateau_patience >= 0, f"plateau_patience must be >= 0 (got {self.plateau_patience})")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        require(self.min_lr >= 0, f"min_lr must be >= 0 (got {self.min_lr})")
+        require(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
+        require(self.plateau_patience >= 0, f"plateau_patience must be >= 0 (got {self.plateau_patience})")
 
 
 @section
@@ -526,9 +516,9 @@ class EvalConfig:
     is what validation, the best/final sample files and ``twinflow-train sample/eval`` judge; 0: the raw student."""
 
     def __post_init__(self) -> None:
-        _require(self.n_samples >= 10, f"n_samples must be >= 10 (got {self.n_samples})")
-        _require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"nfe must be a non-empty list of ints >= 1 (got {self.nfe})")
-        _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        require(self.n_samples >= 10, f"n_samples must be >= 10 (got {self.n_samples})")
+        require(len(self.nfe) >= 1 and all(n >= 1 for n in self.nfe), f"nfe must be a non-empty list of ints >= 1 (got {self.nfe})")
+        require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
 
 
 @section
@@ -554,7 +544,7 @@ class CheckpointConfig:
     resume whose newer checkpoints do not verify; 0 keeps none."""
 
     def __post_init__(self) -> None:
-        _require(self.keep_latest_k >= 0, f"keep_latest_k must be >= 0 (got {self.keep_latest_k})")
+        require(self.keep_latest_k >= 0, f"keep_latest_k must be >= 0 (got {self.keep_latest_k})")
 
 
 @section
@@ -579,26 +569,26 @@ class Config:
     def __post_init__(self) -> None:
         groups = sum(1 for r in self.method.group_ratios if r > 0)
         micro = self.data.batch_size // self.data.grad_accum
-        _require(self.method.layout == "tutorial" or micro >= groups,
+        require(self.method.layout == "tutorial" or micro >= groups,
                  f"data.batch_size per micro-batch ({micro} = batch_size / grad_accum) is smaller than the "
                  f"number of non-empty method.group_ratios groups ({groups})")
-        _require(self.teacher.cfg_scale is not None or self.method.target == "frozen" or self.method.enhanced_ratio < 1,
+        require(self.teacher.cfg_scale is not None or self.method.target == "frozen" or self.method.enhanced_ratio < 1,
                  f"method.enhanced_ratio {self.method.enhanced_ratio} >= 1 with target {self.method.target!r} has no "
                  f"finite distilled guidance (1 / (1 - r)); use r < 1 or set teacher.cfg_scale")
-        _require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
+        require(self.model.family != "qwen_image" or self.codec.kind == "qwen_vae" or self.data.dataset == "latent_shards",
                  "model.family 'qwen_image' needs codec.kind 'qwen_vae' or data.dataset 'latent_shards'")
         rl = self.rl
         # the reward guides the one-step generator output, which only the e2e rows produce
-        _require(not rl.enabled or self.method.layout == "tutorial" or self.method.group_ratios[0] > 0,
+        require(not rl.enabled or self.method.layout == "tutorial" or self.method.group_ratios[0] > 0,
                  f"rl.enabled guides the one-step generator output of the e2e rows; method.group_ratios[0] (e2e) "
                  f"must be > 0 (got {self.method.group_ratios})")
-        _require(not rl.enabled or rl.reward not in ("digits", "proxy") or self.data.dataset == "digits",
+        require(not rl.enabled or rl.reward not in ("digits", "proxy") or self.data.dataset == "digits",
                  f"rl.reward {rl.reward!r} scores 8x8 digit images; it needs data.dataset 'digits' "
                  f"(got {self.data.dataset!r})")
-        _require(self.schedule.warmup_steps < self.run.steps,
+        require(self.schedule.warmup_steps < self.run.steps,
                  f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be < run.steps ({self.run.steps}): "
                  f"the learning rate would never reach optim.lr")
-        _require(self.schedule.min_lr <= self.optim.lr,
+        require(self.schedule.min_lr <= self.optim.lr,
                  f"schedule.min_lr ({self.schedule.min_lr}) must be <= optim.lr ({self.optim.lr})")
 
     @property
@@ -607,6 +597,22 @@ class Config:
         if self.teacher.cfg_scale is not None:
             return self.teacher.cfg_scale
         return distilled_guidance(target=self.method.target, ratio=self.method.enhanced_ratio)
+
+
+def distilled_guidance(*, target: str, ratio: float) -> float:
+    """The CFG scale the CFG-enhanced objective converges to (docs/method.md §2.2).
+
+    With an EMA or student target, T already carries the guidance it is trained toward, so the fixed
+    point of ``v_enh = v + r * (T_c - T_u)`` is ``T_c - T_u = (v_c - v_u) / (1 - r)``: guidance
+    ``1 / (1 - r)`` (2 at r = 0.5, 5 at r = 0.8). A frozen base model does not move: ``1 + r``.
+    """
+    if target == "frozen":
+        return 1.0 + ratio
+    if target in ("ema", "student"):
+        if ratio >= 1.0:
+            raise ValueError(f"method.enhanced_ratio {ratio} >= 1 with target {target!r}: no finite fixed point")
+        return 1.0 / (1.0 - ratio)
+    raise ValueError(f"method.target: unknown value {target!r}; valid: 'ema', 'student', 'frozen'")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

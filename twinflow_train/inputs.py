@@ -8,6 +8,10 @@ built; ``from_dict`` builds one from a mapping, reporting every problem of the i
 ``set_dotted`` and ``deep_merge`` apply ``section.key=value`` overrides; ``to_dict``, ``to_yaml`` and
 ``config_hash`` write a section back out as plain data, YAML and a stable hash. ``twinflow_train.config``
 declares the trainer's sections in this language.
+
+A section's ``__post_init__`` checks its fields (``require``) and raises ``ValueError`` whose message starts with
+the field name; ``from_dict`` prefixes the section path, so errors read ``method.estimate_order must be >= 1``.
+Unknown keys are rejected at every level with the list of valid keys.
 """
 
 from __future__ import annotations
@@ -123,6 +127,13 @@ class Where:
         if self.file is None:
             return f"{'.'.join(self.parts)}.{message}" if self.parts else message
         return f"{self.section()}: {message}"
+
+
+def require(ok: bool, message: str) -> None:
+    """A section's check in its ``__post_init__``: ``ValueError(message)`` unless ``ok`` (the message starts with
+    the field name; ``from_dict`` prefixes the section path)."""
+    if not ok:
+        raise ValueError(message)
 
 
 class SectionProblems(ValueError):
