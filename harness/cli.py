@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from twinflow_train.config import Config, to_dict
+from twinflow_train.inputs import deep_merge, from_dict, parse_overrides
 from twinflow_train.rundir import RESTART_FLAG
 from twinflow_train.yamlio import InputError, dir_problem, reading_input
 
@@ -49,7 +52,7 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, problems: list[str] | None = None) -> Any:
     """The grid of ``args.file``; ``problems`` (the command's own argument checks) are reported with the matrix's."""
-    from .matrix import MatrixError, load_matrix
+    from .matrix import MatrixError, load_matrix  # lazy: the matrix brings pandas and scipy, start-up does not
 
     problems = list(problems or [])
     if (problem := dir_problem(args.root)) is not None:
@@ -82,7 +85,7 @@ def grid_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_run(args: argparse.Namespace) -> int:
-    from .grid import run_grid
+    from .grid import run_grid  # lazy: the grid brings pandas and scipy, start-up does not
 
     problems = []
     if args.workers < 1:
@@ -109,7 +112,7 @@ def grid_run(args: argparse.Namespace) -> int:
 
 def _dry_run(grid: Any, *, retries: int) -> int:
     """Exit 0 when every run that would launch passes preflight, 2 otherwise (each problem printed)."""
-    from .grid import dry_run_grid
+    from .grid import dry_run_grid  # lazy: the grid brings pandas and scipy, start-up does not
 
     checks = dry_run_grid(grid, retries=retries)
     width = max(len(c.key) for c in checks)
@@ -125,6 +128,7 @@ def _dry_run(grid: Any, *, retries: int) -> int:
 def plan_lines(grid: Any) -> list[str]:
     """What the grid computes: runs and training steps at its first wave and at its maximum (a sequential plan),
     and the GPU-hours of arms whose model family has an estimate (``harness.cost``)."""
+    # lazy: the forks and the cost (of the matrix) bring pandas and scipy; start-up stays free of them
     from .cost import grid_cost
     from .forks import describe, plan_forks
 
@@ -145,8 +149,8 @@ def grid_status_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_status(args: argparse.Namespace) -> int:
-    from .lock import grid_is_live, lock_info
-    from .monitor import GridMonitor, render_table
+    from .lock import grid_is_live, lock_info  # lazy: the lock (runs, matrix) brings pandas and scipy
+    from .monitor import GridMonitor, render_table  # lazy: ~7 ms (statistics, the store) start-up does not pay
 
     problems = [f"--workers must be >= 1 (got {args.workers})"] if args.workers is not None and args.workers < 1 else []
     grid = _load(args, problems)
@@ -157,7 +161,7 @@ def grid_status(args: argparse.Namespace) -> int:
     who = f"running (harness pid {info.get('pid')}, {info.get('launcher')})" if info else "no harness running"
     rows = monitor.rows(harness_live=live)
     if grid.plan is not None:  # a sequential grid: the runs of its waves so far, then where its claims stand
-        from .sequential import status_lines
+        from .sequential import status_lines  # lazy: brings pandas and scipy
 
         rows = [r for r in rows if r.state != "new"]
     print(render_table(rows, slots=slots, title=f"grid {grid.name} ({who})"))
@@ -172,9 +176,10 @@ def grid_collect_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_collect(args: argparse.Namespace) -> int:
+    # lazy: pandas; start-up stays free of it
     import pandas as pd
 
-    from .collect import collect_grid, divergence_summary, publish_parquet, run_statuses
+    from .collect import collect_grid, divergence_summary, publish_parquet, run_statuses  # lazy: pandas
 
     grid = _load(args, [f"--rise-k must be >= 1 (got {args.rise_k})"] if args.rise_k < 1 else [])
     if not grid.grid_dir.is_dir():
@@ -200,7 +205,7 @@ def grid_collect(args: argparse.Namespace) -> int:
 
 
 def grid_plan_args(p: argparse.ArgumentParser) -> None:
-    from twinflow_train.run.plan import add_plan_arguments
+    from twinflow_train.run.plan import add_plan_arguments  # lazy: the memory plan brings torch
 
     _matrix_args(p)
     add_plan_arguments(p)
@@ -210,11 +215,7 @@ def grid_plan_args(p: argparse.ArgumentParser) -> None:
 
 def grid_plan(args: argparse.Namespace) -> int:
     """The memory plan of every arm (one seed each: seeds do not change memory); exit 3 when one does not fit."""
-    import json
-
-    from twinflow_train.config import Config, to_dict
-    from twinflow_train.inputs import deep_merge, from_dict, parse_overrides
-    from twinflow_train.run.plan import plan_from_args
+    from twinflow_train.run.plan import plan_from_args  # lazy: the memory plan brings torch
 
     grid = _load(args)
     plans, seen = {}, set()
@@ -288,7 +289,7 @@ def build_parser(commands: Mapping[str, Command | str] = COMMANDS, *, prog: str 
 def run_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` with a ``build_parser`` parser and run the command; the exit status (see the module
     docstring): 2 for what the user gave, 1 for a grid that cannot run, 130 when interrupted."""
-    from .grid import GridError, GridInterrupted
+    from .grid import GridError, GridInterrupted  # lazy: the grid brings pandas and scipy
 
     args = parser.parse_args(argv)
     try:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ import pandas as pd
 from twinflow_train.rundir import (FORK_FROM, RunDirError, atomic_path, fork_origin, read_run_metrics, record_kind,
                                    tail_metrics)
 
+from .monitor import pid_is_trainer
 from .store import HARNESS_FILE, METRICS_FILE, iter_run_dirs, read_grid_manifest, read_json, read_status
 
 ID_COLUMNS = ["grid", "arm", "seed", "run_dir", "kind", "step"]
@@ -130,6 +132,7 @@ def collect_grid(grid_dir: str | Path, *, use_cache: bool = True,
     """All metrics records of a grid as one table (see the module docstring for the columns)."""
     if on_bad_line not in ("raise", "skip"):
         raise ValueError(f"on_bad_line must be 'raise' or 'skip' (got {on_bad_line!r})")
+    # lazy: pyarrow, for the parquet cache only; the reports that import this module need not pay for it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -165,8 +168,6 @@ def collect_grid(grid_dir: str | Path, *, use_cache: bool = True,
 def publish_parquet(grid_dir: str | Path) -> Path:
     """``<grid>/metrics.parquet``: a copy of the collected table where ``ls`` shows it (the cache under
     ``.harness/`` is the harness's own and is rebuilt whenever a run changes). Call after ``collect_grid``."""
-    import shutil
-
     grid_dir = Path(grid_dir)
     cache = grid_dir / ".harness" / CACHE_NAME
     if not cache.is_file():
@@ -184,8 +185,7 @@ def grid_manifest(grid_dir: str | Path) -> dict[str, Any] | None:
 
 def run_statuses(grid_dir: str | Path) -> pd.DataFrame:
     """One row per run of a grid: state, reason, last step, wall-clock seconds (see the module docstring)."""
-    from .lock import grid_is_live
-    from .monitor import pid_is_trainer
+    from .lock import grid_is_live  # lazy: the lock brings runs and the matrix; readers (reports) do not load them
 
     grid_dir = Path(grid_dir)
     live = grid_is_live(grid_dir)

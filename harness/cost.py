@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .forks import plan_forks
+
 PEAK_TFLOPS = 989.0
 """Dense bf16 peak of an H100/H200 SXM (vendor datasheet)."""
 ASSUMED_MFU = 0.30
@@ -25,7 +27,7 @@ def step_flops(cfg: Any) -> float | None:
     """Matmul FLOPs of one training step of ``cfg``, or None where the family has no estimate."""
     if cfg.model.family != "qwen_image" or cfg.model.qwen.tiny:
         return None
-    from twinflow_train.models.qwen_image import flops_per_token
+    from twinflow_train.models.qwen_image import flops_per_token  # lazy: torch and diffusers (the qwen extra)
 
     per_row = flops_per_token({}, image_tokens=IMAGE_TOKENS, text_tokens=TEXT_TOKENS) * IMAGE_TOKENS
     return cfg.data.batch_size * per_row * (3 + NO_GRAD_FORWARDS_PER_ROW)
@@ -73,8 +75,6 @@ def grid_cost(grid: Any, *, forks: bool = True) -> tuple[GridCost, GridCost | No
     """Runs, steps and GPU-hours of ``grid`` (at its first wave and at its maximum for a sequential plan), with
     the forks ``harness.forks`` plans (a child computes its steps after the fork only), and without them
     (None when no arm forks or ``forks`` is false)."""
-    from .forks import plan_forks
-
     plan = plan_forks(grid) if forks else {}
 
     def tally(shared: bool) -> GridCost:

@@ -33,16 +33,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, TextIO
 
+from twinflow_train.inputs import ConfigError
+from twinflow_train.rundir import tail_metrics
+
+from .collect import collect_grid, run_statuses
 from .forks import Fork, fork_argv, fork_points, plan_forks, source_run, sources_worth_running, with_sources
 from .forks import describe as describe_forks
 from .forks import ready as fork_ready
+from .inference import ALPHA
 from .launchers import Launcher
 from .lock import GridLock, grid_is_live, lock_info
 from .matrix import Grid, RunSpec
 from .monitor import GridMonitor, LiveDisplay, render_table
 from .runs import (ActiveRun, GridError, RunEnv, classify, finish_run, prepare_run_dir,
                    prepare_shared_assets, sigterm_raises, start_run, status_or_none, stop_runs, supersede)
+from .sequential import look_json, open_tests_text, read_record, resume_state, write_record
 from .store import write_grid_manifest
+from .verdicts import sequential_look
 
 Action = Literal["new", "resume", "retry", "skip", "exhausted", "changed"]
 LAUNCH_ACTIONS = ("new", "resume", "retry")
@@ -102,8 +109,7 @@ class RunCheck:
 def dry_run_grid(grid: Grid, *, retries: int = 0) -> list[RunCheck]:
     """What ``run_grid`` would do with every run, and the trainer's own preflight for each run it would
     launch (weights and data paths, reward model, existing run directory). Reads only; writes nothing."""
-    from twinflow_train.inputs import ConfigError
-    from twinflow_train.run.trainer import preflight
+    from twinflow_train.run.trainer import preflight  # lazy: the trainer brings torch
 
     checks = []
     for p in plan_grid(grid, retries=retries):
@@ -233,11 +239,6 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
                stream: TextIO, forks: Mapping[str, Fork]) -> None:
     """A sequential grid (``harness.sequential``): run a wave, look at every open claim, give the next wave's
     seeds to the arms of the claims still open; resume from the recorded looks."""
-    from .collect import collect_grid, run_statuses
-    from .inference import ALPHA
-    from .sequential import look_json, open_tests_text, read_record, resume_state, write_record
-    from .verdicts import sequential_look
-
     plan = grid.plan
     assert plan is not None
     arms = [a.name for a in grid.arms]
@@ -281,8 +282,6 @@ def _run_waves(grid: Grid, plans: list[PlannedRun], *, launcher: Launcher, retri
 
 def _steps_computed(grid: Grid) -> int:
     """Training steps the grid's runs computed (their last logged step; a forked run counts from its fork)."""
-    from twinflow_train.rundir import tail_metrics
-
     total = 0
     for spec in grid.runs:
         last = tail_metrics(spec.run_dir / "metrics.jsonl", kinds=("train",)).last.get("train")
@@ -299,8 +298,6 @@ def _steps_computed(grid: Grid) -> int:
 
 def _steps_scratch(grid: Grid) -> int:
     """What the runs that have a record would have computed each from step 0."""
-    from twinflow_train.rundir import tail_metrics
-
     total = 0
     for spec in grid.runs:
         last = tail_metrics(spec.run_dir / "metrics.jsonl", kinds=("train",)).last.get("train")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TextIO
+
+import yaml
+
+from twinflow_train.yamlio import InputError, parse_value
 
 from .identity import trainer_package_dir
 
@@ -258,16 +263,11 @@ def read_accelerate_config(path: Path) -> dict[str, Any]:
     """The accelerate config file at ``path``, checked for what the trainer would not honour (``InputError``
     listing every problem): accelerate's FSDP/DeepSpeed/Megatron engines and its mixed precision, which the
     trainer sets itself (``parallel.fsdp``, ``parallel.mixed_precision``)."""
-    import yaml
-
-    from twinflow_train.yamlio import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError([f"--accelerate-config {path}: no such file"])
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix != ".json" else __import__("json").loads(
-            path.read_text())
+        data = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
     except Exception as e:  # noqa: BLE001 - any parse error is reported with the file's name
         raise InputError([f"--accelerate-config {path}: not YAML/JSON ({type(e).__name__}: {e})"]) from None
     if not isinstance(data, dict):
@@ -294,6 +294,7 @@ def read_accelerate_config(path: Path) -> dict[str, Any]:
 
 def default_accelerate_config() -> Path | None:
     """accelerate's default config file (written by ``accelerate config``) when it exists."""
+    # lazy: optional dependency accelerate (the qwen extra)
     from accelerate.commands.config.config_args import default_config_file
 
     path = Path(default_config_file)
@@ -313,7 +314,7 @@ class AccelerateLauncher(LocalLauncher):
     def __init__(self, *, config_file: Path | None, workers: int = 1, nproc_per_node: int | None = None,
                  threads: int | None = None, python: str | None = None):
         try:
-            import accelerate  # noqa: F401
+            import accelerate  # noqa: F401  # lazy: optional dependency accelerate, named when missing
         except ImportError:
             raise RuntimeError("the accelerate launcher needs the accelerate package "
                                "(pip install 'twinflow-lab[qwen]' or pip install accelerate)") from None
@@ -322,8 +323,6 @@ class AccelerateLauncher(LocalLauncher):
         if config_file is None:
             config_file = default_accelerate_config()
             if config_file is None:
-                from twinflow_train.yamlio import InputError
-
                 raise InputError(["--launcher accelerate needs an accelerate config: pass --accelerate-config PATH "
                                   "or write the default one with `accelerate config`"])
         self.config_file = Path(config_file).resolve()
@@ -391,7 +390,7 @@ class TrainerJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpointing: the requeued job is the same call (the trainer resumes by itself)."""
-        import submitit
+        import submitit  # lazy: submitit, only in a slurm job
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
@@ -439,7 +438,7 @@ class SlurmLauncher(Launcher):
                  parameters: Mapping[str, Any] | None = None, python: str | None = None,
                  module: str = TRAINER_MODULE):
         try:
-            import submitit
+            import submitit  # lazy: submitit only for the slurm launcher, named when missing
         except ImportError:
             raise RuntimeError("the slurm launcher needs the submitit package (pip install submitit)") from None
         if workers < 1:
@@ -518,8 +517,6 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
 def parse_launcher_params(args: argparse.Namespace) -> dict[str, Any]:
     """Check the arguments of ``add_launcher_arguments``; returns the ``--slurm-param`` items as a dict (values
     read as YAML). Raises ``InputError`` listing every problem."""
-    from twinflow_train.yamlio import InputError, parse_value
-
     out: dict[str, Any] = {}
     problems = []
     if args.nproc_per_node is not None and args.nproc_per_node < 1:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence, TextIO
 
+import yaml
+
 from twinflow_train.config import to_dict, to_yaml
 from twinflow_train.rundir import EXIT_DONE, EXIT_STATES, RESTART_FLAG
 
@@ -123,8 +125,6 @@ def _changed_note(spec: RunSpec, record: RunRecord, code: str) -> str:
         parts.append(f"trainer code changed ({record.code_version} -> {code})")
     launch = spec.run_dir / LAUNCH_CONFIG
     if launch.is_file():
-        import yaml
-
         before = _flat(yaml.safe_load(launch.read_text()) or {})
         after = _flat(to_dict(spec.config))
         keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
@@ -201,7 +201,7 @@ def prepare_shared_assets(spec: RunSpec, launcher: Launcher, *, grid_dir: Path, 
     Nothing to do where the base weights come from the model directory (Qwen-Image ``from_pretrained``
     layout): there is no teacher to train, and the runs' preflight checks the directory.
     Raises ``GridError`` naming the log when the preparation fails."""
-    from twinflow_train.assets.teacher import base_weights_in_model
+    from twinflow_train.assets.teacher import base_weights_in_model  # lazy: the teacher brings torch
 
     if base_weights_in_model(spec.config):
         stream.write("base weights come from the model directory; no teacher preparation step\n")

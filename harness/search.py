@@ -26,13 +26,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import socket
 import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Mapping, TextIO
 
@@ -112,15 +115,11 @@ def process_alive(pid: int, started: str) -> bool:
 
 def heartbeat_text(t: float) -> str:
     """A heartbeat as the dashboard shows it: UTC ISO 8601 to the millisecond (``2026-05-01T12:00:00.123+00:00``)."""
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def heartbeat_time(beat: Any) -> float | None:
     """Seconds since the epoch of a stored heartbeat: the ISO text, or the raw number older searches stored."""
-    from datetime import datetime
-
     if isinstance(beat, (int, float)) and not isinstance(beat, bool):
         return float(beat)
     if isinstance(beat, str):
@@ -176,6 +175,7 @@ def stale_reason(trial: Any, *, me: Owner, now: float, stale_after_s: float) -> 
 
 def storage_for(spec: SearchSpec, *, root: Path, override: str | None = None) -> tuple[Any, str]:
     """(Optuna storage, how to name it to a person). Journal file by default; ``scheme://`` means an RDB URL."""
+    # lazy: optuna; the parser imports this module, --help stays free of it
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -193,6 +193,7 @@ def storage_for(spec: SearchSpec, *, root: Path, override: str | None = None) ->
 
 
 def _sampler(spec: SearchSpec, seed: int) -> Any:
+    # lazy: optuna; the parser imports this module, --help stays free of it
     import optuna
 
     if spec.sampler.kind == "random":
@@ -203,6 +204,7 @@ def _sampler(spec: SearchSpec, seed: int) -> Any:
 
 def open_study(spec: SearchSpec, storage: Any) -> Any:
     """Create the study or load it; a study started from another definition is an error naming what changed."""
+    # lazy: optuna; the parser imports this module, --help stays free of it
     import optuna
 
     if spec.objective.constraints and not hasattr(optuna.trial.Trial, "set_constraint"):
@@ -219,8 +221,6 @@ def open_study(spec: SearchSpec, storage: Any) -> Any:
     if stored is None:
         study.set_user_attr(ATTR_FINGERPRINT, spec.fingerprint())
         study.set_user_attr(ATTR_DEFINITION, spec.definition())
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # set_metric_names is marked experimental
             study.set_metric_names(list(spec.objective.metrics))
@@ -397,6 +397,7 @@ class Search:
 
     def _counted(self) -> int:
         """Trials that use the budget: finished ones (a retried FAIL excepted) and those running now."""
+        # lazy: optuna; the parser imports this module, --help stays free of it
         from optuna.trial import TrialState
 
         n = 0
@@ -409,6 +410,7 @@ class Search:
 
     def _retire(self, trial: Any, *, number: int, params: Mapping[str, Any], group: str, reason: str) -> bool:
         """FAIL a trial nobody can finish now and enqueue its parameters again (continuing its run directories)."""
+        # lazy: optuna; the parser imports this module, --help stays free of it
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
@@ -424,6 +426,7 @@ class Search:
         return True
 
     def _fail_stale(self, result: SearchResult) -> None:
+        # lazy: optuna; the parser imports this module, --help stays free of it
         from optuna.trial import TrialState
 
         now = time.time()
@@ -446,12 +449,11 @@ class Search:
     # ----------------------------------------------------------------- run
 
     def run(self) -> SearchResult:
+        # lazy: optuna; the parser imports this module, --help stays free of it
         import optuna
         from tqdm import tqdm
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        import warnings
-
         # a value enqueued outside the searched range through the Python API is deliberate (a spec's are checked)
         warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range", category=UserWarning)
         self.storage, storage_name = storage_for(self.spec, root=self.root, override=self.storage_override)
@@ -566,6 +568,7 @@ class Search:
             result.errors.append(f"worker {index}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             self._stop.set()
             if trial is not None:
+                # lazy: optuna; the parser imports this module, --help stays free of it
                 from optuna.trial import TrialState
 
                 try:
@@ -580,8 +583,6 @@ class Search:
         """``<study>/<group>/trial.json``: which trials ran in this directory, with which parameters."""
         path = self.study_dir / group / GROUP_FILE
         try:
-            import json
-
             data = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             data = {}
@@ -590,6 +591,7 @@ class Search:
                                  "params": trial.params, "spec": str(self.spec.path.resolve())})
 
     def _tell(self, trial: Any, group: str, outcome: TrialResult, result: SearchResult) -> None:
+        # lazy: optuna; the parser imports this module, --help stays free of it
         from optuna.trial import TrialState
 
         with self._lock:

@@ -79,6 +79,7 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
 
     def distribution(self) -> Any:
+        # lazy: optuna; the parser imports this module, --help stays free of it
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.kind == "categorical":
@@ -147,7 +148,7 @@ class PrunerSpec:
             raise SectionProblems([("percentile", "only used by kind: percentile")])
 
     def build(self) -> Any:
-        import optuna
+        import optuna  # lazy: optuna; the parser imports this module, --help stays free of it
 
         if self.kind == "median":
             return optuna.pruners.MedianPruner(n_startup_trials=self.n_startup_trials,
@@ -473,6 +474,7 @@ def storage_problem(value: Any, *, must_exist: bool = False) -> str | None:
             if parent.exists():
                 return None if parent.is_dir() else f"{parent} is not a directory"
         return None
+    # lazy: sqlalchemy (optuna's), only for a database URL
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 

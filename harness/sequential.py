@@ -28,7 +28,7 @@ import pandas as pd
 from twinflow_train.inputs import at_least, checked
 
 from .claims import Claim
-from .inference import ALPHA, SPENDINGS, Spending
+from .inference import ALPHA, SPENDINGS, Spending, combine
 from .store import HARNESS_DIR, RunDirError, atomic_write_json, read_json
 from .verdicts import Judgement, arms_of, next_targets, result_json, sequential_look
 
@@ -181,7 +181,6 @@ def status_lines(grid_dir: Path, claims: Sequence[Claim], plan: SeedPlan) -> lis
     by_claim: dict[int, list[dict[str, Any]]] = {}
     for r in last["results"]:
         by_claim.setdefault(int(r["claim"]), []).append(r)
-    from .inference import combine
     for ci, c in enumerate(claims):
         parts = by_claim.get(ci, [])
         n = "/".join(str(r["n"]) for r in parts)

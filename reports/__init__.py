@@ -12,11 +12,11 @@ __all__ = ["build_report", "write_report", "GridData", "load_grid", "prepare"]
 
 def __getattr__(name: str):
     if name in ("build_report", "write_report"):
-        from . import build
+        from . import build  # lazy: matplotlib, pandas; 'import reports.cli' stays cheap
 
         return getattr(build, name)
     if name in ("GridData", "load_grid", "prepare"):
-        from . import data
+        from . import data  # lazy: pandas; 'import reports.cli' stays cheap
 
         return getattr(data, name)
     raise AttributeError(f"module 'reports' has no attribute {name!r}")

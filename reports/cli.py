@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from twinflow_train.rundir import RunDirError
+from twinflow_train.yamlio import InputError, dir_problem, reading_input
+
 if TYPE_CHECKING:
     from harness.claims import Claim
 
@@ -43,8 +46,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _argument_problems(args: argparse.Namespace) -> list[str]:
     """The command's own arguments, checked before the grid is read (reading it caches its metrics)."""
+    # lazy: the spec's matrix brings pandas and scipy, the parser does not
     from harness.search_spec import storage_problem
-    from twinflow_train.yamlio import dir_problem
 
     problems = []
     if not args.grid_dir.is_dir():
@@ -67,31 +70,28 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
 def run_report(args: argparse.Namespace, *, load_claims: ClaimsLoader) -> int:
     """Write the report of ``args.grid_dir``; exit 0, or 2 (each problem printed) when the arguments, the grid's
     data or the ``--claims`` matrix cannot make one."""
-    from twinflow_train.rundir import RunDirError
-    from twinflow_train.yamlio import InputError, reading_input
-
     try:
         with reading_input("twinflow-lab report"):
             problems = _argument_problems(args)
             if problems:
                 raise InputError(problems)
-            from .data import load_grid
+            from .data import load_grid  # lazy: the grid's tables bring pandas
 
             data = load_grid(grid_dir=args.grid_dir, arm_order=args.arm_order)
             if args.baseline is not None and args.baseline not in data.arms:
                 raise InputError(f"--baseline: arm {args.baseline!r} is not in the grid; arms: {list(data.arms)}")
             if args.study_storage is not None:
-                from .study import load_studies
+                from .study import load_studies  # lazy: the study section brings matplotlib
 
                 studies = load_studies(args.study_storage, name=args.study_name)
             else:
-                from .study import find_studies
+                from .study import find_studies  # lazy: the study section brings matplotlib
 
                 studies = find_studies(args.grid_dir)
             claims, source = None, ""
             if args.claims is not None:
                 claims, source = load_claims(args.claims), f"matrix file {args.claims}"
-        from .build import write_report
+        from .build import write_report  # lazy: the report brings matplotlib
 
         # a run's sample files that do not load are problems of the grid's data, found while writing
         path = write_report(data, out_dir=args.out if args.out is not None else args.grid_dir / "report",

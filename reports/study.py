@@ -247,6 +247,7 @@ def find_studies(grid_dir: str | Path) -> list["optuna.Study"]:
     paths = sorted(Path(grid_dir).glob("*.journal"))
     if not paths:
         return []
+    # lazy: optuna, only for a grid with studies
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -260,6 +261,7 @@ def find_studies(grid_dir: str | Path) -> list["optuna.Study"]:
 
 def load_studies(storage: str, *, name: str | None = None) -> list["optuna.Study"]:
     """Studies of a storage given as a journal file path or an SQLAlchemy URL (every study, or the one named)."""
+    # lazy: optuna, only for a grid with studies
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 

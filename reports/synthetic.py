@@ -121,7 +121,7 @@ def synthetic_grid_frames(*, arms: Sequence[str], seeds: Sequence[int], steps: i
 @functools.lru_cache(maxsize=1)
 def _digit_prototypes() -> np.ndarray:
     """The first scikit-learn digit of each class, [10, 8, 8] in [-1, 1]."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn (~1 s to import), only for the digit prototypes
 
     digits = load_digits()
     return np.stack([digits.images[np.flatnonzero(digits.target == c)[0]] for c in range(10)]) / 8.0 - 1.0

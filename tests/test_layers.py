@@ -6,11 +6,19 @@
   with its reason; a new one fails here until it is listed (or moved down).
 - No import circle between modules, counting function-level imports too.
 - No module imports another module's private name (``from .grid import _start``).
+- Imports sit at the top of their module. One inside a function (or class) has its reason beside it, a comment
+  ``# lazy: <reason>`` on its line, or on the comment line(s) right above it or above the run of imports it
+  belongs to. The reasons: an optional dependency (diffusers, optuna's sqlalchemy, ...), an import cost a command
+  must not pay (``--help`` without torch, pandas or optuna), a layer that must not load another at module level
+  (``LATE_BINDING``), a module read by others that stays free of what one function needs.
+  ``python tests/test_layers.py`` prints the counts.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +33,7 @@ LATE_BINDING = {
     # a Qwen-Image model built for shards takes the empty prompt's embedding stored with them
     ("twinflow_train.models.qwen_image", "twinflow_train.data.shards"),
 }
+REASON = re.compile(r"#\s*lazy:\s*\S")
 
 
 def _module(path: Path) -> str:
@@ -55,6 +64,46 @@ def _edges() -> list[tuple[str, str, list[str], bool]]:
 
 
 EDGES = _edges()
+
+
+def _late_imports() -> list[tuple[str, int, bool, bool]]:
+    """(file, line, of the project's own modules, has its reason) for every import inside a function or class."""
+    out = []
+    for path in sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        tree = ast.parse(text, filename=str(path))
+        scopes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        late = {id(n): n for s in scopes for n in ast.walk(s) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        starts = {n.end_lineno: n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in late.values():
+            if isinstance(node, ast.ImportFrom):
+                own = bool(node.level) or node.module.split(".")[0] in PACKAGES
+            else:
+                own = any(a.name.split(".")[0] in PACKAGES for a in node.names)
+            out.append((str(path.relative_to(ROOT)), node.lineno, own, _has_reason(lines, node, starts)))
+    return sorted(out)
+
+
+def _has_reason(lines: list[str], node: ast.stmt, starts: dict[int, int]) -> bool:
+    """A ``# lazy:`` comment on the import's lines, or on the comment lines right above it or above the run of
+    imports (blank lines between them allowed) it belongs to."""
+    if any(REASON.search(lines[i - 1]) for i in range(node.lineno, node.end_lineno + 1)):
+        return True
+    i = node.lineno - 1
+    while i > 0:
+        line = lines[i - 1].strip()
+        if i in starts:  # the line above ends another import: look above that one
+            i = starts[i] - 1
+        elif not line:
+            i -= 1
+        elif line.startswith("#"):
+            if REASON.search(line):
+                return True
+            i -= 1
+        else:
+            return False
+    return False
 
 
 def _layer(module: str) -> int:
@@ -102,3 +151,39 @@ def test_no_import_circle():
 def test_no_private_name_is_imported_from_another_module():
     private = [(a, b, n) for a, b, names, _ in EDGES for n in names if n.startswith("_") and a != b]
     assert private == []
+
+
+def test_every_function_level_import_has_its_reason():
+    late = _late_imports()
+    missing = [f"{f}:{line}" for f, line, _, reason in late if not reason]
+    assert missing == [], "import inside a function without a '# lazy: <reason>' comment (or move it to the top)"
+
+
+def test_a_reason_stands_beside_its_import_or_above_its_run_of_imports():
+    source = """\
+def f():
+    import a  # lazy: beside it
+    # lazy: above the run
+    import b
+    from c import d
+
+    import e
+    x = 1
+    import g
+    # a comment that gives no reason
+    import h
+"""
+    tree = ast.parse(source)
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    starts = {n.end_lineno: n.lineno for n in nodes}
+    got = {(n.names[0].name if isinstance(n, ast.Import) else n.module): _has_reason(source.splitlines(), n, starts)
+           for n in nodes}
+    assert got == {"a": True, "b": True, "c": True, "e": True, "g": False, "h": False}
+
+
+if __name__ == "__main__":  # the counts: every function-level import, those of the project's own modules
+    late = _late_imports()
+    for label, rows in (("all", late), ("project modules", [r for r in late if r[2]])):
+        print(f"{label}: {len(rows)} function-level imports, {sum(r[3] for r in rows)} with a reason")
+    if "-v" in sys.argv:
+        print("\n".join(f"{f}:{line}" + (" (own)" if own else "") for f, line, own, reason in late if not reason))

@@ -18,7 +18,7 @@ from reports import cli as report_cli
 
 def _matrix_claims(path: Path) -> tuple:
     """The claims of a matrix file, validated with the whole matrix (``harness.matrix``)."""
-    from harness.matrix import load_matrix
+    from harness.matrix import load_matrix  # lazy: the matrix brings pandas and scipy, start-up does not
 
     return load_matrix(path).claims
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, RunConfig, TeacherConfig, load_config
 from .rundir import CONFIG_FILE, META_FILE, RESTART_FLAG, best_weights, latest_checkpoint
 from .yamlio import INT_MAX, InputError, dir_problem, reading_input
 
@@ -67,7 +68,6 @@ def _load(args: argparse.Namespace) -> Config:
         problems = _argument_problems(args)
         path = args.config
         if path is None and args.command in ("fit", "teacher", "plan") and _is_rank_zero():
-            from .config import RunConfig, TeacherConfig
             print(f"twinflow-train {args.command}: no --config: using the built-in defaults of "
                   f"twinflow_train/config.py (digits; run.steps {RunConfig().steps}, teacher.steps "
                   f"{TeacherConfig().steps}); configs/digits.yaml is the tuned digits setup the README uses",
@@ -85,6 +85,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before the heavy imports: bad input fails at once
+    # lazy: the teacher brings torch; bad input fails before it loads
     from .assets.teacher import base_weights_in_model, prepare
     path = prepare(cfg, progress=not args.no_progress, workers=args.workers)
     if base_weights_in_model(cfg):
@@ -95,12 +96,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def _is_rank_zero() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    # lazy: start-up loads no run module; each command loads its own
     from .run.summary import fit_summary, run_is_complete
     forking = bool(args.fork_at) or args.fork_from is not None  # the trainer checks and handles those itself
     if not forking and run_is_complete(cfg, args.run_dir):
@@ -108,8 +109,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if _is_rank_zero():
             print(fit_summary(args.run_dir, steps=cfg.run.steps, already_complete=True), flush=True)
         return 0
-    from .run.fork import ForkRequest
-    from .run.trainer import fit
+    from .run.fork import ForkRequest  # lazy: start-up loads no run module; each command loads its own
+    from .run.trainer import fit  # lazy: the trainer brings torch
     fork = ForkRequest(parent=args.fork_from, step=args.fork_step) if args.fork_from is not None else None
     rc = fit(cfg, args.run_dir, progress=not args.no_progress, restart_on_corrupt=args.restart_on_corrupt,
              fork_at=args.fork_at or (), fork=fork)
@@ -120,7 +121,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .run.inference import sample_count, sample_run
+    from .run.inference import sample_count, sample_run  # lazy: inference brings torch
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1 (got {args.n})")
     if args.n is None and args.teacher:
@@ -137,7 +138,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .run.inference import eval_run
+    from .run.inference import eval_run  # lazy: inference brings torch
     result = eval_run(cfg, args.run_dir, which=args.which)
     print(json.dumps(result, indent=1))
     return 0
@@ -145,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .run.plan import plan_from_args
+    from .run.plan import plan_from_args  # lazy: the memory plan brings torch
     try:
         plan = plan_from_args(cfg, args)
     except ValueError as e:  # ConfigError included: a value the plan cannot use
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("plan", help="per-rank GPU memory of a Qwen-Image run (meta tensors; no weights, no GPU)")
     _common(p, run_dir=False)
-    from .run.plan import add_plan_arguments
+    from .run.plan import add_plan_arguments  # lazy: the memory plan brings torch
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("encode", help="pre-encode images + captions into latent shards (scale path)",
@@ -208,7 +209,7 @@ def export_main(argv: list[str]) -> int:
     [--tt-mode few|mul] [key=value ...]``; returns the exit code (0 done, 2 bad input).
 
     The family's own ``ModelFamily.export`` does the work (``export.export_qwen_image_run`` for Qwen-Image)."""
-    from .models.registry import FAMILIES, model_family
+    from .models.registry import FAMILIES, model_family  # lazy: the models bring torch
 
     p = argparse.ArgumentParser(prog="twinflow-train export", description="run weights -> diffusers directory")
     p.add_argument("--config", type=Path, default=None)
@@ -243,7 +244,7 @@ def export_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["encode"]:
-        from .data.encode import encode_main
+        from .data.encode import encode_main  # lazy: encoding brings torch
         return encode_main(argv[1:])
     if argv[:1] == ["export"]:
         return export_main(argv[1:])

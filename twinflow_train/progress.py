@@ -32,7 +32,7 @@ def progress_range(n: int, *, desc: str, progress: bool | None = None, start: in
         raise ValueError(f"n must be >= 0 (got {n})")
     out = stream if stream is not None else sys.stderr
     if progress is not False and _is_terminal(out):
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: tqdm, only when a bar is shown on a terminal
 
         yield from tqdm(range(start, start + n), desc=desc, file=out, mininterval=1.0)
         return

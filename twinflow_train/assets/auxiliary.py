@@ -35,9 +35,11 @@ from torch.nn import functional as F
 
 from ..config import Config, config_hash, to_dict
 from ..data.digits import NUM_CLASSES, DigitsSplit, load_digits_split
+from ..distributed.safeload import load_data
 from ..models.base import Cond
 from ..models.codecs import (Codec, DigitsAutoencoder, IdentityCodec, fit_autoencoder, reconstruction_mse,
                              single_thread)
+from ..progress import progress_range
 from ..rundir import atomic_path, file_digest
 
 CacheKind = Literal["codec", "reward", "evalnet", "teacher", "proxy", "teachermetrics"]
@@ -210,7 +212,6 @@ def train_or_load(path: str | Path, *, build: Callable[[], nn.Module],
 
     path = train_or_load_file(path, make, key=key)
     module = build()
-    from ..distributed.safeload import load_data
     module.load_state_dict(load_data(path))  # data only: a cache entry that would run code is refused
     return module
 
@@ -341,8 +342,6 @@ def _fit_minibatches(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]) -> None:
     """The auxiliaries' training loop: random mini-batches from one seeded generator, AdamW, cosine decay to 2%
     of ``lr``, one thread. ``batch_loss(x, y, gen)`` augments the batch with ``gen`` and returns the loss."""
-    from ..progress import progress_range
-
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.02)

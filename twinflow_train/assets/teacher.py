@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -15,9 +16,13 @@ import torch
 
 from ..config import Config, to_dict
 from ..data.batches import step_generator
-from ..progress import progress_range
 from ..models.base import FlowModel
+from ..models.codecs import single_thread
 from ..models.registry import base_weights_in_model, build_model, model_family
+from ..progress import progress_range
+from .auxiliary import (WEIGHTS, cache_entry, eval_key, get_eval_net, get_proxy_net, get_reward_classifier, is_complete,
+                        proxy_key, reward_key, train_or_load_file)
+from .latents import train_latents
 
 _NULL_DROP, _TIMES, _NOISE = 1, 2, 3
 
@@ -35,7 +40,6 @@ def teacher_key(cfg: Config) -> dict:
 def teacher_path(cfg: Config) -> Path:
     """Where the teacher weights are: the cache entry for ``auto``, else the configured path."""
     if cfg.teacher.checkpoint == "auto":
-        from .auxiliary import WEIGHTS, cache_entry
         return cache_entry(cfg, kind="teacher", key=teacher_key(cfg)) / WEIGHTS
     return Path(cfg.teacher.checkpoint)
 
@@ -87,10 +91,6 @@ def train_teacher_model(cfg: Config, model: FlowModel, latents: torch.Tensor, la
 def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
     """Train (once, process-safe) and cache the teacher for ``cfg``; returns the weights path (the transformer
     directory, or None for a random-init architecture, where the model builder makes the base itself)."""
-    from ..models.codecs import single_thread
-    from .auxiliary import train_or_load_file
-    from .latents import train_latents
-
     if base_weights_in_model(cfg):
         # the base model is the model's own pretrained weights: nothing to train or cache
         return model_family(cfg).check_weights(cfg)
@@ -119,8 +119,6 @@ def get_teacher(cfg: Config, *, progress: bool = True) -> Path | None:
 
 def _build_classifiers(cfg: Config) -> None:
     """Child process of ``prepare``: the reward classifier, the evaluation network and the proxy reward (cached)."""
-    from .auxiliary import get_eval_net, get_proxy_net, get_reward_classifier
-
     torch.set_num_threads(1)
     get_reward_classifier(cfg)
     get_eval_net(cfg)
@@ -136,8 +134,6 @@ def prepare(cfg: Config, *, progress: bool = True, workers: int = 2) -> Path:
     which is the longest chain. The cache's per-entry locks make the two processes safe
     together (a build asked for twice runs once).
     """
-    from .auxiliary import cache_entry, eval_key, proxy_key, reward_key, WEIGHTS, is_complete
-
     if workers < 1:
         raise ValueError(f"workers must be >= 1 (got {workers})")
     child = None
@@ -145,7 +141,6 @@ def prepare(cfg: Config, *, progress: bool = True, workers: int = 2) -> Path:
         needed = [cache_entry(cfg, kind=k, key=key(cfg)) / WEIGHTS
                   for k, key in (("reward", reward_key), ("evalnet", eval_key), ("proxy", proxy_key))]
         if not all(is_complete(p) for p in needed):
-            import multiprocessing
             child = multiprocessing.get_context("spawn").Process(target=_build_classifiers, args=(cfg,),
                                                                  name="twinflow-classifiers")
             child.start()

@@ -41,7 +41,7 @@ class DigitsSplit:
 
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn (~1 s to import), only where the digits are read
 
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float64)  # [1797, 8, 8], 0..16

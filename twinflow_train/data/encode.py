@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..rundir import atomic_dir
 
@@ -86,8 +88,6 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 def fit_to_bucket(image, bucket: tuple[int, int]) -> torch.Tensor:
     """Resize to cover the bucket, centre-crop, -> [3, H, W] in [-1, 1]."""
-    from PIL import Image
-
     bh, bw = bucket
     image = image.convert("RGB")
     w, h = image.size
@@ -101,8 +101,6 @@ def fit_to_bucket(image, bucket: tuple[int, int]) -> torch.Tensor:
 
 
 def iter_folder(root: Path) -> tuple[int, Iterator[Item]]:
-    from PIL import Image
-
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise EncodeError(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
@@ -121,8 +119,7 @@ def iter_folder(root: Path) -> tuple[int, Iterator[Item]]:
 
 
 def iter_parquet(path: Path, *, image_column: str, caption_column: str) -> tuple[int, Iterator[Item]]:
-    import pyarrow.parquet as pq
-    from PIL import Image
+    import pyarrow.parquet as pq  # lazy: pyarrow, only for a parquet input
 
     if not path.is_file():
         raise EncodeError(f"--parquet: {path} does not exist")
@@ -164,7 +161,7 @@ def iter_parquet(path: Path, *, image_column: str, caption_column: str) -> tuple
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save  # lazy: optional dependency safetensors (the qwen extra)
 
     path.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
 
@@ -217,6 +214,7 @@ class BucketWriter:
 
 def load_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype):
     """The pipeline's VAE, tokenizer and text encoder (never its transformer)."""
+    # lazy: optional dependency diffusers (the qwen extra)
     from diffusers import DiffusionPipeline
 
     from ..models.qwen_vae import dtype_kwarg
@@ -246,9 +244,7 @@ def encode_dataset(*, pipeline: Path, items: Iterator[Item], total: int, out: Pa
                    batch_size: int, shard_rows: int, device: torch.device, dtype: torch.dtype,
                    latent_dtype: torch.dtype, embed_dtype: torch.dtype, max_sequence_length: int,
                    source: str, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
-
-    from ..models.qwen_vae import QwenVAECodec
+    from ..models.qwen_vae import QwenVAECodec  # lazy: optional dependency diffusers (the qwen extra)
 
     if out.exists():
         raise EncodeError(f"--out: {out} already exists; choose a new directory (nothing is overwritten)")

@@ -50,7 +50,7 @@ def _manifest(root: str | Path) -> dict:
 
 def read_null_prompt(root: str | Path) -> torch.Tensor:
     """The empty prompt's [L0, D] embedding stored with the shards."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: optional dependency safetensors (the qwen extra)
 
     m = _manifest(root)
     return load_file(str(Path(root) / m["null_prompt"]))["prompt_embeds"].float()
@@ -133,7 +133,7 @@ class LatentShardData:
     # ---- reading rows
 
     def _handle(self, path: Path):
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: optional dependency safetensors (the qwen extra)
 
         h = self._handles.get(path)
         if h is None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..config import ParallelConfig, RunConfig
 from .hostmem import retain_freed_heap
@@ -140,7 +140,6 @@ def shard_blocks_then_root(model: nn.Module, blocks: list[nn.Module], mesh: Devi
 
 def reshard_all(module: nn.Module) -> None:
     """Return every FSDP2 unit of ``module`` to its sharded state (no communication; a no-op for sharded units)."""
-    from torch.distributed.fsdp import FSDPModule
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()

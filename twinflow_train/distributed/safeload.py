@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 
 DCP_METADATA = ".metadata"
 
@@ -106,7 +106,6 @@ class SafeFileSystemReader(FileSystemReader):
         path = Path(self._get_metadata_path(rank))
         metadata = read_dcp_metadata(path)
         if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -116,7 +115,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner with the non-tensor values read as data (``weights_only=True``)."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._traverse import set_element as _set  # what DefaultLoadPlanner uses
+        # lazy: a private torch module (what DefaultLoadPlanner uses): a torch that moves it fails here, not at import
+        from torch.distributed.checkpoint._traverse import set_element as _set
 
         data = load_data_bytes(value, where=f"DCP value {read_item.dest_index.fqn}")
         if self.flatten_state_dict:

@@ -28,7 +28,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..assets.auxiliary import (WEIGHTS, CacheCorruptError, cache_entry, codec_key, entry_record, eval_key, is_complete,
+                               proxy_key, reward_key, train_or_load_file)
 from ..config import Config, to_dict
+from ..rundir import file_digest
 
 METRICS_FILE = "metrics.json"
 
@@ -45,16 +48,11 @@ def source_hash() -> str:
 
 def _weights_digest(path: Path, *, cached: bool) -> str:
     """sha256 of a weights file: from its verified cache record, or read from the file itself."""
-    from ..assets.auxiliary import entry_record
-    from ..rundir import file_digest
-
     return entry_record(path)["sha256"] if cached else file_digest(path)
 
 
 def scorer_digests(cfg: Config) -> dict[str, str]:
     """sha256 of each cached network the digits scorer and decoder use (codec, reward, evaluation net, proxy)."""
-    from ..assets.auxiliary import WEIGHTS, cache_entry, codec_key, eval_key, proxy_key, reward_key
-
     kinds = [("reward", reward_key), ("evalnet", eval_key), ("proxy", proxy_key)]
     if cfg.codec.kind == "autoencoder":
         kinds.append(("codec", codec_key))
@@ -84,7 +82,6 @@ def teacher_metrics_key(cfg: Config, *, teacher_weights: Path, world: int, fsdp:
 
 
 def teacher_metrics_path(cfg: Config, key: dict[str, Any]) -> Path:
-    from ..assets.auxiliary import cache_entry
 
     return cache_entry(cfg, kind="teachermetrics", key=key) / METRICS_FILE
 
@@ -109,7 +106,6 @@ def cached_teacher_metrics(cfg: Config, compute: Callable[[], dict[str, float]],
         return compute()  # base weights read from a model directory: no file to key the values by
     key = teacher_metrics_key(cfg, teacher_weights=teacher_weights, world=world, fsdp=fsdp, device=device)
     path = teacher_metrics_path(cfg, key)
-    from ..assets.auxiliary import CacheCorruptError, is_complete, train_or_load_file
 
     def store(values: dict[str, float]) -> Callable[[Path], dict[str, Any]]:
         def make(tmp: Path) -> dict[str, Any]:

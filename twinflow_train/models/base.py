@@ -41,6 +41,7 @@ class FlowModel(nn.Module, ABC):
     def enable_activation_checkpointing(self) -> None:
         """Recompute each block's activations in backward: non-reentrant wrappers around ``shard_blocks``
         (a family whose forward calls its blocks in its own way overrides this)."""
+        # lazy: a private torch module, loaded only where a model checkpoints its activations
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
         block_ids = {id(b) for b in self.shard_blocks()}
         apply_activation_checkpointing(self, check_fn=lambda m: id(m) in block_ids)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..progress import progress_range
+
 
 class Codec(nn.Module):
     """Pixels ``[B, C, H, W]`` in [-1, 1] <-> latents ``[B, *latent_shape]``."""
@@ -146,8 +148,6 @@ def fit_autoencoder(model: DigitsAutoencoder, images: torch.Tensor, *, steps: in
     scale from drifting (the noise would otherwise be escaped by inflating it).
     Returns the per-step reconstruction losses.
     """
-    from ..progress import progress_range
-
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.02)

@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from diffusers import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks the base class up in this module)
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope, QwenImageTransformer2DModel
+from safetensors import safe_open
 
 from ..distributed.parallel import shard_blocks_then_root
 from .base import Cond, FlowModel
@@ -221,7 +223,7 @@ def build_qwen_image(cfg: Config, *, latent_shape: tuple[int, int, int],
         raise ValueError(f"latent_shape {tuple(latent_shape)} has {latent_shape[0]} channels but the transformer "
                          f"takes {arch.get('in_channels', 64)} packed channels (= 4 x latent channels)")
     if null_prompt_embeds is None and cfg.data.dataset == "latent_shards" and cfg.data.shards is not None:
-        from ..data.shards import read_null_prompt
+        from ..data.shards import read_null_prompt  # lazy: layer: data sits above models (LATE_BINDING)
         null_prompt_embeds = read_null_prompt(cfg.data.shards)
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -238,8 +240,6 @@ def build_qwen_image(cfg: Config, *, latent_shape: tuple[int, int, int],
 
 
 def _safetensors_index(directory: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")
@@ -254,6 +254,7 @@ def _safetensors_index(directory: Path) -> dict[str, Path]:
 def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """The local tensor of ``param`` and the index of the global tensor it holds."""
     if isinstance(param, DTensor):
+        # lazy: a private torch module, loaded only for a sharded parameter
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
@@ -305,8 +306,6 @@ def load_transformer_weights(transformer: TwinFlowQwenImageTransformer2DModel, p
     skipped; the TwinFlow-only parameters (target-time and sign embeddings) may be absent from a stock
     checkpoint.
     """
-    from safetensors import safe_open
-
     directory = _transformer_dir(path)
     index = _safetensors_index(directory)
     optional = ("target_time_embed.", "sign_embed")
@@ -421,8 +420,6 @@ def compile_blocks(model: QwenImageFlowModel, **compile_kwargs: Any) -> QwenImag
 
 
 def _reshard_last_block(model: QwenImageFlowModel) -> None:
-    from torch.distributed.fsdp import FSDPModule
-
     last = model.transformer.transformer_blocks[-1]
     if isinstance(last, FSDPModule):
         last.reshard()

@@ -15,18 +15,20 @@ bf16 copy of the decoder (an approximation, ``rl.decoder_dtype``).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffusers import AutoencoderKLQwenImage
+from diffusers.pipelines import pipeline_utils
+
+from .qwen_decode import decode_single_frame
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
     """``from_pretrained`` dtype keyword: ``dtype`` where diffusers accepts it (it deprecates ``torch_dtype``)."""
-    from diffusers.pipelines import pipeline_utils
-
     return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
@@ -105,8 +107,6 @@ class QwenVAECodec(nn.Module):
         ``torch.utils.checkpoint``. ``dtype`` float32 is exactly ``decode``'s function and gradient for an fp32
         VAE; bfloat16 runs a bf16 copy of ``post_quant_conv`` and the decoder (made once per device; an
         approximation of the fp32 gradient). fp32 pixels out."""
-        from .qwen_decode import decode_single_frame
-
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be [B, {self.latent_channels}, h, w] (got {tuple(latents.shape)})")
         if dtype not in (torch.float32, torch.bfloat16):
@@ -118,8 +118,6 @@ class QwenVAECodec(nn.Module):
         return decode_single_frame(vae, z.to(dtype).unsqueeze(2))[:, :, 0].float()
 
     def _decoder_copy(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        import copy
-
         key = (dtype, device)
         cache = self.__dict__.setdefault("_decoder_copies", {})  # not a submodule: no state_dict entries
         if key not in cache:

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..config import Config, ConfigError, ParallelConfig
 from ..distributed.parallel import place_plain, shard_blocks_then_root, use_fsdp
 from .base import FlowModel
+from .mlp import MLPFlowModel
 
 
 class Copies(NamedTuple):
@@ -74,8 +75,6 @@ class ModelFamily:
 
 
 def _build_mlp(cfg: Config, *, latent_shape: tuple[int, int, int], num_classes: int | None) -> FlowModel:
-    from .mlp import MLPFlowModel
-
     if num_classes is None:
         raise ValueError("model.family 'mlp' needs the number of prompt classes")
     return MLPFlowModel(shape=latent_shape, num_classes=num_classes, hidden=cfg.model.hidden, depth=cfg.model.depth,
@@ -123,13 +122,13 @@ def check_qwen_model_dir(cfg: Config) -> Path | None:
 
 
 def _build_qwen(cfg: Config, *, latent_shape: tuple[int, int, int], num_classes: int | None) -> FlowModel:
-    from .qwen_image import build_qwen_image
+    from .qwen_image import build_qwen_image  # lazy: optional dependency diffusers (the qwen extra)
 
     return build_qwen_image(cfg, latent_shape=latent_shape)
 
 
 def _parallelize_qwen(model: FlowModel, mesh: DeviceMesh, par: ParallelConfig, *, frozen: bool) -> nn.Module:
-    from .qwen_image import parallelize_qwen_image
+    from .qwen_image import parallelize_qwen_image  # lazy: optional dependency diffusers (the qwen extra)
 
     return parallelize_qwen_image(model, mesh, par, frozen=frozen)  # type: ignore[arg-type]
 
@@ -138,14 +137,14 @@ def _qwen_sharded_copies(cfg: Config, *, mesh: DeviceMesh, device: torch.device,
                          with_ema: bool) -> Copies | None:
     if cfg.model.qwen.pretrained is None:
         return None  # a random-init architecture has nothing to read; the host path builds it
-    from .qwen_image import build_sharded_copies
+    from .qwen_image import build_sharded_copies  # lazy: optional dependency diffusers (the qwen extra)
 
     c = build_sharded_copies(cfg, mesh=mesh, device=device, latent_shape=latent_shape, with_ema=with_ema)
     return Copies(student=c.student, teacher=c.teacher, ema=c.ema)
 
 
 def _export_qwen(cfg: Config, **kwargs: Any) -> Path | None:
-    from ..run.export import export_qwen_image_run
+    from ..run.export import export_qwen_image_run  # lazy: layer: run sits above models (LATE_BINDING)
 
     return export_qwen_image_run(cfg, **kwargs)
 

@@ -48,7 +48,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..assets.auxiliary import DigitsProxyReward, DigitsReward, get_proxy_net, get_reward_classifier
 from ..config import Config, ConfigError
+from ..distributed.safeload import load_data
 from ..models.base import Cond
 
 __all__ = [
@@ -83,6 +85,7 @@ def _import_open_clip() -> Any:
     rather than ImportError on import, so both mean "the extra is not usable here".
     """
     try:
+        # lazy: optional dependency open_clip (the hpsv2 extra), named when missing
         import torchvision  # noqa: F401  (open_clip imports it; a broken build fails here, named)
         import open_clip
     except (ImportError, RuntimeError) as e:
@@ -146,12 +149,8 @@ def build_reward(cfg: Config, *, device: torch.device | str = "cpu") -> RewardMo
     """The reward model ``cfg.rl.reward`` names, frozen, in eval mode, on ``device``."""
     kind = cfg.rl.reward
     if kind == "digits":
-        from ..assets.auxiliary import DigitsReward, get_reward_classifier
-
         reward: nn.Module = DigitsReward(get_reward_classifier(cfg))
     elif kind == "proxy":
-        from ..assets.auxiliary import DigitsProxyReward, get_proxy_net
-
         reward = DigitsProxyReward(get_proxy_net(cfg))
     elif kind == "hpsv2":
         check_reward_config(cfg)
@@ -220,7 +219,8 @@ class HPSv2Reward(nn.Module):
 
     def __init__(self, clip_model: nn.Module, *, arch: str):
         super().__init__()
-        from open_clip import get_model_preprocess_cfg  # the extra is present if a model was built
+        # lazy: optional dependency open_clip (the hpsv2 extra; present if a model was built)
+        from open_clip import get_model_preprocess_cfg
 
         self.model = clip_model
         self.arch = arch
@@ -284,7 +284,6 @@ def load_hpsv2(*, arch: str, checkpoint: str | Path) -> HPSv2Reward:
     arch = _open_clip_arch(open_clip, arch)
     model = open_clip.create_model(arch, pretrained=None, precision="fp32", device="cpu")
     try:
-        from ..distributed.safeload import load_data
         obj = load_data(path)  # NotDataError (an UnpicklingError) for a file that would run code
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
         raise ConfigError(f"rl.hpsv2_checkpoint: cannot read {str(path)!r}: {type(e).__name__}: {e}") from e

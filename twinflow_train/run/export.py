@@ -29,6 +29,7 @@ exported sampler's target time (``zero`` for tt_mode ``few``, ``same`` for ``mul
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -36,10 +37,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ..config import SamplerConfig
-from ..rundir import atomic_dir
+from ..data.shards import reference_latent_shape
+from ..distributed import checkpoint as ckpt
+from ..rundir import atomic_dir, best_weights, checkpoint_step, latest_checkpoint
 
 ExportMode = Literal["few", "mul"]
 
@@ -56,9 +61,6 @@ def _ship_module(module, folder: Path, name: str) -> None:
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Full CPU state dict on rank 0 (None elsewhere); a collective under FSDP."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -82,6 +84,7 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
     ``tt_mode`` defaults to ``sampler.tt_mode``; ``any`` cannot be exported for a stock pipeline
     (it needs a per-step target time the pipeline does not pass) and is an error.
     """
+    # lazy: optional dependency diffusers (the qwen extra)
     from ..method import scheduler as scheduler_module
     from ..method.scheduler import TwinFlowUCGMScheduler
     from ..models import qwen_transformer as transformer_module
@@ -141,10 +144,7 @@ def export_diffusers(model: nn.Module, out: str | Path, *, sampler: SamplerConfi
 
 def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema"]) -> nn.Module:
     """Build the adapter for ``cfg`` on this host and load a run's weights into it (one process)."""
-    from ..data.shards import reference_latent_shape
-    from ..distributed import checkpoint as ckpt
-    from ..models.qwen_image import build_qwen_image
-    from ..rundir import best_weights, checkpoint_step, latest_checkpoint
+    from ..models.qwen_image import build_qwen_image  # lazy: optional dependency diffusers (the qwen extra)
 
     if cfg.data.dataset != "latent_shards":
         raise ValueError("export needs data.dataset 'latent_shards' (the null prompt and latent shape come from it)")
@@ -162,7 +162,6 @@ def load_run_weights(cfg, run_dir: Path, *, which: Literal["final", "best", "ema
         if which == "final":
             ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
         else:
-            import copy
             ema = copy.deepcopy(model)
             ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={"target": ema})
             model = ema

@@ -169,7 +169,7 @@ def fork_problem(cfg: Config, run_dir: Path, fork: ForkRequest, *, world: int) -
     where = f"{parent.name}/{rundir.CHECKPOINTS_DIR}/{source.name}"
     why = rundir.verify_checkpoint(source)
     if why is None:
-        from ..distributed.safeload import data_problem  # torch: only where a fork is really read
+        from ..distributed.safeload import data_problem  # lazy: torch; the harness plans forks without it
         why = data_problem(source)  # a parent's checkpoint that is not plain data is never loaded
     if why is not None:
         return f"{where}: {why}"

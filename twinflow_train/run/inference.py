@@ -13,8 +13,11 @@ student and the teacher at the same N and seed, so the two files pair row by row
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+import torch
 
 from ..config import Config
 from ..data.batches import step_generator
@@ -22,15 +25,14 @@ from ..data.imaging import save_samples
 from ..distributed import checkpoint as ckpt
 from ..distributed.parallel import init_distributed, shutdown
 from ..evaluation.evaluate import Evaluator
+from ..models.registry import parallelize, place_frozen
 from ..rundir import (atomic_write_text, best_weights, checkpoint_step, eval_result, latest_checkpoint, sample_stem,
                       samples_dir)
 from .setup import build_setup
+from .trainer import build_base, preflight_teacher
 
 
 def _student(cfg: Config, run_dir: Path, which: str):
-    from ..models.registry import parallelize
-    from .trainer import build_base, preflight_teacher
-
     tpath = preflight_teacher(cfg)
     d = init_distributed(cfg.run, cfg.parallel)
     setup = build_setup(cfg, device=d.device)
@@ -46,7 +48,6 @@ def _student(cfg: Config, run_dir: Path, which: str):
         if checkpoint_step(latest) is None:
             raise FileNotFoundError(f"{latest} holds no checkpoint")
         if cfg.eval.ema_decay > 0:  # the evaluation EMA is what the run validated and sampled
-            import copy
             ckpt.load_checkpoint(latest, model=copy.deepcopy(model), optimizer=None, extra_modules={"eval_ema": model})
         else:
             ckpt.load_checkpoint(latest, model=model, optimizer=None, extra_modules={})
@@ -82,16 +83,12 @@ PNG_PER_CLASS = 100
 
 def count_prompts(n: int, num_classes: int) -> "torch.Tensor":
     """``n`` class labels balanced over the classes and sorted (one class per PNG row when n divides evenly)."""
-    import torch
-
     if n < 1:
         raise ValueError(f"--n must be >= 1 (got {n})")
     return torch.sort(torch.arange(n) % num_classes, stable=True).values
 
 
 def _count_inputs(cfg: Config, setup, n: int, device):
-    import torch
-
     if setup.num_classes is None:
         raise ValueError("--n needs class prompts (the digits data); this data has no class list")
     labels = count_prompts(n, setup.num_classes)
@@ -101,8 +98,6 @@ def _count_inputs(cfg: Config, setup, n: int, device):
 
 def _png_rows(labels: "torch.Tensor") -> "torch.Tensor":
     """Indices of the samples the PNG shows: all, or the first PNG_PER_CLASS of each class."""
-    import torch
-
     keep = [torch.nonzero(labels == c).flatten()[:PNG_PER_CLASS] for c in torch.unique(labels)]
     return torch.cat(keep)
 
@@ -113,9 +108,6 @@ def _save_count(stem: Path, images, labels) -> Path:
 
 
 def _teacher(cfg: Config):
-    from ..models.registry import place_frozen
-    from .trainer import build_base, preflight_teacher
-
     tpath = preflight_teacher(cfg)
     d = init_distributed(cfg.run, cfg.parallel)
     setup = build_setup(cfg, device=d.device)

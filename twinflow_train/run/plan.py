@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..models.qwen_decode import decoder_segments
 
 GIB = 2**30
 Arch = Literal["config", "qwen-image"]
@@ -237,7 +238,7 @@ def saved_activation_bytes(module: nn.Module, run: Any) -> int:
 
 
 def _architecture(cfg: Config, arch: Arch) -> dict[str, Any]:
-    from ..models.qwen_image import transformer_config
+    from ..models.qwen_image import transformer_config  # lazy: optional dependency diffusers (the qwen extra)
 
     if arch == "qwen-image":
         out: dict[str, Any] = {}  # the class defaults are Qwen-Image's published configuration
@@ -254,6 +255,7 @@ def _architecture(cfg: Config, arch: Arch) -> dict[str, Any]:
 
 def meta_transformer(cfg: Config, *, arch: Arch = "config", dtype: torch.dtype = torch.float32):
     """The run's ``QwenImageFlowModel`` on the meta device (structure and shapes only)."""
+    # lazy: optional dependency diffusers (the qwen extra)
     from ..models.qwen_image import QwenImageFlowModel, TwinFlowQwenImageTransformer2DModel
 
     with torch.device("meta"):
@@ -295,7 +297,7 @@ def _transformer_activations(model, *, rows: int, image: tuple[int, int], text_t
     img_tokens = (h // 2) * (w // 2)
 
     def one_block():
-        from ..models.qwen_image import QwenEmbedRope
+        from ..models.qwen_image import QwenEmbedRope  # lazy: optional dependency diffusers (the qwen extra)
         rope = QwenEmbedRope(theta=10000, axes_dim=list(tf.config.axes_dims_rope), scale_rope=True)
         freqs = rope([[(1, h // 2, w // 2)]] * rows, max_txt_seq_len=text_tokens, device="cpu")
         freqs = tuple(f.to("meta") for f in freqs)
@@ -351,12 +353,12 @@ def vit_activation_bytes(*, rows: int, image_size: int, patch_size: int, vision_
 def _vae(cfg: Config):
     """The run's VAE on the meta device, frozen as the trainer freezes the codec (a trainable one would also
     save the norm outputs that only its weight gradients need)."""
-    from diffusers import AutoencoderKLQwenImage
+    from diffusers import AutoencoderKLQwenImage  # lazy: optional dependency diffusers (the qwen extra)
 
     path = cfg.codec.path
     with torch.device("meta"):
         if path is not None and Path(path).is_dir():
-            from ..models.qwen_vae import vae_dir
+            from ..models.qwen_vae import vae_dir  # lazy: optional dependency diffusers (the qwen extra)
             config = AutoencoderKLQwenImage.load_config(str(vae_dir(path)))
             vae = AutoencoderKLQwenImage.from_config(config)
         else:
@@ -390,8 +392,6 @@ def decode_peak_bytes(vae: nn.Module, z: torch.Tensor, *, decoder: Decoder) -> d
     ``kept_at_peak`` (checkpointed: the inputs still kept while the binding segment is back-propagated),
     ``cache`` (plain: the ``feat_cache`` clones), ``segment`` (checkpointed: the binding segment's
     recomputed saved tensors and its gradient buffers), ``output`` and ``peak``. Meta tensors work (nothing is allocated)."""
-    from ..models.qwen_decode import decode_single_frame, decoder_segments
-
     if decoder == "plain":
         zz = z.detach().requires_grad_(True)
         box: dict[str, torch.Tensor] = {}
@@ -428,6 +428,7 @@ def _rl_items(cfg: Config, *, micro: int, image: tuple[int, int], decoder: Decod
     if cfg.rl.hpsv2_arch != "ViT-H-14":
         raise ConfigError(f"rl.hpsv2_arch: the memory plan knows 'ViT-H-14' only (got {cfg.rl.hpsv2_arch!r})")
     vae = _vae(cfg)
+    # lazy: the method (~15 ms): '--help' imports this module for the plan's arguments
     from ..method.twinflow import group_sizes
 
     e2e_rows = micro if cfg.method.layout == "tutorial" else group_sizes(batch=micro, ratios=cfg.method.group_ratios)[0]
@@ -463,6 +464,7 @@ class LiveBytes:
     against real tensors on CPU: ``with LiveBytes() as live: ...; live.peak``."""
 
     def __init__(self) -> None:
+        # lazy: private torch modules, loaded only when live bytes are traced
         from torch.multiprocessing.reductions import StorageWeakRef
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
@@ -571,7 +573,7 @@ def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int
 
     # the frozen base read sharded from the model directory stores bf16 shards under bf16 compute
     # (models/qwen_image.py build_sharded_copies: bit-identical outputs); a host-built base stays fp32
-    from ..models.registry import model_family
+    from ..models.registry import model_family  # lazy: the registry loads FSDP (~1 s): '--help' imports this module
 
     family = model_family(cfg)
     bf16_base = (compute == torch.bfloat16 and family.base_weights_in_model(cfg)
@@ -612,6 +614,7 @@ def plan_memory(cfg: Config, *, world: int, gpu_mem_gib: float, image: tuple[int
         phase_names = PHASES
     warnings = []
     if cfg.method.layout == "partitioned":
+        # lazy: the method (~15 ms): '--help' imports this module for the plan's arguments
         from ..method.twinflow import GROUPS, group_sizes
 
         empty = [g for g, n, r in zip(GROUPS, group_sizes(batch=micro, ratios=cfg.method.group_ratios),

@@ -10,10 +10,14 @@ from functools import partial
 
 import torch
 
+from ..assets.auxiliary import (DigitsProxyReward, DigitsReward, get_eval_net, get_gold_score, get_proxy_net,
+                                get_reward_classifier)
 from ..assets.latents import digits_latents
 from ..config import Config
 from ..data.batches import Setup
+from ..data.digits import NUM_CLASSES, eval_prompts
 from ..data.shards import shard_data
+from ..evaluation.metrics import SampleScorer
 from ..models.base import Cond
 from ..rl.rewards import HPS_TOKENS_KEY, hpsv2_tokenize
 
@@ -27,11 +31,6 @@ def build_setup(cfg: Config, *, device: torch.device) -> Setup:
 
 
 def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
-    from ..assets.auxiliary import (DigitsProxyReward, DigitsReward, get_eval_net, get_gold_score, get_proxy_net,
-                                    get_reward_classifier)
-    from ..data.digits import NUM_CLASSES, eval_prompts
-    from ..evaluation.metrics import SampleScorer
-
     split, codec, data = digits_latents(cfg, device=device)
     reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
     proxy = DigitsProxyReward(get_proxy_net(cfg)).to(device).eval()
@@ -51,7 +50,7 @@ def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
 
 def _shard_setup(cfg: Config, *, device: torch.device) -> Setup:
     """The trainer's ``Setup`` for ``data.dataset: latent_shards`` (Qwen-Image VAE as the codec)."""
-    from ..models.qwen_vae import QwenVAECodec  # diffusers: the qwen extra
+    from ..models.qwen_vae import QwenVAECodec  # lazy: optional dependency diffusers (the qwen extra)
 
     if cfg.codec.kind != "qwen_vae":
         raise ValueError(f"codec.kind must be 'qwen_vae' for data.dataset 'latent_shards' (got {cfg.codec.kind!r})")

@@ -22,7 +22,7 @@ class WandbMirror:
     def __init__(self, *, mode: str, project: str, group: str | None, name: str | None, run_dir: Path,
                  config: Mapping[str, Any]):
         try:
-            import wandb
+            import wandb  # lazy: optional dependency wandb, named when missing
         except ImportError:
             raise RuntimeError("telemetry.wandb is set but the 'wandb' package is not installed "
                                "(pip install 'twinflow-lab[wandb]')") from None

@@ -24,16 +24,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config, config_hash, read_yaml, to_dict, to_yaml, from_dict, ConfigError
+from ..assets.auxiliary import CacheCorruptError, entry_record
+from ..assets.teacher import teacher_path
 from ..data.batches import Setup, step_generator
+from ..data.imaging import save_samples
 from ..distributed import checkpoint as ckpt
+from ..distributed import precast as bf16
 from ..distributed.safeload import load_data
 from ..distributed.parallel import (Dist, agree_bad_flag, barrier, forward_precision, init_distributed, mean_over_ranks,
                                     reshard_all, shutdown)
 from ..evaluation.evaluate import Evaluator
+from ..evaluation.teacher_cache import cached_teacher_metrics
 from ..method.ema import EmaPairs, ema_apply_, ema_decay, ema_pairs
-from ..method.twinflow import TwinFlow
+from ..method.twinflow import TwinFlow, check_rows_per_rank
 from ..models.base import FlowModel
 from ..models.registry import build_model, model_family, parallelize, place_frozen, uses_fsdp
+from ..rl.guidance import RewardGuidance
+from ..rl.rewards import build_reward, check_reward_config
 from .grads import TermGradients, clip_grads_
 from .divergence import GradNormRule
 from .lr_policy import LrPolicy
@@ -67,7 +74,6 @@ class Diverged(Exception):
 def preflight_teacher(cfg: Config) -> Path | None:
     """The base weights' file, checked; None where the model builder loads them itself (the family's
     ``base_weights_in_model``, e.g. a Qwen-Image model directory)."""
-    from ..assets.teacher import teacher_path
 
     family = model_family(cfg)
     family.check_weights(cfg)
@@ -84,7 +90,6 @@ def preflight_teacher(cfg: Config) -> Path | None:
                 else "the path does not exist")
         raise ConfigError(f"teacher.checkpoint: no teacher weights at {tpath} ({hint})")
     if cfg.teacher.checkpoint == "auto":
-        from ..assets.auxiliary import CacheCorruptError, entry_record
         try:
             entry_record(tpath)  # the checksum: a corrupt cached teacher is never loaded
         except (CacheCorruptError, FileNotFoundError) as e:
@@ -97,7 +102,6 @@ def preflight(cfg: Config, run_dir: Path) -> Path | None:
     """Everything that can be checked before a single file is written. Returns ``preflight_teacher``'s path."""
     tpath = preflight_teacher(cfg)
     if cfg.method.layout == "partitioned":
-        from ..method.twinflow import check_rows_per_rank
         # the launcher's world size (torchrun sets WORLD_SIZE); one process otherwise
         world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
         try:
@@ -106,7 +110,6 @@ def preflight(cfg: Config, run_dir: Path) -> Path | None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if cfg.rl.enabled:
-        from ..rl.rewards import check_reward_config
         check_reward_config(cfg)
     existing = config_file(run_dir)
     if existing.is_file():
@@ -293,16 +296,13 @@ def build_run(cfg: Config, d: Dist, teacher_weights: Path | None) -> Run:
     optimizer = build_optimizer(cfg, trainable)
     guidance = None
     if cfg.rl.enabled:
-        from ..rl.guidance import RewardGuidance
-        from ..rl.rewards import build_reward
         guidance = RewardGuidance(cfg.rl, codec=setup.codec, reward=build_reward(cfg, device=d.device))
     samplers = build_time_samplers(cfg.renoise)
     fsdp = uses_fsdp(cfg, world=d.world)
     precast = []
     if not fsdp and cfg.parallel.mixed_precision == "bf16" and cfg.method.target in ("ema", "frozen"):
-        from ..distributed.precast import Bf16Linears, fp32_linears
-        if fp32_linears(target):  # a base model already held in bf16 has nothing to cast
-            precast.append(Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
+        if bf16.fp32_linears(target):  # a base model already held in bf16 has nothing to cast
+            precast.append(bf16.Bf16Linears(target))  # the EMA target or the frozen base model: cast once per step
     return Run(cfg=cfg, dist=d, setup=setup, model=model, target=target, teacher=teacher, optimizer=optimizer,
                method=TwinFlow(cfg.method, time_samplers=samplers,
                                with_rect_grad=cfg.rl.enabled and cfg.rl.clip == "output"), time_samplers=samplers,
@@ -489,7 +489,6 @@ def validate(run: Run, step: int) -> dict[str, float]:
 
 
 def write_samples(run: Run, run_dir: Path, tag: str) -> None:
-    from ..data.imaging import save_samples
 
     labels = next(iter(run.setup.sample_cond.values())).cpu()
     for nfe in run.cfg.eval.nfe:
@@ -791,7 +790,6 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
 
 def _teacher_metrics(run: Run) -> dict[str, float]:
     """The teacher's step-0 metrics, from the asset cache where an earlier run with the same key computed them."""
-    from ..evaluation.teacher_cache import cached_teacher_metrics
 
     def compute() -> dict[str, float]:
         return run.evaluator.teacher_metrics(run.teacher)
@@ -824,7 +822,6 @@ def _agree_budget_spent(run: Run) -> bool:
 
 def _finish(run: Run, run_dir: Path) -> None:
     """Sample files: final weights, best weights, and the teacher, on the same noise and prompts."""
-    from ..data.imaging import save_samples
 
     run.eval_model.eval()
     write_samples(run, run_dir, "final")
