@@ -511,6 +511,9 @@ class EvalConfig:
     """Seed of the fixed validation noise, times and prompts."""
     teacher: bool = True
     """Also record the teacher's metrics at its full step count (once per run)."""
+    reference: Literal["train", "held_out"] = "train"
+    """Real digits the FD and KID compare with: the training split (1,618 digits, the distribution the teacher and
+    student learn) or the held-out split (179; its FD floor of ~40 hides a 1-NFE gap, docs/method.md 7.1)."""
     ema_decay: float = 0.0
     """Evaluation EMA of the student: when > 0, a second, slower EMA (same warm-up as ``method.ema_decay``)
     is what validation, the best/final sample files and ``twinflow-train sample/eval`` judge; 0: the raw student."""

@@ -86,7 +86,7 @@ def kernel_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) 
 
 
 class SampleScorer:
-    """Scores generated images against a fixed reference set (the held-out split).
+    """Scores generated images against a fixed reference set of real digits (``eval.reference``).
 
     Reference features are computed once at construction. ``score`` is
     deterministic: the networks are run in eval mode without randomness.

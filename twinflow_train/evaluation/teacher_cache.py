@@ -72,7 +72,7 @@ def teacher_metrics_key(cfg: Config, *, teacher_weights: Path, world: int, fsdp:
         "scorer": scorer_digests(cfg),
         "model": model,
         "teacher": {"sample_steps": cfg.teacher.sample_steps, "cfg_scale": cfg.teacher_cfg_scale},
-        "eval": {"seed": cfg.eval.seed, "n_samples": cfg.eval.n_samples},
+        "eval": {"seed": cfg.eval.seed, "n_samples": cfg.eval.n_samples, "reference": cfg.eval.reference},
         "data": {"dataset": cfg.data.dataset, "val_fraction": cfg.data.val_fraction,
                  "split_seed": cfg.data.split_seed},
         "parallel": to_dict(cfg.parallel) | {"world": world, "fsdp": fsdp},

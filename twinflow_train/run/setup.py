@@ -30,6 +30,15 @@ def build_setup(cfg: Config, *, device: torch.device) -> Setup:
     raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}")
 
 
+def reference_images(cfg: Config, split) -> torch.Tensor:
+    """The real digits FD and KID compare with (``eval.reference``)."""
+    if cfg.eval.reference == "train":
+        return split.train_images
+    if cfg.eval.reference == "held_out":
+        return split.val_images
+    raise ValueError(f"unknown eval.reference {cfg.eval.reference!r}")
+
+
 def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
     split, codec, data = digits_latents(cfg, device=device)
     reward = DigitsReward(get_reward_classifier(cfg)).to(device).eval()
@@ -37,7 +46,7 @@ def _digits_setup(cfg: Config, *, device: torch.device) -> Setup:
     eval_net = get_eval_net(cfg).to(device).eval()
     gold = get_gold_score(cfg, judge=eval_net).to(device)
     scorer = SampleScorer(eval_net=eval_net, reward=reward,
-                          reference_images=split.val_images.to(device),
+                          reference_images=reference_images(cfg, split).to(device),
                           extra={"gold": lambda x, y: gold(x, {"labels": y}),
                                  "proxy": lambda x, y: proxy(x, {"labels": y})})
 

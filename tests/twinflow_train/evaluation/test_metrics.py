@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 
 from twinflow_train.assets.auxiliary import DigitsReward, classifier_accuracy, get_eval_net, get_reward_classifier
-from twinflow_train.config import load_config
+from twinflow_train.config import ConfigError, load_config
 from twinflow_train.data.digits import eval_prompts, load_digits_split
 from twinflow_train.data.imaging import save_grid_png, save_samples
 from twinflow_train.evaluation.metrics import SampleScorer, frechet_distance, kernel_distance, polynomial_kernel
+from twinflow_train.run.setup import reference_images
 
 
 def gaussian_sample(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
@@ -266,3 +267,14 @@ def test_scorer_refuses_a_reference_with_constant_features():
     images = torch.linspace(-1, 1, 5 * 64).reshape(5, 1, 8, 8)
     with pytest.raises(ValueError, match="constant in 1 dimensions"):
         SampleScorer(eval_net=Flat(), reward=None, reference_images=images)
+
+
+@pytest.mark.parametrize("reference", ["train", "held_out"])
+def test_eval_reference_picks_the_real_digits_fd_and_kid_compare_with(reference):
+    cfg = load_config(None, [f"eval.reference={reference}"])
+    split = load_digits_split(val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+    want = split.train_images if reference == "train" else split.val_images
+    assert torch.equal(reference_images(cfg, split), want)
+    assert load_config(None).eval.reference == "train"  # the default: the distribution the student learns
+    with pytest.raises(ConfigError, match="reference"):
+        load_config(None, ["eval.reference=val"])
