@@ -22,7 +22,8 @@ from .compute import Comparison, ReportNumbers
 from .plots import BAND_LABEL, curve_figures
 from .render import Document, Section
 from .samples import sample_grid_figure
-from .stats import LOWER_BETTER, SAMPLE_METRICS, excludes_zero, fmt_diff, fmt_int, fmt_num
+from .formatting import fmt_diff, fmt_int, fmt_num
+from .stats import LOWER_BETTER, SAMPLE_METRICS, excludes_zero
 from .study import study_section
 from .verdict import (
     METHOD,

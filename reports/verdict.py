@@ -30,7 +30,7 @@ from twinflow_train.rundir import RunDirError
 
 from .data import GridData, shown_path
 from .plots import FigureOut, fixed_margins, new_figure
-from .stats import fmt_fold, fmt_num
+from .formatting import fmt_fold, fmt_num
 
 LEVEL = 1 - ALPHA
 RULE = ("Verdicts: no meaningful effect when the whole decision interval lies inside the margin both ways (an "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.stats import fmt_int, fmt_num
+from reports.formatting import fmt_int, fmt_num
 
 
 def read_jsonl(path: Path) -> list[dict]:

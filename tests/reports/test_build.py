@@ -6,7 +6,7 @@ import pytest
 
 from reports.build import build_report
 from reports.cli import add_report_arguments, run_report
-from reports.stats import fmt_diff
+from reports.formatting import fmt_diff
 
 from .checks import check_report, md_table
 from .conftest import ARMS

@@ -5,7 +5,8 @@ import numpy as np
 
 from reports.document import sample_metrics_display, summary_display
 from reports.data import prepare
-from reports.stats import arm_table, fmt_num, metric_specs, run_table, teacher_values
+from reports.formatting import fmt_num
+from reports.stats import arm_table, metric_specs, run_table, teacher_values
 from reports.synthetic import synthetic_grid_frames
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.stats import t as t_dist
 
 from reports.build import build_report
-from reports.stats import fmt_fold, fmt_num
+from reports.formatting import fmt_fold, fmt_num
 
 from .checks import check_report, read_jsonl
 

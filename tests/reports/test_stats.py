@@ -7,12 +7,11 @@ import pytest
 from reports.compute import Comparison
 from reports.data import prepare
 from reports.document import findings
+from reports.formatting import fmt_num
 from reports.stats import (
     arm_table,
     compare,
     diverge_steps,
-    fmt_diff,
-    fmt_num,
     metric_specs,
     paired_interval,
     resolve_primary_nfe,

@@ -14,8 +14,8 @@ import pytest
 from harness.claims import Claim, ClaimTest
 from reports.build import write_report
 from reports.data import prepare
-from reports.stats import fmt_diff, fmt_fold
-from harness.verdicts import judge_fixed, run_values, paired_values
+from reports.formatting import fmt_diff, fmt_fold
+from harness.verdicts import judge_fixed, run_values
 from reports.verdict import effect_text, mde_text
 
 def _test(**kw) -> ClaimTest:
