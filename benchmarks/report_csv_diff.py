@@ -22,28 +22,11 @@ from pathlib import Path
 CSVS = ("summary.csv", "runs.csv", "differences.csv", "verdicts.csv")
 
 
-def synthetic_claims():
-    from harness.claims import Claim, ClaimTest
-
-    return [
-        Claim("the RL switch raises the peak grad norm", (
-            ClaimTest(baseline="vanilla", treatment="renoise", metric="grad_norm/max", reduce="max", window=(90, None),
-                      direction="increase", scale="log"),)),
-        Claim("renoise lowers FD without costing reward", (
-            ClaimTest(baseline="vanilla", treatment="renoise", metric="val/fd_nfe2", direction="decrease"),
-            ClaimTest(baseline="vanilla", treatment="renoise", metric="val/reward_nfe2", direction="increase",
-                      tolerance=0.05))),
-        Claim("rl_hard beats the teacher's reward", (
-            ClaimTest(baseline="teacher", treatment="rl_hard", metric="val/reward_nfe2",
-                      baseline_metric="teacher/reward", direction="increase"),)),
-    ]
-
-
 def write_all(out: Path, grids: list[Path]) -> list[Path]:
     """The CSVs of every report into ``out/<name>/``; returns the report directories."""
     from reports.build import build_report, write_report
     from reports.data import prepare
-    from reports.synthetic import synthetic_grid_frames
+    from reports.synthetic import synthetic_claims, synthetic_grid_frames
 
     metrics, statuses = synthetic_grid_frames(arms=["vanilla", "renoise", "rl_hard"], seeds=[0, 1, 2], steps=200,
                                               log_every=5, val_every=40, diverge={("rl_hard", 2): 130})

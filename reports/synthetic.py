@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.claims import Claim, ClaimTest
 from twinflow_train.rundir import atomic_write_text, encode_record, write_status
 
 
@@ -182,3 +183,20 @@ def write_synthetic_grid(grid_dir: str | Path, *, arms: Sequence[str], seeds: Se
         np.savez(samples / "teacher.npz", images=_sample_images(labels, noise=0.05, rng=np.random.default_rng(7)),
                  labels=labels)
     return grid_dir
+
+
+def synthetic_claims() -> list[Claim]:
+    """Three claims over the synthetic grid's arms (vanilla, renoise, rl_hard): a window reduced to its max on a log
+    scale, a claim of two tests (a decrease, and an increase with a tolerance), and one against the teacher line."""
+    return [
+        Claim("the RL switch raises the peak grad norm", (
+            ClaimTest(baseline="vanilla", treatment="renoise", metric="grad_norm/max", reduce="max", window=(90, None),
+                      direction="increase", scale="log"),)),
+        Claim("renoise lowers FD without costing reward", (
+            ClaimTest(baseline="vanilla", treatment="renoise", metric="val/fd_nfe2", direction="decrease"),
+            ClaimTest(baseline="vanilla", treatment="renoise", metric="val/reward_nfe2", direction="increase",
+                      tolerance=0.05))),
+        Claim("rl_hard beats the teacher's reward", (
+            ClaimTest(baseline="teacher", treatment="rl_hard", metric="val/reward_nfe2",
+                      baseline_metric="teacher/reward", direction="increase"),)),
+    ]

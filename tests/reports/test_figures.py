@@ -10,12 +10,11 @@ import optuna
 import pytest
 from matplotlib.text import Text
 
-from harness.claims import Claim, ClaimTest
 from reports.compute import compute
 from reports.data import load_grid, prepare
 from reports.document import document
 from reports.render import figures_of
-from reports.synthetic import synthetic_grid_frames
+from reports.synthetic import synthetic_claims, synthetic_grid_frames
 
 from .conftest import ARMS
 
@@ -23,18 +22,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 SLACK = 1.0
 """Pixels two boxes may share (anti-aliasing of touching glyph boxes), and text may pass the edge by."""
 
-CLAIMS = [
-    Claim("the RL switch raises the peak grad norm", (
-        ClaimTest(baseline="vanilla", treatment="renoise", metric="grad_norm/max", reduce="max", window=(90, None),
-                  direction="increase", scale="log"),)),
-    Claim("renoise lowers FD without costing reward", (
-        ClaimTest(baseline="vanilla", treatment="renoise", metric="val/fd_nfe2", direction="decrease"),
-        ClaimTest(baseline="vanilla", treatment="renoise", metric="val/reward_nfe2", direction="increase",
-                  tolerance=0.05))),
-    Claim("rl_hard beats the teacher's reward", (
-        ClaimTest(baseline="teacher", treatment="rl_hard", metric="val/reward_nfe2",
-                  baseline_metric="teacher/reward", direction="increase"),)),
-]
+CLAIMS = synthetic_claims()
 
 
 def _studies() -> list[optuna.Study]:
