@@ -111,6 +111,7 @@ class SampleScorer:
         self.kid_shift, self.kid_scale = mu, sd
         """The affine map ``(f - shift) / scale`` (reference mean and std per dimension) applied to the features
         before the kernel distance: the cubic kernel's ``1 / D`` scaling assumes features of unit scale."""
+        self._kid_reference = self.kid_features(self.reference_features)  # the same for every ``score``
 
     def _device(self) -> torch.device:
         return next(self.eval_net.parameters()).device
@@ -152,7 +153,7 @@ class SampleScorer:
         n = images.shape[0]
         feats_np = torch.cat(feats).numpy()
         out = {"fd": frechet_distance(feats_np, self.reference_features),
-               "kid": kernel_distance(self.kid_features(feats_np), self.kid_features(self.reference_features)),
+               "kid": kernel_distance(self.kid_features(feats_np), self._kid_reference),
                "accuracy": correct / n}
         if self.reward is not None:
             out["reward"] = reward_sum / n

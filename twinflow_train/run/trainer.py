@@ -74,7 +74,6 @@ class Diverged(Exception):
 def preflight_teacher(cfg: Config) -> Path | None:
     """The base weights' file, checked; None where the model builder loads them itself (the family's
     ``base_weights_in_model``, e.g. a Qwen-Image model directory)."""
-
     family = model_family(cfg)
     family.check_weights(cfg)
     if family.base_weights_in_model(cfg):
@@ -489,7 +488,6 @@ def validate(run: Run, step: int) -> dict[str, float]:
 
 
 def write_samples(run: Run, run_dir: Path, tag: str) -> None:
-
     labels = next(iter(run.setup.sample_cond.values())).cpu()
     for nfe in run.cfg.eval.nfe:
         images = run.evaluator.sample_files_student(run.eval_model, nfe)
@@ -790,7 +788,6 @@ def _loop(run: Run, run_dir: Path, writer: MetricsWriter | None, *, start: int, 
 
 def _teacher_metrics(run: Run) -> dict[str, float]:
     """The teacher's step-0 metrics, from the asset cache where an earlier run with the same key computed them."""
-
     def compute() -> dict[str, float]:
         return run.evaluator.teacher_metrics(run.teacher)
 
@@ -822,7 +819,6 @@ def _agree_budget_spent(run: Run) -> bool:
 
 def _finish(run: Run, run_dir: Path) -> None:
     """Sample files: final weights, best weights, and the teacher, on the same noise and prompts."""
-
     run.eval_model.eval()
     write_samples(run, run_dir, "final")
     best = best_weights(run_dir)
